@@ -1,0 +1,67 @@
+"""The one settings object every subcommand receives.
+
+Precedence, lowest first: defaults < config file (`lipsync.toml`, or the file in `LIPSYNC_CONFIG`) <
+`LIPSYNC_*` environment variables < command-line flags (applied by the CLI with `Settings.with_overrides`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def config_path() -> Path:
+    """The config file in force: `$LIPSYNC_CONFIG`, else `./lipsync.toml`."""
+    return Path(os.environ.get("LIPSYNC_CONFIG", "lipsync.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore", validate_assignment=True)
+
+    # shared
+    data_dir: Path = Field(Path("data"), description="Root of raw corpora and prepped shards.")
+    output_dir: Path = Field(Path("outputs"), description="Checkpoints, logs and reports.")
+    ffmpeg: str | None = Field(None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships.")
+    quiet: bool = Field(False, description="No progress bars or chatter.")
+    seed: int = 0
+
+    # dub
+    fps: float = Field(25.0, description="Working and output frame rate.")
+    face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
+    sync_mode: Literal["bounce", "loop", "cut"] = "bounce"
+    engine: Literal["retrieval"] = "retrieval"
+    tts: Literal["piper", "espeak"] = "piper"
+    voice: Literal["tts"] = "tts"
+    crf: int = Field(18, ge=0, le=51, description="x264 quality of the output (lower is better).")
+    smooth: float = Field(1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma).")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # later sources lose: init (flags) > env > toml file > defaults
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
+        return (init_settings, env_settings, toml)
+
+    def with_overrides(self, **flags: Any) -> Settings:
+        """A copy with the command-line flags that were actually given (None means 'not given')."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given}) if given else self
+
+
+def load_settings() -> Settings:
+    return Settings()
