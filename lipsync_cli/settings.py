@@ -10,13 +10,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from lipsync_cli.errors import LipsyncError
 
 
 def config_path() -> Path:
@@ -30,7 +32,9 @@ class Settings(BaseSettings):
     # shared
     data_dir: Path = Field(Path("data"), description="Root of raw corpora and prepped shards.")
     output_dir: Path = Field(Path("outputs"), description="Checkpoints, logs and reports.")
-    ffmpeg: str | None = Field(None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships.")
+    ffmpeg: str | None = Field(
+        None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships."
+    )
     quiet: bool = Field(False, description="No progress bars or chatter.")
     seed: int = 0
 
@@ -42,7 +46,9 @@ class Settings(BaseSettings):
     tts: Literal["piper", "espeak"] = "piper"
     voice: Literal["tts"] = "tts"
     crf: int = Field(18, ge=0, le=51, description="x264 quality of the output (lower is better).")
-    smooth: float = Field(1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma).")
+    smooth: float = Field(
+        1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma)."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -60,7 +66,14 @@ class Settings(BaseSettings):
     def with_overrides(self, **flags: Any) -> Settings:
         """A copy with the command-line flags that were actually given (None means 'not given')."""
         given = {k: v for k, v in flags.items() if v is not None}
-        return self.model_validate({**self.model_dump(), **given}) if given else self
+        if not given:
+            return self
+        try:
+            return self.model_validate({**self.model_dump(), **given})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(p) for p in err["loc"])
+            raise LipsyncError(f"invalid value for {name}: {err['msg']}") from None
 
 
 def load_settings() -> Settings:

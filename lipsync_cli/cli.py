@@ -1,0 +1,121 @@
+"""The `lipsync` command: one thin function per subcommand over importable functions. No logic lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lipsync_cli import progress
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.settings import Settings, config_path
+
+app = typer.Typer(
+    help="Lip-sync dubbing for the GPU-poor: make the person in a video say new words, offline, on a CPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show the settings in force.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+def _settings(ctx: typer.Context, **flags) -> Settings:
+    """The shared settings object with this command's flags applied on top (flags win)."""
+    base: Settings = ctx.obj
+    s = base.with_overrides(**flags)
+    progress.set_quiet(s.quiet)
+    return s
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="Config file (default: ./lipsync.toml).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    if config is not None:
+        if not config.exists():
+            raise LipsyncError(f"config file not found: {config}")
+        os.environ["LIPSYNC_CONFIG"] = str(config)
+    try:
+        settings = Settings()
+    except Exception as e:  # pydantic's multi-line report, shortened to one line
+        raise LipsyncError(f"invalid settings: {str(e).splitlines()[0]} {str(e).splitlines()[-2:]}") from e
+    ctx.obj = settings.with_overrides(quiet=True) if quiet else settings
+    progress.set_quiet(ctx.obj.quiet)
+
+
+@app.command()
+def dub(
+    ctx: typer.Context,
+    video: Annotated[Path, typer.Argument(help="The video of the person talking.")],
+    text: Annotated[str | None, typer.Argument(help="The new words (or use --audio).")] = None,
+    audio: Annotated[
+        Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.dubbed.mp4")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    sync_mode: Annotated[
+        str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")
+    ] = None,
+    face: Annotated[int | None, typer.Option("--face", help="Which face: 0 = largest, 1 = next, ...")] = None,
+    engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval.")] = None,
+    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak.")] = None,
+    crf: Annotated[int | None, typer.Option(help="x264 quality, lower is better (default 18).")] = None,
+) -> None:
+    """Make the person in VIDEO say TEXT (or the speech in --audio)."""
+    from lipsync_cli.dub import dub as run_dub
+
+    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, tts=tts, crf=crf)
+    result = run_dub(video, text, audio, output, s, force=force)
+    progress.log(
+        f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
+        f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
+    )
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context) -> None:
+    """Print every setting with its value (defaults < lipsync.toml < LIPSYNC_* env < flags)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s: Settings = ctx.obj
+    table = Table(
+        title=f"settings (config file: {config_path()}{'' if config_path().exists() else ', absent'})"
+    )
+    table.add_column("setting")
+    table.add_column("value")
+    table.add_column("env")
+    table.add_column("meaning")
+    for name, f in Settings.model_fields.items():
+        table.add_row(name, repr(getattr(s, name)), f"LIPSYNC_{name.upper()}", f.description or "")
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one line on stderr and a non-zero exit code, never a traceback."""
+    try:
+        app()
+    except LipsyncError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug: still one line, with a way to see more
+        if os.environ.get("LIPSYNC_DEBUG"):
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (set LIPSYNC_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

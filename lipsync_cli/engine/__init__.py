@@ -1,0 +1,20 @@
+"""Mouth engines: given what we know of the input video's face and a new speech track, decide the mouth of
+every output frame. Each engine is one module exposing `animate(source, speech, background, ...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lipsync_cli.engine.base import MouthTrack, SourceFaces
+
+
+def get_engine(name: str) -> Callable[..., MouthTrack]:
+    """The `animate` function of the named engine (imported lazily: engines may pull heavy dependencies)."""
+    if name == "retrieval":
+        from lipsync_cli.engine.retrieval import animate
+
+        return animate
+    raise ValueError(f"unknown engine {name!r} (available: retrieval)")
+
+
+__all__ = ["MouthTrack", "SourceFaces", "get_engine"]

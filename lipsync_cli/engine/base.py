@@ -1,0 +1,52 @@
+"""The small interface every mouth engine speaks.
+
+An engine receives `SourceFaces` (the input video's tracked face: aligned lower-face crops, landmarks, the video's
+own speech) and returns a `MouthTrack`: for every output frame, an aligned lower-face image carrying the new mouth
+plus the aligned landmarks of that mouth and jaw (the compositor needs them to shape its mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SourceFaces:
+    crops: (
+        np.ndarray
+    )  # (T, S, S, 3) uint8 aligned lower-face crops (may be a disk memmap); zeros where no face
+    landmarks: np.ndarray  # (T, 478, 2) smoothed full-frame pixel landmarks, NaN where no face
+    found: np.ndarray  # (T,) bool
+    matrices: np.ndarray  # (T, 2, 3) frame -> crop similarity transforms (NaN where no face)
+    size: int  # S
+    audio: (
+        np.ndarray | None
+    )  # the video's own speech, 16 kHz mono, aligned with frame 0 (None: no audio track)
+    fps: float = 25.0
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.found)
+
+    def aligned_landmarks(self) -> np.ndarray:
+        """(T, 478, 2) landmarks in each frame's own aligned crop coordinates."""
+        lm = self.landmarks.astype(np.float64)
+        A, t = self.matrices[:, :, :2], self.matrices[:, :, 2]
+        return np.einsum("tij,tnj->tni", A, lm) + t[:, None, :]
+
+
+@dataclass
+class MouthTrack:
+    source_index: (
+        np.ndarray
+    )  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched)
+    points: np.ndarray  # (N, 478, 2) aligned landmarks of the shown mouth (for masks and measurement)
+    crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
+    target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)
+
+    def crop(self, i: int, source: SourceFaces) -> np.ndarray:
+        if self.crops is not None:
+            return self.crops[i]
+        return np.asarray(source.crops[self.source_index[i]])

@@ -1,0 +1,106 @@
+"""The retrieval engine: re-use the speaker's own mouth, in the spirit of Video Rewrite (Bregler et al., 1997).
+
+1. Index every source frame's mouth: lip shape in the aligned frame (PCA coefficients) and head pose.
+2. Map the new speech to a target lip-shape sequence (`lipmap`: fitted on the video's own audio and lips).
+3. Choose, for each output frame, a source mouth by shape match, pose match and temporal smoothness: a Viterbi pass
+   over the best candidates, where playing source frames in their natural order is free and jumps cost what they
+   would show.
+The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lipsync_cli import audio as A
+from lipsync_cli import face
+from lipsync_cli.engine import lipmap
+from lipsync_cli.engine.base import MouthTrack, SourceFaces
+
+N_CANDIDATES = 24
+POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
+JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
+HOLD_COST = 0.3  # showing the same frame twice looks frozen
+
+
+def animate(
+    source: SourceFaces,
+    speech: np.ndarray,
+    background: np.ndarray,
+    close: np.ndarray | None = None,
+    sr: int = A.SR,
+) -> MouthTrack:
+    """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
+    `close` marks output frames where the mouth must be shut (pauses, bilabials)."""
+    n_out = len(background)
+    valid = source.found.copy()
+    if not valid.any():
+        raise ValueError("no tracked face in the source video")
+    aligned = source.aligned_landmarks()
+    shapes = lipmap.shape_vectors(aligned[:, face.LIPS], source.size)
+    opening = np.zeros(source.n_frames)
+    for t in np.flatnonzero(valid):
+        opening[t] = face.mouth_opening(source.landmarks[t])
+
+    lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
+    target = lipmap.predict(lm, speech, n_out, source.fps, close=close, sr=sr)
+
+    src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
+    pose = _pose_features(aligned, source.size)
+    index = select_mouths(src_coef, pose, valid, target / lm.scale, background)
+    index[~valid[background]] = -1  # no face behind: leave that frame as it was
+    points = aligned[np.maximum(index, 0)]
+    return MouthTrack(source_index=index, points=points, target=target)
+
+
+def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
+    """Where the speech-independent points fall after similarity alignment: what is left encodes yaw/pitch."""
+    p = np.nan_to_num(aligned[:, face.STABLE] / size).reshape(len(aligned), -1)
+    return p - p.mean(0)
+
+
+def select_mouths(
+    src: np.ndarray,
+    pose: np.ndarray,
+    valid: np.ndarray,
+    target: np.ndarray,
+    background: np.ndarray,
+) -> np.ndarray:
+    """Viterbi over per-frame candidate source frames. src: (T, k) shape coefficients in std units; pose: (T, P);
+    target: (N, k); background: (N,) source frame behind each output frame. Returns (N,) source indices."""
+    cand_pool = np.flatnonzero(valid)
+    T = len(src)
+    pose_scale = np.median(np.linalg.norm(pose[cand_pool] - pose[cand_pool].mean(0), axis=1)) + 1e-6
+    nxt = np.minimum(np.arange(T) + 1, T - 1)
+
+    def unary(i: int) -> tuple[np.ndarray, np.ndarray]:
+        shape_cost = ((src[cand_pool] - target[i]) ** 2).sum(1)
+        pose_cost = ((pose[cand_pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
+        cost = shape_cost + POSE_WEIGHT * pose_cost
+        k = min(N_CANDIDATES, len(cand_pool))
+        top = np.argpartition(cost, k - 1)[:k]
+        return cand_pool[top], cost[top]
+
+    cands, acc = unary(0)
+    back: list[np.ndarray] = []
+    all_cands = [cands]
+    for i in range(1, len(target)):
+        c, u = unary(i)
+        prev = all_cands[-1]
+        follows = c[None, :] == nxt[prev][:, None]
+        holds = c[None, :] == prev[:, None]
+        seam = ((src[nxt[prev]][:, None, :] - src[c][None, :, :]) ** 2).sum(2)
+        trans = np.where(follows, 0.0, np.where(holds, HOLD_COST, JUMP_COST + 0.5 * seam))
+        total = acc[:, None] + trans
+        arg = total.argmin(0)
+        acc = total[arg, np.arange(len(c))] + u
+        back.append(arg)
+        all_cands.append(c)
+
+    path = np.empty(len(target), dtype=np.int64)
+    j = int(acc.argmin())
+    for i in range(len(target) - 1, -1, -1):
+        path[i] = all_cands[i][j]
+        if i > 0:
+            j = int(back[i - 1][j])
+    return path
