@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the settings in force.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Fetch and list audio-visual corpora (GRID).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def _settings(ctx: typer.Context, **flags) -> Settings:
@@ -76,6 +78,51 @@ def dub(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
     )
+
+
+@data_app.command("fetch")
+def data_fetch(
+    ctx: typer.Context,
+    speakers: Annotated[str, typer.Option(help="'5' = s1..s5, '1,3,7', '2-4' or 'all'.")] = "1",
+    source: Annotated[str | None, typer.Option(help="zenodo | sheffield")] = None,
+    audio: Annotated[bool, typer.Option("--audio", help="Also the 25 kHz wav files.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print URLs and sizes; download nothing.")] = False,
+    keep_archives: Annotated[bool, typer.Option("--keep-archives", help="Keep the zip/tar files.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Parallel downloads.")] = None,
+) -> None:
+    """Download GRID speakers into <data_dir>/raw/grid/sN/{video,align,audio}/ (resumable, verified)."""
+    from lipsync_cli.data.grid import fetch_grid
+
+    s = _settings(ctx, grid_source=source, download_workers=workers)
+    summary = fetch_grid(
+        speakers,
+        s.data_dir / "raw" / "grid",
+        s.grid_source,
+        base_url=s.grid_zenodo_url if s.grid_source == "zenodo" else s.grid_sheffield_url,
+        api_url=s.grid_zenodo_api_url or None,
+        audio=audio,
+        workers=s.download_workers,
+        retries=s.download_retries,
+        timeout=s.download_timeout,
+        keep_archives=keep_archives,
+        dry_run=dry_run,
+        quiet=s.quiet,
+    )
+    if not dry_run:
+        progress.log(
+            f"[green]GRID ready[/]: {len(summary.fetched)} speaker(s) fetched, {len(summary.skipped)} already there"
+        )
+
+
+@data_app.command("list")
+def data_list(ctx: typer.Context) -> None:
+    """Corpora on disk: speakers, clips, hours, size."""
+    from rich.console import Console
+
+    from lipsync_cli.data.corpus import corpus_summary, corpus_table
+
+    s = _settings(ctx)
+    Console().print(corpus_table(corpus_summary(s.data_dir / "raw")))
 
 
 @config_app.command("show")

@@ -50,6 +50,21 @@ class Settings(BaseSettings):
         1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma)."
     )
 
+    # data
+    grid_source: Literal["zenodo", "sheffield"] = Field("zenodo", description="Where GRID is fetched from.")
+    grid_zenodo_url: str = Field(
+        "https://zenodo.org/records/3625687/files", description="Where GRID's Zenodo files are (or a mirror)."
+    )
+    grid_zenodo_api_url: str = Field(
+        "https://zenodo.org/api/records/3625687", description="Zenodo record JSON (md5s); empty: sizes only."
+    )
+    grid_sheffield_url: str = Field(
+        "https://spandh.dcs.shef.ac.uk/gridcorpus", description="Sheffield GRID site (or a mirror)."
+    )
+    download_workers: int = Field(3, ge=1, le=16, description="Parallel downloads.")
+    download_retries: int = Field(5, ge=0, description="Retries per download on connection errors and 5xx.")
+    download_timeout: float = Field(30.0, gt=0, description="Seconds without data before a retry.")
+
     @classmethod
     def settings_customise_sources(
         cls,

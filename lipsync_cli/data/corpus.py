@@ -1,0 +1,99 @@
+"""What corpora are on disk (`lipsync data list`): one row per speaker of every corpus under data/raw.
+
+Probing tens of thousands of clips for their duration would take minutes, so this only counts files: hours
+come from a sidecar `meta.json` when one exists (`{"seconds": total}` or `{"clip_seconds": s}`, in a speaker's
+folder or the corpus's), else from GRID's fixed 3.0 s sentences, else stay unknown (None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from rich.filesize import decimal
+from rich.table import Table
+
+VIDEO_EXT = {".mpg", ".mp4", ".avi", ".mov", ".mkv", ".webm"}
+AUDIO_EXT = {".wav", ".flac"}
+KIND = {ext: "video" for ext in VIDEO_EXT} | {ext: "audio" for ext in AUDIO_EXT} | {".align": "align"}
+CLIP_SECONDS = {"grid": 3.0}
+
+
+class CorpusRow(NamedTuple):
+    corpus: str
+    speaker: str
+    clips: int
+    hours: float | None
+    bytes: int
+
+
+def corpus_summary(root: Path) -> list[CorpusRow]:
+    """Rows (corpus, speaker, clips, hours, bytes) for each `root/<corpus>/<speaker>/` holding files.
+
+    Clips are distinct file stems of the videos (else the audio, else `.align` files) under a speaker's
+    folder; hidden entries (`.done`, `.downloads/`, half-unpacked `.unpack-*`) are ignored.
+    """
+    root = Path(root)
+    rows: list[CorpusRow] = []
+    if not root.is_dir():
+        return rows
+    for corpus in _visible_dirs(root):
+        corpus_meta = _meta(corpus)
+        for speaker in _visible_dirs(corpus):
+            clips, size = _scan(speaker)
+            if not size:
+                continue
+            meta = _meta(speaker)
+            default = corpus_meta.get("clip_seconds", CLIP_SECONDS.get(corpus.name))
+            per_clip = meta.get("clip_seconds", default)
+            seconds = meta.get("seconds", None if per_clip is None else per_clip * clips)
+            hours = None if seconds is None else float(seconds) / 3600
+            rows.append(CorpusRow(corpus.name, speaker.name, clips, hours, size))
+    return rows
+
+
+def corpus_table(rows: list[CorpusRow]) -> Table:
+    """The rows as a rich table, with a total line per corpus."""
+    table = Table("corpus", "speakers", "clips", "hours", "size", box=None)
+    for name in dict.fromkeys(r.corpus for r in rows):
+        mine = [r for r in rows if r.corpus == name]
+        hours = [r.hours for r in mine]
+        total = "?" if None in hours else f"{sum(hours):.2f}"
+        who = ",".join(r.speaker for r in mine)
+        who = who if len(who) <= 40 else f"{mine[0].speaker}..{mine[-1].speaker} ({len(mine)})"
+        table.add_row(name, who, str(sum(r.clips for r in mine)), total, decimal(sum(r.bytes for r in mine)))
+    return table
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    """Sub-folders not starting with '.', in natural order (s2 before s10)."""
+    dirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(dirs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+
+
+def _meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _scan(folder: Path) -> tuple[int, int]:
+    """(clips, bytes) of the visible files under `folder`."""
+    stems: dict[str, set[str]] = {"video": set(), "audio": set(), "align": set()}
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            stem, ext = os.path.splitext(name)
+            if kind := KIND.get(ext.lower()):
+                stems[kind].add(stem)
+            size += os.stat(os.path.join(dirpath, name)).st_size
+    clips = len(stems["video"]) or len(stems["audio"]) or len(stems["align"])
+    return clips, size

@@ -1,0 +1,1 @@
+"""Evaluation of lip-sync output: pure metric functions (metrics.py) behind `lipsync eval`."""
