@@ -1,0 +1,424 @@
+"""media.py against small clips the bundled ffmpeg synthesizes here, plus real clips from ../shared when present."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from lipsync_cli import media
+from lipsync_cli.errors import LipsyncError
+
+EXE = media.ffmpeg_exe()
+ENCODERS = subprocess.run([EXE, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+SIZE = "s=160x120"
+VIDEO = f"testsrc={SIZE}:r=30:d=2"
+TONE = "sine=f=440:d=2"
+H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+BOX = "color=black:s=160x120:d=1,drawbox=x=0:y=0:w=40:h=30:color=white:t=fill"  # white top-left corner
+
+# name -> (ffmpeg arguments after the binary, encoders needed)
+RECIPES: dict[str, tuple[list[str], list[str]]] = {
+    "h264.mp4": (["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, *H264, "-c:a", "aac"], []),
+    "vp9.mkv": (
+        ["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, "-c:v", "libvpx-vp9", "-deadline", "realtime"]
+        + ["-cpu-used", "8", "-c:a", "libopus"],
+        ["libvpx-vp9", "libopus"],
+    ),
+    "vp8.webm": (
+        ["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, "-c:v", "libvpx", "-deadline", "realtime"]
+        + ["-cpu-used", "8", "-c:a", "libvorbis"],
+        ["libvpx", "libvorbis"],
+    ),
+    "mpeg4.avi": (["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, "-c:v", "mpeg4", "-c:a", "pcm_s16le"], []),
+    "mpeg1.mpg": (["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, "-c:v", "mpeg1video", "-c:a", "mp2"], []),
+    "h264.mov": (["-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, *H264, "-c:a", "aac"], []),
+    "a clip: with spaces.mp4": (["-f", "lavfi", "-i", VIDEO, *H264], []),
+    "silent.mp4": (["-f", "lavfi", "-i", VIDEO, *H264], []),
+    # variable frame rate: 10, 30 and 24 fps segments, timestamps kept as they are
+    "vfr.mp4": (
+        [
+            "-filter_complex",
+            f"testsrc={SIZE}:r=10:d=1[a];testsrc={SIZE}:r=30:d=0.7[b];"
+            f"testsrc={SIZE}:r=24:d=0.53[c];[a][b][c]concat=n=3:v=1[v]",
+            "-map",
+            "[v]",
+            *H264,
+            "-fps_mode",
+            "vfr",
+        ],
+        [],
+    ),
+    "late_video.mp4": (["-itsoffset", "0.3", "-f", "lavfi", "-i", VIDEO, "-f", "lavfi", "-i", TONE, *H264], []),
+    "late_audio.mp4": (["-f", "lavfi", "-i", VIDEO, "-itsoffset", "0.5", "-f", "lavfi", "-i", TONE, *H264], []),
+    "box.mp4": (["-f", "lavfi", "-i", BOX, *H264], []),
+    "anamorphic.mp4": (["-f", "lavfi", "-i", f"testsrc={SIZE}:d=1,setsar=2", *H264], []),
+    "phone.mp4": ([], []),  # made from box.mp4 by the fixture: stored landscape, shown portrait
+    "tone.wav": (["-f", "lavfi", "-i", "sine=f=440:d=1:r=48000", "-ac", "2"], []),
+    "tone.mp3": (["-f", "lavfi", "-i", "sine=f=440:d=1"], ["libmp3lame"]),
+    "tone.flac": (["-f", "lavfi", "-i", "sine=f=440:d=1:r=22050"], []),
+    "tone.ogg": (["-f", "lavfi", "-i", "sine=f=440:d=1", "-c:a", "libvorbis"], ["libvorbis"]),
+    "tone.m4a": (["-f", "lavfi", "-i", "sine=f=440:d=1:r=8000", "-c:a", "aac"], []),
+}
+CONTAINERS = ["h264.mp4", "vp9.mkv", "vp8.webm", "mpeg4.avi", "mpeg1.mpg", "h264.mov"]
+CODECS = {"h264.mp4": "h264", "vp9.mkv": "vp9", "vp8.webm": "vp8", "mpeg4.avi": "mpeg4", "mpeg1.mpg": "mpeg1video"}
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory):
+    """`clip(name)`: the file made by RECIPES[name], built once per session (skip if an encoder is missing)."""
+    root = tmp_path_factory.mktemp("clips")
+
+    def make(name: str) -> Path:
+        path = root / name
+        if not path.exists():
+            args, needs = RECIPES[name]
+            missing = [e for e in needs if f" {e} " not in ENCODERS]
+            if missing:
+                pytest.skip(f"this ffmpeg has no {', '.join(missing)} encoder")
+            if name == "phone.mp4":  # a display-matrix rotation can only be added when copying the stream
+                rotate = ["-display_rotation", "270", "-i", make("box.mp4"), "-c", "copy"]
+                subprocess.run([EXE, "-v", "error", *rotate, path], check=True)
+            else:
+                subprocess.run([EXE, "-v", "error", *args, path], check=True)
+        return path
+
+    return make
+
+
+def raw_count(path: Path, fps: float = 25.0) -> int:
+    """Frames plain `ffmpeg -vf fps` delivers, to check that n_frames predicts it (not merely enforces it)."""
+    cmd = [EXE, "-v", "error", "-i", str(path), "-vf", f"fps={fps},scale=8:8", "-f", "rawvideo", "-pix_fmt", "gray"]
+    return len(subprocess.run([*cmd, "-"], capture_output=True, check=True).stdout) // 64
+
+
+def streams(path: Path) -> list[tuple[str, str, str | None]]:
+    with av.open(str(path)) as c:
+        return [(s.type, s.codec_context.name, getattr(s.codec_context, "pix_fmt", None)) for s in c.streams]
+
+
+def durations(path: Path) -> dict[str, float]:
+    """Duration of the container and of each stream type, in seconds."""
+    with av.open(str(path)) as c:
+        out = {s.type: float(s.duration * s.time_base) for s in c.streams if s.duration}
+        out["container"] = c.duration / 1e6
+        return out
+
+
+def dominant_hz(audio: np.ndarray, sr: int) -> float:
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+    return float(np.argmax(spectrum) * sr / len(audio))
+
+
+# ---------------------------------------------------------------------------------------------------- binary
+
+
+def test_ffmpeg_exe(tmp_path):
+    assert Path(EXE).is_file()
+    assert media.ffmpeg_exe(EXE) == EXE
+    with pytest.raises(LipsyncError, match="ffmpeg not found"):
+        media.ffmpeg_exe(str(tmp_path / "nope"))
+
+
+def test_rate_is_exact():
+    assert media._rate(25.0) == "25"
+    assert media._rate(30000 / 1001) == "30000/1001"
+    assert media._rate(12.5) == "25/2"
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", CONTAINERS)
+def test_containers(clip, name):
+    path = clip(name)
+    info = media.probe(path)
+    assert (info.width, info.height, info.rotation) == (160, 120, 0)
+    assert info.has_audio
+    assert info.fps == pytest.approx(30)
+    assert info.duration == pytest.approx(2.0, abs=0.05)
+    assert info.codec == CODECS.get(name, "h264")
+    frames = list(media.iter_frames(path))
+    assert len(frames) == info.n_frames() == raw_count(path)
+    assert abs(len(frames) - 50) <= 1
+    f = frames[0]
+    assert f.shape == (120, 160, 3) and f.dtype == np.uint8 and f.flags.c_contiguous and f.flags.writeable
+    assert f.std() > 20  # the test pattern, not a blank frame
+    audio = media.read_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == pytest.approx(2 * 16000, abs=0.1 * 16000)
+    assert dominant_hz(audio, 16000) == pytest.approx(440, abs=5)
+
+
+def test_path_with_spaces_and_colon(clip):
+    path = clip("a clip: with spaces.mp4")
+    assert media.probe(path).n_frames() == len(list(media.iter_frames(path))) == 50
+
+
+@pytest.mark.parametrize("fps", [25.0, 30.0, 12.5])
+def test_variable_frame_rate(clip, fps):
+    path = clip("vfr.mp4")
+    info = media.probe(path)
+    assert info.duration == pytest.approx(2.23, abs=0.05)
+    n = len(list(media.iter_frames(path, fps=fps)))
+    assert n == info.n_frames(fps) == raw_count(path, fps)
+    assert abs(n - info.duration * fps) <= 1
+
+
+def test_late_video_start_is_padded_from_zero(clip):
+    path = clip("late_video.mp4")
+    info = media.probe(path)
+    assert info.duration == pytest.approx(2.3, abs=0.01)  # the timeline starts at the file's t = 0
+    frames = list(media.iter_frames(path))
+    assert len(frames) == info.n_frames() == raw_count(path) == 58
+    assert np.array_equal(frames[0], frames[7])  # the first picture is held until the video starts
+
+
+def test_late_audio_start_is_padded_with_silence(clip):
+    audio = media.read_audio(clip("late_audio.mp4"))
+    assert np.abs(audio[: int(0.4 * 16000)]).max() < 1e-3
+    assert np.abs(audio[int(0.6 * 16000) :]).max() > 0.05
+    assert len(audio) == pytest.approx(2.5 * 16000, abs=0.05 * 16000)
+
+
+def test_rotation_is_applied(clip):
+    path = clip("phone.mp4")
+    info = media.probe(path)
+    assert info.rotation == 90  # clockwise, like a phone held upright ("rotation of -90" in ffmpeg's words)
+    assert (info.width, info.height) == (120, 160)
+    frames = list(media.iter_frames(path))
+    assert len(frames) == info.n_frames() == 25
+    f = frames[0].mean(axis=2)
+    assert f.shape == (160, 120)  # portrait
+    # the stored top-left corner is displayed top-right after turning the picture clockwise
+    assert f[:20, -20:].mean() > 200 and f[:20, :20].mean() < 50 and f[-20:, :].mean() < 50
+
+
+def test_anamorphic_is_shown_with_square_pixels(clip):
+    path = clip("anamorphic.mp4")
+    info = media.probe(path)
+    assert (info.width, info.height) == (320, 120)
+    assert next(iter(media.iter_frames(path))).shape == (120, 320, 3)
+
+
+def test_early_stop_kills_ffmpeg(clip, monkeypatch):
+    procs = []
+    popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        procs.append(popen(*args, **kwargs))
+        return procs[-1]
+
+    monkeypatch.setattr(media.subprocess, "Popen", spy)
+    gen = media.iter_frames(clip("h264.mp4"))
+    assert not procs  # ffmpeg starts at the first next(), not at the call
+    first = list(itertools.islice(gen, 3))
+    assert len(first) == 3 and procs[0].returncode is None
+    gen.close()
+    assert procs[0].returncode is not None
+
+
+def fake_ffmpeg(tmp_path: Path, script: str) -> str:
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_decode_failure_raises(clip, tmp_path):
+    fake = fake_ffmpeg(tmp_path, "echo '[h264 @ 0x1] decoder exploded' >&2\nexit 1")
+    with pytest.raises(LipsyncError, match="cannot decode .*: decoder exploded"):
+        list(media.iter_frames(clip("h264.mp4"), ffmpeg=fake))
+
+
+@pytest.mark.parametrize("frames", [2, 49, 60])
+def test_frame_count_is_enforced(clip, tmp_path, frames):
+    """Whatever ffmpeg delivers, iter_frames yields n_frames: extra frames cut, missing ones repeat the last."""
+    fake = fake_ffmpeg(tmp_path, f"head -c {frames * 160 * 120 * 3} /dev/urandom")
+    out = list(media.iter_frames(clip("h264.mp4"), ffmpeg=fake))
+    assert len(out) == media.probe(clip("h264.mp4")).n_frames() == 50
+    assert np.array_equal(out[-1], out[min(frames, 50) - 1])
+
+
+def test_partial_frame_raises(clip, tmp_path):
+    fake = fake_ffmpeg(tmp_path, "head -c 1000 /dev/zero")
+    with pytest.raises(LipsyncError, match="no complete frame"):
+        list(media.iter_frames(clip("h264.mp4"), ffmpeg=fake))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_no_audio(clip):
+    path = clip("silent.mp4")
+    assert media.probe(path).has_audio is False
+    with pytest.raises(LipsyncError, match="silent.mp4 has no audio stream"):
+        media.read_audio(path)
+
+
+def test_audio_only_file_is_not_a_video(clip):
+    with pytest.raises(LipsyncError, match="tone.m4a has no video stream"):
+        media.probe(clip("tone.m4a"))
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["empty", "garbage"])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(content)
+    with pytest.raises(LipsyncError, match="cannot read .*clip.mp4: "):
+        media.probe(path)
+    with pytest.raises(LipsyncError, match="cannot read .*clip.mp4: "):
+        media.iter_frames(path)
+    with pytest.raises(LipsyncError, match="cannot read audio from .*clip.mp4: .+"):
+        media.read_audio(path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(LipsyncError, match="cannot read .*missing.mp4: No such file"):
+        media.probe(tmp_path / "missing.mp4")
+    with pytest.raises(LipsyncError, match="cannot read audio from .*missing.wav: file not found"):
+        media.read_audio(tmp_path / "missing.wav")
+    with pytest.raises(LipsyncError, match="not a file"):
+        media.probe(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- audio
+
+
+@pytest.mark.parametrize("name", ["tone.wav", "tone.mp3", "tone.flac", "tone.ogg", "tone.m4a"])
+@pytest.mark.parametrize("sr", [16000, 22050])
+def test_read_audio_formats(clip, name, sr):
+    audio = media.read_audio(clip(name), sr=sr)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == pytest.approx(sr, abs=0.06 * sr)  # mp3/aac pad their ends a little
+    assert dominant_hz(audio, sr) == pytest.approx(440, abs=5)
+    assert 0.05 < np.abs(audio).max() <= 1.0
+
+
+def test_write_wav_round_trip(tmp_path):
+    t = np.arange(16000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    path = tmp_path / "out.wav"
+    media.write_wav(path, tone, 16000)
+    back = media.read_audio(path, sr=16000)
+    assert np.abs(back - tone).max() < 2 / 32767
+    stereo = np.stack([tone, -tone * 4], axis=1)  # the second channel clips at -1/+1
+    media.write_wav(path, stereo, 16000)
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        assert (a.codec_context.name, a.channels, a.rate) == ("pcm_s16le", 2, 16000)
+    assert sorted(os.listdir(tmp_path)) == ["out.wav"]  # no temp file left beside it
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def colourful(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), ((x // 40 + y // 40) % 2) * 200 + 30], axis=-1)
+    img = img.astype(np.uint8)
+    img[20:60, 20:60] = (255, 0, 0)
+    img[20:60, 80:120] = (0, 255, 0)
+    img[20:60, 140:180] = (0, 0, 255)
+    return img
+
+
+@pytest.mark.parametrize("audio_s", [3.0, 0.5], ids=["long_audio", "short_audio"])
+def test_writer_output(tmp_path, audio_s):
+    wav = tmp_path / "speech.wav"
+    media.write_wav(wav, 0.3 * np.sin(np.linspace(0, 2 * np.pi * 440 * audio_s, int(16000 * audio_s))), 16000)
+    h, w, n = 241, 321, 40
+    img = colourful(h, w)
+    img[:, -1] = (255, 0, 255)  # a magenta last column, to see the padding column repeat it
+    out = tmp_path / "out.mp4"
+    with media.VideoWriter(out, w, h, fps=25, audio=wav) as vw:
+        for _ in range(n):
+            vw.write(img)
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4", "speech.wav"]
+    assert sorted(streams(out)) == [("audio", "aac", None), ("video", "h264", "yuv420p")]
+    d = durations(out)
+    for key in ("container", "video", "audio"):
+        assert d[key] == pytest.approx(n / 25, abs=1 / 25), key
+    info = media.probe(out)
+    assert (info.width, info.height, info.rotation) == (322, 242, 0)  # even, nothing cropped
+    frames = list(media.iter_frames(out))
+    assert len(frames) == n
+    assert np.abs(frames[-1][:h, w].astype(int) - (255, 0, 255)).mean() < 25  # edge replicated, not black
+    audio = media.read_audio(out)
+    tail = audio[int(min(audio_s, n / 25) * 16000) + 800 :]
+    if audio_s < n / 25:  # padded with silence up to the end of the video
+        assert len(tail) > 8000 and np.abs(tail).max() < 0.01
+
+
+def test_writer_without_audio_and_pixels_round_trip(tmp_path):
+    img = colourful(240, 320)
+    out = tmp_path / "still.mp4"
+    with media.VideoWriter(out, 320, 240, fps=25, crf=18) as vw:
+        for _ in range(10):
+            vw.write(img)
+    assert streams(out) == [("video", "h264", "yuv420p")]
+    with av.open(str(out)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.color_primaries, cc.colorspace) == (1, 1)  # tagged BT.709
+    frames = list(media.iter_frames(out))
+    assert len(frames) == 10 and frames[5].shape == img.shape
+    assert np.abs(frames[5].astype(int) - img).mean() < 3
+    assert np.abs(frames[5][40, 40].astype(int) - (255, 0, 0)).max() < 12
+
+
+def test_writer_leaves_nothing_when_the_body_raises(tmp_path):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="boom"), media.VideoWriter(out, 64, 48) as vw:
+        vw.write(np.zeros((48, 64, 3), np.uint8))
+        proc = vw._proc
+        raise RuntimeError("boom")
+    assert proc.returncode is not None
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_failures_leave_nothing(tmp_path, clip):
+    frame = np.zeros((48, 64, 3), np.uint8)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(os.urandom(2048))
+    with (
+        pytest.raises(LipsyncError, match="ffmpeg failed writing .*out.mp4: .+"),
+        media.VideoWriter(tmp_path / "out.mp4", 64, 48, audio=garbage) as vw,
+    ):
+        for _ in range(50):
+            vw.write(frame)
+    with pytest.raises(LipsyncError, match="no frames were written"), media.VideoWriter(tmp_path / "out.mp4", 64, 48):
+        pass
+    with pytest.raises(LipsyncError, match="silent.mp4 has no audio stream"):
+        media.VideoWriter(tmp_path / "out.mp4", 64, 48, audio=clip("silent.mp4"))
+    with pytest.raises(ValueError, match="frame must be uint8"), media.VideoWriter(tmp_path / "out.mp4", 64, 48) as vw:
+        vw.write(np.zeros((48, 63, 3), np.uint8))
+    assert sorted(os.listdir(tmp_path)) == ["garbage.wav"]
+
+
+# ---------------------------------------------------------------------------------------------------- real media
+
+
+@pytest.mark.parametrize(
+    "rel, size, n",
+    [
+        ("media/retalking_face1.mp4", (700, 700), 153),  # variable frame rate, video starts at 33 ms
+        ("media/latentsync_demo2_video.mp4", (1080, 1920), 502),  # HEVC portrait
+        ("corpus/grid/s1/video/bbaf2n.mpg", (360, 288), 75),  # MPEG-1 + MP2 in MPEG-PS
+    ],
+)
+def test_real_media(shared, rel, size, n):
+    path = shared / rel
+    if not path.exists():
+        pytest.skip(f"shared media absent: {path}")
+    info = media.probe(path)
+    assert (info.width, info.height) == size and info.has_audio
+    assert info.n_frames() == n
+    first = list(itertools.islice(media.iter_frames(path), 25))
+    assert len(first) == 25 and all(f.shape == (size[1], size[0], 3) for f in first)
+    audio = media.read_audio(path)
+    assert len(audio) == pytest.approx(info.duration * 16000, rel=0.02)
