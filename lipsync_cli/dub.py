@@ -20,7 +20,7 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress, render
-from lipsync_cli.engine import SourceFaces, get_engine
+from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
 
@@ -193,6 +193,24 @@ def iter_plan_frames(
         yield int(plan[i]), last.copy()  # decoding came up a frame short of the probe's count
 
 
+def render_frames(
+    video: Path,
+    source: SourceFaces,
+    store: np.ndarray | None,
+    plan: np.ndarray,
+    track: MouthTrack,
+    settings: Settings,
+) -> Iterator[np.ndarray]:
+    """The output frames: each planned input frame with the engine's mouth composited in."""
+    aligned = source.aligned_landmarks()
+    for i, (b, frame) in enumerate(iter_plan_frames(video, plan, store, settings)):
+        s = track.source_index[i]
+        if s >= 0 and source.found[b]:
+            frame = np.ascontiguousarray(frame)
+            render.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+        yield frame
+
+
 def dub(
     video: Path,
     text: str | None,
@@ -239,21 +257,12 @@ def dub(
         t = time.perf_counter()
         wav = workdir / "speech.wav"
         media.write_wav(wav, speech, SR)
-        aligned = source.aligned_landmarks()
         h, w = store.shape[1:3] if store is not None else (info.height, info.width)
         with (
-            media.VideoWriter(
-                output, w, h, fps=fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg
-            ) as writer,
+            media.VideoWriter(output, w, h, fps=fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg) as writer,
             progress.task("rendering", len(plan)) as adv,
         ):
-            for i, (b, frame) in enumerate(iter_plan_frames(video, plan, store, settings)):
-                s = track.source_index[i]
-                if s >= 0 and source.found[b]:
-                    frame = np.ascontiguousarray(frame)
-                    render.composite(
-                        frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b]
-                    )
+            for frame in render_frames(video, source, store, plan, track, settings):
                 writer.write(frame)
                 adv(1)
         timings["render"] = time.perf_counter() - t

@@ -25,6 +25,12 @@ class SourceFaces:
         np.ndarray | None
     )  # the video's own speech, 16 kHz mono, aligned with frame 0 (None: no audio track)
     fps: float = 25.0
+    usable: np.ndarray | None = None  # (T,) bool: frames an engine may borrow mouths / fit maps from (None: found)
+
+    @property
+    def pool(self) -> np.ndarray:
+        """Frames whose mouth and audio the engine may learn from or reuse."""
+        return self.found if self.usable is None else (self.found & self.usable)
 
     @property
     def n_frames(self) -> int:

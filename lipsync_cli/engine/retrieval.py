@@ -33,9 +33,9 @@ def animate(
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
     `close` marks output frames where the mouth must be shut (pauses, bilabials)."""
     n_out = len(background)
-    valid = source.found.copy()
-    if not valid.any():
-        raise ValueError("no tracked face in the source video")
+    valid = source.pool
+    if valid.sum() < 2:
+        raise ValueError("fewer than two usable face frames in the source video")
     aligned = source.aligned_landmarks()
     shapes = lipmap.shape_vectors(aligned[:, face.LIPS], source.size)
     opening = np.zeros(source.n_frames)
@@ -48,7 +48,7 @@ def animate(
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
     index = select_mouths(src_coef, pose, valid, target / lm.scale, background)
-    index[~valid[background]] = -1  # no face behind: leave that frame as it was
+    index[~source.found[background]] = -1  # no face behind: leave that frame as it was
     points = aligned[np.maximum(index, 0)]
     return MouthTrack(source_index=index, points=points, target=target)
 
