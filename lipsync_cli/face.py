@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,8 +256,12 @@ class _MediapipeDetector:
         import mediapipe as mp
 
         fd = mp.solutions.face_detection
-        self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-        self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+        with _muted_native_stderr():  # graphs log on creation and on their first frame
+            self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+            self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+            blank = np.zeros((64, 64, 3), np.uint8)
+            self.full.process(blank)
+            self.short.process(blank)
 
     @staticmethod
     def _run(det, img: np.ndarray, ox: int = 0, oy: int = 0) -> list[np.ndarray]:
@@ -284,6 +290,22 @@ class _MediapipeDetector:
     def close(self) -> None:
         self.full.close()
         self.short.close()
+
+
+@contextlib.contextmanager
+def _muted_native_stderr():
+    """Silence the C++ side of mediapipe/TFLite (it logs INFO/WARNING lines straight to fd 2 when a graph starts,
+    and no environment variable reaches those loggers). Python's own stderr is flushed first and restored after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _nms(boxes: list[np.ndarray], thresh: float = 0.3) -> list[np.ndarray]:
@@ -352,13 +374,16 @@ class FaceTracker:
     def _new_mesh(self):
         import mediapipe as mp
 
-        return mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=0.5,
-            min_tracking_confidence=self.min_tracking_confidence,
-        )
+        with _muted_native_stderr():  # graphs log on creation and on their first frame
+            mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=False,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=0.5,
+                min_tracking_confidence=self.min_tracking_confidence,
+            )
+            mesh.process(np.zeros((64, 64, 3), np.uint8))
+        return mesh
 
     def _reset_mesh(self) -> None:
         """Forget the mesh's internal track (it may be on the wrong face); costs ~25 ms, so only on loss."""

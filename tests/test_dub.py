@@ -1,0 +1,171 @@
+"""End-to-end dubbing on real footage (../shared/media) and on clips the tests make, through the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lipsync_cli import audio as A
+from lipsync_cli import face, media
+from lipsync_cli.voice import tts
+from tests.conftest import shared_file
+
+SR = 16000
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def track(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    frames = list(media.iter_frames(path))
+    with face.FaceTracker() as tr:
+        lms = [tr.update(f) for f in frames]
+    lm = np.array([x if x is not None else np.full((478, 2), np.nan) for x in lms])
+    return frames, lm
+
+
+def opening_series(lm: np.ndarray) -> np.ndarray:
+    return np.array([face.mouth_opening(x) if not np.isnan(x[0, 0]) else np.nan for x in lm])
+
+
+@pytest.fixture(scope="module")
+def speech_with_pause(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """TTS speech, one second of digital silence, more speech: the mouth must shut in the middle."""
+    a = tts.synthesize("Damn, this is good. You're hired!", sr=SR, progress=False)
+    b = tts.synthesize("Bob made my map by the pool.", sr=SR, progress=False)
+    x = np.concatenate([a, np.zeros(SR), b]).astype(np.float32)
+    p = tmp_path_factory.mktemp("speech") / "pause.wav"
+    media.write_wav(p, x, SR)
+    return p, x
+
+
+@pytest.mark.slow
+def test_dub_from_audio_keeps_picture_and_follows_speech(tmp_path, speech_with_pause):
+    video = shared_file("media/retalking_face2.mp4")
+    wav, speech = speech_with_pause
+    before = sha(video)
+    out = tmp_path / "out.mp4"
+    r = run_cli("dub", video, "--audio", wav, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert sha(video) == before, "input changed"
+
+    info = media.probe(out)
+    assert info.has_audio
+    n_expected = round(len(speech) / SR * 25)
+    assert abs(info.duration - len(speech) / SR) <= 1 / 25 + 0.03
+    got, lm_out = track(out)
+    assert abs(len(got) - n_expected) <= 1
+
+    # outside the lower face, the picture is the input's (within codec noise)
+    src, lm_src = track(video)
+    n = min(len(src), len(got))
+    diffs = []
+    for t in range(0, n, 10):
+        if np.isnan(lm_src[t, 0, 0]):
+            continue
+        keep = np.ones(src[t].shape[:2], bool)
+        pts = lm_src[t][face.JAW]
+        x0, y0 = pts.min(0) - 0.25 * (pts.max(0) - pts.min(0))
+        x1, y1 = pts.max(0) + 0.25 * (pts.max(0) - pts.min(0))
+        keep[max(int(y0), 0) : int(y1), max(int(x0), 0) : int(x1)] = False
+        diffs.append(np.abs(got[t].astype(float) - src[t].astype(float))[keep].mean())
+    assert np.mean(diffs) < 3.0, diffs
+
+    # the new mouth follows the new speech: opens with loudness, shuts in the pause
+    op = opening_series(lm_out)[:n_expected]
+    env = A.rms_envelope(speech, SR, fps=25, n_frames=len(op))
+    ok = ~np.isnan(op)
+    r_env = np.corrcoef(op[ok], env[ok])[0, 1]
+    assert r_env > 0.3, r_env
+    a_end = int(round((len(speech) - SR) / SR * 25))  # the pause sits somewhere in the middle
+    pause = np.flatnonzero(env < env.max() - 50)
+    pause = pause[(pause > 10) & (pause < len(op) - 10)]
+    assert len(pause) >= 15, (len(pause), a_end)
+    mid = pause[3:-3]
+    speaking = op[env > np.percentile(env, 60)]
+    assert np.nanmedian(op[mid]) < 0.5 * np.nanmedian(speaking), (np.nanmedian(op[mid]), np.nanmedian(speaking))
+
+
+@pytest.mark.slow
+def test_dub_from_text_longer_than_video_bounces(tmp_path):
+    video = shared_file("media/pcavs_00086.mp4")
+    text = (
+        "Thank you all for coming tonight. I have been waiting a long time to say this, "
+        "and I am very happy to finally be here with you."
+    )
+    out = tmp_path / "talk.mp4"
+    r = run_cli("dub", video, text, "-o", out)
+    assert r.returncode == 0, r.stderr
+    vinfo, oinfo = media.probe(video), media.probe(out)
+    assert oinfo.duration > vinfo.duration  # speech longer than the video: it bounced
+    assert (oinfo.width, oinfo.height) == (vinfo.width, vinfo.height)
+    # refuses to overwrite without --force, leaves the file alone
+    stamp = sha(out)
+    r2 = run_cli("dub", video, "Hello.", "-o", out)
+    assert r2.returncode != 0 and "--force" in r2.stderr
+    assert sha(out) == stamp
+
+
+def make_clip(path: Path, source: str, seconds: float = 2.0, audio: bool = True) -> Path:
+    exe = media.ffmpeg_exe()
+    cmd = [exe, "-y", "-loglevel", "error", "-f", "lavfi", "-i", f"{source}=duration={seconds}:size=320x240:rate=25"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency=220:duration={seconds}", "-c:a", "aac"]
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def test_no_face_is_a_clear_error(tmp_path):
+    clip = make_clip(tmp_path / "noface.mp4", "testsrc")
+    out = tmp_path / "o.mp4"
+    r = run_cli("dub", clip, "Hello there.", "-o", out)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error:") and "no face" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*o.mp4*"))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", "testsrc")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video at all" * 100)
+    wav = tmp_path / "tone.wav"
+    media.write_wav(wav, np.zeros(SR, np.float32), SR)
+    cases = [
+        (("dub", tmp_path / "missing.mp4", "hi"), "no such file"),
+        (("dub", garbage, "hi"), "cannot read"),
+        (("dub", wav, "hi"), "no video stream"),
+        (("dub", clip, "   "), "no text"),
+        (("dub", clip, "--audio", garbage), "audio"),
+        (("dub", clip, "hi", "-o", tmp_path / "nodir" / "o.mp4"), "does not exist"),
+        (("dub", clip, "hi", "--sync-mode", "sideways"), "sync_mode"),
+    ]
+    for args, needle in cases:
+        r = run_cli(*args)
+        assert r.returncode != 0, args
+        line = r.stderr.strip()
+        assert line.startswith("error:") and len(line.splitlines()) == 1, (args, r.stderr)
+        assert needle in line, (args, line)
+        assert "Traceback" not in r.stderr
+
+
+def test_timing_plan_modes():
+    from lipsync_cli.render import timing_plan
+
+    assert timing_plan(5, 3, "bounce").tolist() == [0, 1, 2]
+    assert timing_plan(4, 9, "bounce").tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert timing_plan(4, 6, "loop").tolist() == [0, 1, 2, 3, 0, 1]
+    assert timing_plan(4, 6, "cut").tolist() == [0, 1, 2, 3]
