@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,12 +258,12 @@ class _MediapipeDetector:
         import mediapipe as mp
 
         fd = mp.solutions.face_detection
-        with _muted_native_stderr():  # graphs log on creation and on their first frame
-            self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-            self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
-            blank = np.zeros((64, 64, 3), np.uint8)
-            self.full.process(blank)
-            self.short.process(blank)
+        _filter_native_logs()
+        self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+        blank = np.zeros((64, 64, 3), np.uint8)
+        self.full.process(blank)
+        self.short.process(blank)
 
     @staticmethod
     def _run(det, img: np.ndarray, ox: int = 0, oy: int = 0) -> list[np.ndarray]:
@@ -292,20 +294,32 @@ class _MediapipeDetector:
         self.short.close()
 
 
-@contextlib.contextmanager
-def _muted_native_stderr():
-    """Silence the C++ side of mediapipe/TFLite (it logs INFO/WARNING lines straight to fd 2 when a graph starts,
-    and no environment variable reaches those loggers). Python's own stderr is flushed first and restored after."""
+_NATIVE_NOISE = re.compile(rb"^([IWE]\d{4} |INFO: Created TensorFlow|WARNING: All log messages before absl)")
+_filtering = False
+
+
+def _filter_native_logs() -> None:
+    """mediapipe/TFLite's C++ loggers write INFO/WARNING lines straight to fd 2 (no environment variable reaches
+    them), at graph start and again when a face first appears. Route fd 2 through a pipe that drops those lines and
+    passes everything else on, while Python's own stderr (progress bars, errors) keeps the real terminal."""
+    global _filtering
+    if _filtering:
+        return
+    _filtering = True
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    terminal = os.dup(2)
+    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _NATIVE_NOISE.match(line):
+                    os.write(terminal, line)
+
+    threading.Thread(target=pump, name="native-stderr-filter", daemon=True).start()
 
 
 def _nms(boxes: list[np.ndarray], thresh: float = 0.3) -> list[np.ndarray]:
@@ -374,15 +388,15 @@ class FaceTracker:
     def _new_mesh(self):
         import mediapipe as mp
 
-        with _muted_native_stderr():  # graphs log on creation and on their first frame
-            mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=False,
-                max_num_faces=1,
-                refine_landmarks=True,
-                min_detection_confidence=0.5,
-                min_tracking_confidence=self.min_tracking_confidence,
-            )
-            mesh.process(np.zeros((64, 64, 3), np.uint8))
+        _filter_native_logs()
+        mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=False,
+            max_num_faces=1,
+            refine_landmarks=True,
+            min_detection_confidence=0.5,
+            min_tracking_confidence=self.min_tracking_confidence,
+        )
+        mesh.process(np.zeros((64, 64, 3), np.uint8))
         return mesh
 
     def _reset_mesh(self) -> None:
