@@ -20,7 +20,10 @@ SR = 16000
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
