@@ -308,9 +308,7 @@ def test_stability_flicker_outside_mouth() -> None:
     gen = ref.copy()
     gen[:, 25:35, 15:35] = np.random.default_rng(7).integers(0, 256, (t, 10, 20, 3))  # mouth changes: ignored
     assert M.stability(gen, ref, outside)["excess"] == 0.0
-    gen[:, 0:10, 0:10] = np.minimum(
-        ref[:, 0:10, 0:10], 200
-    )  # a pasted box, brightened by 20 every other frame
+    gen[:, 0:10, 0:10] = np.minimum(ref[:, 0:10, 0:10], 200)  # a pasted box, brightened by 20 every other frame
     gen[1::2, 0:10, 0:10] += 20
     expected = 20 * 100 / outside.sum()  # a 10x10 box changes by 20 between every pair of frames
     assert M.stability(gen, ref, outside)["excess"] == pytest.approx(expected)

@@ -1,0 +1,128 @@
+"""phones: IPA/ARPAbet plumbing, frame masks, pocketsphinx alignment on TTS speech and on GRID."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lipsync_cli import audio, phones
+from lipsync_cli.phones import Phone
+
+SR = 16000
+pytest.importorskip("pocketsphinx")
+
+
+def test_group_ipa_and_arpabet():
+    groups = phones.group_ipa(list("bˈaɪ tʃˈɜːtʃ."))
+    assert [g for g, _ in groups] == ["b", "aɪ", " ", "tʃ", "ɜː", "tʃ", "."]
+    assert groups[1][1] == [1, 2, 3]  # the stress mark went to the vowel it precedes
+    labels = [phones.ipa_to_arpabet(g) for g, _ in groups]
+    assert labels == ["B", "AY", "SIL", "CH", "ER", "CH", "SIL"]
+    assert phones.from_ipa([("m", 0.0, 0.1), ("ʔ", 0.1, 0.2), ("?", 0.2, 0.3)]) == [
+        Phone("M", 0.0, 0.1),
+        Phone("T", 0.1, 0.2),
+        Phone("SIL", 0.2, 0.3),
+    ]
+
+
+def test_text_to_words():
+    assert phones.text_to_words("Bob's 3rd map, in 1999!") == [
+        "bob's",
+        "third",
+        "map",
+        "in",
+        "nineteen",
+        "ninety",
+        "nine",
+    ]
+    assert phones.text_to_words(" ... ") == []
+
+
+def test_bilabial_frames():
+    ph = [Phone("SIL", 0.0, 0.2), Phone("M", 0.2, 0.3), Phone("AA", 0.3, 0.5), Phone("P", 0.505, 0.515)]
+    mask = phones.bilabial_frames(ph, 20, fps=25.0, margin=0.0)
+    assert np.flatnonzero(mask).tolist() == [5, 6, 7, 13]  # 0.2-0.3 s covers frames 5..7; the 10 ms P its nearest
+    wide = phones.bilabial_frames(ph, 20, fps=25.0, margin=0.05)
+    assert np.flatnonzero(wide).tolist() == [4, 5, 6, 7, 8, 12, 13, 14]
+
+
+def test_silence_frames():
+    ph = [Phone("SIL", 0.0, 0.2), Phone("AA", 0.2, 0.4), Phone("SIL", 0.4, 0.6)]
+    mask = phones.silence_frames(ph, 20, fps=25.0)
+    assert np.flatnonzero(~mask).tolist() == [5, 6, 7, 8, 9]
+    assert mask[15:].all()  # past the last phone counts as silence
+
+
+def test_silence_and_empty_audio():
+    assert phones.align_phones(np.zeros(0, np.float32)) == []
+    for text in (None, "hello world"):
+        out = phones.align_phones(np.zeros(2 * SR, np.float32), text)
+        assert {p.label for p in out} <= {"SIL"}
+
+
+@pytest.fixture(scope="module")
+def bob():
+    tts = pytest.importorskip("lipsync_cli.voice.tts")
+    if not tts._piper_available():
+        pytest.skip("piper-tts not installed")
+    x, ipa = tts.synthesize_with_phones("Bob bought my map.", progress=False)
+    return x, phones.from_ipa(ipa)
+
+
+def test_forced_alignment_of_tts_finds_bilabials(bob):
+    x, truth = bob
+    aligned = phones.align_phones(x, "Bob bought my map.")
+    labels = [p.label for p in aligned]
+    assert [lab for lab in labels if lab in phones.BILABIALS] == ["B", "B", "B", "M", "M", "P"]
+    # each aligned bilabial overlaps the one piper actually spoke, give or take 50 ms
+    ref = [p for p in truth if p.label in phones.BILABIALS]
+    for got, want in zip([p for p in aligned if p.label in phones.BILABIALS], ref, strict=True):
+        assert got.label == want.label
+        assert got.start < want.end + 0.05 and want.start < got.end + 0.05
+    n = int(np.ceil(len(x) / SR * 25))
+    spoken, found = phones.bilabial_frames(truth, n), phones.bilabial_frames(aligned, n)
+    assert (spoken & found).sum() >= 0.8 * spoken.sum()
+
+
+def test_unknown_words_and_numbers_align(bob):
+    tts = pytest.importorskip("lipsync_cli.voice.tts")
+    x = tts.synthesize("Zbigniew met xyzzy at 10:45.", progress=False)
+    words = [w.word for w in phones.align_words(x, "Zbigniew met xyzzy at 10:45.") if w.word != phones.SIL]
+    assert words == ["zbigniew", "met", "xyzzy", "at", "ten", "forty", "five"]
+
+
+def test_phone_recognition_without_text(bob):
+    x, _ = bob
+    out = phones.align_phones(x)
+    assert any(p.label != "SIL" for p in out)
+    assert all(p.end > p.start for p in out) and all(
+        a.end <= b.start + 1e-6 for a, b in zip(out[:-1], out[1:], strict=True)
+    )
+    assert out[-1].end <= len(x) / SR + 0.02
+
+
+def grid_clip(shared, clip):
+    av = pytest.importorskip("av")
+    video, align = shared / f"corpus/grid/s1/video/{clip}.mpg", shared / f"corpus/grid/s1/align/{clip}.align"
+    if not video.exists() or not align.exists():
+        pytest.skip(f"GRID clip {clip} absent")
+    with av.open(str(video)) as c:
+        stream = c.streams.audio[0]
+        x = np.concatenate([f.to_ndarray() for f in c.decode(stream)], axis=1)
+        rate = stream.rate
+    x = x.astype(np.float32) / 32768 if x.dtype.kind == "i" else x.astype(np.float32)
+    rows = [line.split() for line in align.read_text().splitlines() if line.strip()]
+    words = [(int(a) / 25000, int(b) / 25000, w) for a, b, w in rows if w not in ("sil", "sp")]
+    return audio.resample(audio.to_mono(x), rate, SR), words
+
+
+@pytest.mark.parametrize("clip", ["bbaf2n", "lbak3a", "pbao8n", "sbaa6p"])
+def test_forced_alignment_matches_grid(shared, clip):
+    x, ref = grid_clip(shared, clip)
+    got = [w for w in phones.align_words(x, " ".join(w for _, _, w in ref)) if w.word != phones.SIL]
+    assert [w.word for w in got] == [w for _, _, w in ref]
+    # GRID's own alignments stretch the first word back into the leading silence, so skip that one boundary
+    errors = [abs(g.start - r[0]) for g, r in zip(got[1:], ref[1:], strict=True)]
+    errors += [abs(g.end - r[1]) for g, r in zip(got, ref, strict=True)]
+    assert np.median(errors) < 0.05 and max(errors) < 0.15
+    assert sum(e < 0.1 for e in errors) >= 0.9 * len(errors)
