@@ -14,16 +14,12 @@ import numpy as np
 
 @dataclass
 class SourceFaces:
-    crops: (
-        np.ndarray
-    )  # (T, S, S, 3) uint8 aligned lower-face crops (may be a disk memmap); zeros where no face
+    crops: np.ndarray  # (T, S, S, 3) uint8 aligned lower-face crops (may be a disk memmap); zeros where no face
     landmarks: np.ndarray  # (T, 478, 2) smoothed full-frame pixel landmarks, NaN where no face
     found: np.ndarray  # (T,) bool
     matrices: np.ndarray  # (T, 2, 3) frame -> crop similarity transforms (NaN where no face)
     size: int  # S
-    audio: (
-        np.ndarray | None
-    )  # the video's own speech, 16 kHz mono, aligned with frame 0 (None: no audio track)
+    audio: np.ndarray | None  # the video's own speech, 16 kHz mono, aligned with frame 0 (None: no audio track)
     fps: float = 25.0
     usable: np.ndarray | None = None  # (T,) bool: frames an engine may borrow mouths / fit maps from (None: found)
 
@@ -45,9 +41,7 @@ class SourceFaces:
 
 @dataclass
 class MouthTrack:
-    source_index: (
-        np.ndarray
-    )  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched)
+    source_index: np.ndarray  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched)
     points: np.ndarray  # (N, 478, 2) aligned landmarks of the shown mouth (for masks and measurement)
     crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
     target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)

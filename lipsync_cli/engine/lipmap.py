@@ -47,7 +47,8 @@ def speech_features(speech: np.ndarray, n_frames: int, fps: float, sr: int = A.S
 def loudness_drive(speech: np.ndarray, n_frames: int, fps: float, sr: int = A.SR) -> np.ndarray:
     """Loudness per frame mapped to 0 (silence) .. 1 (the utterance's loud vowels): voice-independent."""
     env = A.rms_envelope(speech, sr, fps=fps, n_frames=n_frames)
-    peak = np.percentile(env, 95) if len(env) else 0.0
+    # relative to the utterance's own loud parts, but an utterance never louder than -45 dBFS is silence, not speech
+    peak = max(float(np.percentile(env, 95)), -45.0) if len(env) else 0.0
     return np.clip((env - (peak - 30.0)) / 30.0, 0.0, 1.0)
 
 
@@ -145,6 +146,8 @@ def predict(
             coef = mu + (coef - mu) * (target_sd / sd)
         # a voice the map never heard can fool the cepstra, never the loudness: keep half of the opening from it
         coef = 0.5 * coef + 0.5 * by_loudness
+        # no sound, no articulation: fade towards the closed mouth as the loudness drive vanishes
+        coef = lm.closed + np.clip(4.0 * drive, 0.0, 1.0)[:, None] * (coef - lm.closed)
     if close is not None and close.any():
         c = close.astype(np.float64)
         # ease in and out of closures over ~2 frames so selection does not snap

@@ -1,0 +1,74 @@
+"""The retrieval engine's pieces on constructed inputs whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lipsync_cli.engine import lipmap
+from lipsync_cli.engine.retrieval import select_mouths
+from lipsync_cli.render import colour_match, lower_face_mask
+
+
+def smooth_walk(T: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.cumsum(rng.normal(size=(T, k)), axis=0)
+    return (x - x.mean(0)) / x.std(0)
+
+
+def test_viterbi_replays_a_source_run_when_asked_for_it():
+    src = smooth_walk(200, 4)
+    pose = np.zeros((200, 6))
+    valid = np.ones(200, bool)
+    target = src[50:90] + 0.01
+    path = select_mouths(src, pose, valid, target, background=np.arange(40))
+    assert path.tolist() == list(range(50, 90))
+
+
+def test_viterbi_never_picks_invalid_frames_and_prefers_matching_pose():
+    src = np.repeat(smooth_walk(100, 3), 2, axis=0)  # every shape twice: frames 2i and 2i+1 look alike
+    pose = np.zeros((200, 2))
+    pose[1::2] = 5.0  # odd frames: head turned
+    valid = np.ones(200, bool)
+    valid[:20] = False
+    target = src[40:80]
+    path = select_mouths(src, pose, valid, target, background=np.full(40, 0))  # background pose: frontal (even)
+    assert (path >= 20).all()
+    assert np.mean(path % 2 == 0) > 0.8
+
+
+def test_lipmap_closes_the_mouth_where_told_and_opens_with_loudness():
+    rng = np.random.default_rng(1)
+    T, sr, fps = 250, 16000, 25.0
+    opening = np.clip(np.sin(np.arange(T) / 4.0), 0, None)
+    shapes = np.stack([opening, 0.2 * opening, rng.normal(0, 0.01, T)], 1)
+    shapes = shapes + rng.normal(0, 0.001, shapes.shape)
+    # the video's own audio: noise bursts whose loudness follows the opening
+    env = np.repeat(opening, sr // int(fps))
+    speech = (rng.normal(size=len(env)) * (0.01 + 0.3 * env)).astype(np.float32)
+    m = lipmap.fit(shapes, opening, speech, fps, np.ones(T, bool))
+    pred = lipmap.predict(m, speech, T, fps)
+    pred_open = (pred @ m.basis + m.mean)[:, 0]
+    assert np.corrcoef(pred_open, opening)[0, 1] > 0.7
+    shut = np.zeros(T, bool)
+    shut[100:140] = True
+    closed = lipmap.predict(m, speech, T, fps, close=shut)
+    np.testing.assert_allclose(closed[105:135], np.broadcast_to(m.closed, (30, len(m.closed))), atol=1e-9)
+    silent = lipmap.predict(m, np.zeros_like(speech), T, fps)
+    assert np.abs((silent @ m.basis + m.mean)[:, 0]).max() < 0.5 * opening.max()
+
+
+def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
+    size = 128
+    pts = np.zeros((478, 2))
+    # a crude lower face: every mask point on a circle around (64, 80)
+    ang = np.linspace(0, 2 * np.pi, 478)
+    pts[:, 0], pts[:, 1] = 64 + 30 * np.cos(ang), 80 + 30 * np.sin(ang)
+    mask = lower_face_mask([pts], size)
+    assert mask[80, 64] > 0.99 and mask[5, 5] == 0.0
+    assert 0.05 < mask[80, 64 + 31] < 0.95  # soft edge
+    rng = np.random.default_rng(0)
+    target = rng.integers(60, 200, (size, size, 3)).astype(np.uint8)
+    mouth = np.clip(target.astype(int) - 30, 0, 255).astype(np.uint8)  # same content, darker
+    fixed = colour_match(mouth, target, mask)
+    inner = mask > 0.9
+    assert np.abs(fixed[inner] - target[inner].astype(float)).mean() < 3.0
