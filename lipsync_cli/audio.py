@@ -141,6 +141,12 @@ def _k_weight(x: np.ndarray, sr: int) -> np.ndarray:
     return sosfilt(np.stack([shelf, hp]), out)
 
 
+def _gated_loudness(x: np.ndarray, sr: int, active: np.ndarray, fps: float) -> float:
+    ms = _windowed_rms(_k_weight(x, sr), sr, np.arange(len(active)) / fps, 1.0 / fps) ** 2
+    ms = ms[active] if active.any() else ms
+    return float(max(-0.691 + 10 * np.log10(max(float(ms.mean()), 1e-20)), FLOOR_DB))
+
+
 def speech_loudness_db(x: np.ndarray, sr: int) -> float:
     """K-weighted loudness (LUFS-style, dB) of the active speech only, so pauses do not drag the figure down.
 
@@ -149,12 +155,7 @@ def speech_loudness_db(x: np.ndarray, sr: int) -> float:
     x = to_mono(x)
     if len(x) == 0 or not np.any(x):
         return FLOOR_DB
-    fps = 100.0
-    active = voice_activity(x, sr, fps=fps, hangover_s=0.0)
-    kw = _k_weight(x, sr)
-    ms = _windowed_rms(kw, sr, np.arange(len(active)) / fps, 1.0 / fps) ** 2
-    ms = ms[active] if active.any() else ms
-    return float(max(-0.691 + 10 * np.log10(max(float(ms.mean()), 1e-20)), FLOOR_DB))
+    return _gated_loudness(x, sr, voice_activity(x, sr, fps=100.0, hangover_s=0.0), 100.0)
 
 
 def _limit(x: np.ndarray, sr: int, peak: float, window_s: float = 0.005) -> np.ndarray:
@@ -176,15 +177,16 @@ def match_loudness(x: np.ndarray, sr: int, target_db: float, peak: float = 0.97)
 
     The limiter costs a little loudness on peaky signals; a few refinement passes win it back where possible.
     """
-    x = to_mono(x).astype(np.float64)
-    cur = speech_loudness_db(x, sr)
-    if cur <= FLOOR_DB:
-        return x.astype(np.float32)
-    gain_db = target_db - cur
+    x = to_mono(x)
+    if len(x) == 0 or not np.any(x):
+        return x.copy()
+    active = voice_activity(x, sr, fps=100.0, hangover_s=0.0)  # level-invariant, so computed once
+    x = x.astype(np.float64)
+    gain_db = target_db - _gated_loudness(x, sr, active, 100.0)
     y = x
     for _ in range(4):
         y = _limit(x * 10 ** (gain_db / 20), sr, peak)
-        err = target_db - speech_loudness_db(y, sr)
+        err = target_db - _gated_loudness(y, sr, active, 100.0)
         if abs(err) < 0.05:
             break
         gain_db += err

