@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the settings in force.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-data_app = typer.Typer(help="Fetch and list audio-visual corpora (GRID).", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch, import and list audio-visual corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -123,6 +123,83 @@ def data_list(ctx: typer.Context) -> None:
 
     s = _settings(ctx)
     Console().print(corpus_table(corpus_summary(s.data_dir / "raw")))
+
+
+@data_app.command("import")
+def data_import(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="A video file, or a folder of them (searched recursively).")],
+    name: Annotated[str, typer.Option("--name", help="Corpus name: data/raw/<name>/.")],
+    speaker: Annotated[str | None, typer.Option(help="Speaker folder (default: the corpus name).")] = None,
+) -> None:
+    """Cut talking-head videos into utterance segments with one tracked face: a corpus in GRID's layout."""
+    from rich.console import Console
+
+    from lipsync_cli.data.importer import import_videos, summary_table
+
+    s = _settings(ctx)
+    summary = import_videos(path, s.data_dir / "raw", name, speaker, crf=s.crf, ffmpeg=s.ffmpeg)
+    Console().print(summary_table(summary))
+
+
+@app.command("prep")
+def prep_(
+    ctx: typer.Context,
+    workers: Annotated[int | None, typer.Option(help="Parallel processes (default: settings.prep_workers).")] = None,
+    size: Annotated[int | None, typer.Option(help="Aligned crop side in pixels: 96, 128 or 256.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first K clips (in corpus/speaker/id order).")] = None,
+    source: Annotated[
+        list[Path] | None, typer.Option(help="Extra corpus root <root>/<speaker>/video/ (repeatable).")
+    ] = None,
+) -> None:
+    """Every clip on disk -> training-ready shards in <data_dir>/prep/<size>/ with a manifest (resumable)."""
+    from rich.console import Console
+
+    from lipsync_cli.data.prep import prep, summary_table
+
+    s = _settings(ctx, prep_workers=workers, prep_size=size)
+    summary = prep(
+        s.data_dir / "raw",
+        s.data_dir / "prep" / str(s.prep_size),
+        source or [],
+        size=s.prep_size,
+        workers=s.prep_workers,
+        limit=limit,
+        smooth=s.smooth,
+        ffmpeg=s.ffmpeg,
+    )
+    Console().print(summary_table(summary))
+
+
+@app.command("eval")
+def eval_(
+    ctx: typer.Context,
+    metric: Annotated[
+        str, typer.Option(help="lve, sync, closure, psnr, ssim, sharpness, stability: one, a comma list or all.")
+    ] = "all",
+    protocol: Annotated[str, typer.Option(help="reconstruct (ground truth) | cross (new speech) | all.")] = "all",
+    engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval.")] = None,
+    videos: Annotated[Path | None, typer.Option(help="Video folder (or file). Default: <shared>/media.")] = None,
+    speech: Annotated[Path | None, typer.Option(help="cross: speech folder or file. Default: <shared>/speech.")] = None,
+    text: Annotated[str | None, typer.Option(help="cross: drive every video with TTS of this text instead.")] = None,
+    grid: Annotated[Path | None, typer.Option(help="GRID speaker folder (video/, align/). Default: found.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many clips per protocol and corpus (0: all).")] = 8,
+    report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
+) -> None:
+    """Measure an engine against real footage and three baselines (real, frozen mouth, unchanged video)."""
+    from lipsync_cli.eval import protocols
+    from lipsync_cli.eval import report as rep
+
+    s = _settings(ctx, engine=engine)
+    metrics = protocols.parse_metrics(metric)
+    chosen = protocols.parse_protocols(protocol)
+    hook = rep.SideBySide(report / "videos") if report is not None else None
+    run = protocols.evaluate(
+        s, metrics, chosen, videos=videos, speech=speech, text=text, grid=grid, limit=limit or None, on_clip=hook
+    )
+    rep.print_report(run)
+    if report is not None:
+        progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
 
 
 @config_app.command("show")

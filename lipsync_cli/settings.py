@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # shared
     data_dir: Path = Field(Path("data"), description="Root of raw corpora and prepped shards.")
     output_dir: Path = Field(Path("outputs"), description="Checkpoints, logs and reports.")
+    shared_dir: Path = Field(
+        Path("../shared"), description="Shared test media (media/, speech/, corpus/grid/): `lipsync eval` defaults."
+    )
     ffmpeg: str | None = Field(
         None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships."
     )
@@ -64,6 +67,8 @@ class Settings(BaseSettings):
     download_workers: int = Field(3, ge=1, le=16, description="Parallel downloads.")
     download_retries: int = Field(5, ge=0, description="Retries per download on connection errors and 5xx.")
     download_timeout: float = Field(30.0, gt=0, description="Seconds without data before a retry.")
+    prep_size: int = Field(128, ge=32, le=512, description="Side of the aligned lower-face crops prep stores.")
+    prep_workers: int = Field(2, ge=1, le=64, description="Processes prep runs in parallel (one per core).")
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,74 @@
+"""A torch Dataset of aligned windows over prepped shards: N video frames and the mel rows that span them.
+
+Shards store mel at 100 Hz and video at 25 fps on one timeline (frame i, mel row 4i and audio sample 640i are the
+same instant), so the window of frames [s, s + N) comes with mel rows [4s, 4s + 4N): row 4j of the window is the
+one `audio.frames_to_video` picks for frame s + j. Reads go through safetensors' memory-mapped `safe_open`, so an
+item costs the bytes of its window, not of its clip; files are opened per item, which keeps the dataset safe to
+use from DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
+
+
+class WindowDataset(Dataset):
+    """Windows of `window` frames from one split of `manifest.json` (scheme "utterance" or "speaker").
+
+    `stride` frames between window starts (default: `window`, no overlap). With `require_face`, windows holding a
+    frame without a tracked face are left out. Items are dicts of tensors: crops uint8 (N, S, S, 3), lips (N, 40, 2),
+    mouth (N,), found/silence bool (N,), word_index (N,), mel float32 (N * 4, 80), plus clip (index into `clips`)
+    and start (first frame).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        split: str = "train",
+        scheme: str = "utterance",
+        window: int = 5,
+        stride: int | None = None,
+        require_face: bool = True,
+    ):
+        self.root = Path(manifest).parent
+        meta = json.loads(Path(manifest).read_text())
+        splits = meta["splits"].get(scheme)
+        if splits is None:
+            raise ValueError(f"manifest has no {scheme!r} split ({meta['splits'].get(scheme + '_note', '')})")
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; have {sorted(splits)}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        wanted = set(splits[split])
+        self.clips = [c for c in meta["clips"] if f"{c['corpus']}/{c['speaker']}/{c['id']}" in wanted]
+        self.window, self.rows = window, meta["feat_rate"] // meta["fps"]
+        stride = stride or window
+        self.index: list[tuple[int, int]] = []  # (clip, start frame)
+        for k, c in enumerate(self.clips):
+            with safe_open(str(self.root / c["path"]), framework="numpy") as f:
+                found = f.get_tensor("found") if require_face else np.ones(c["frames"], bool)
+            bad = np.concatenate([[0], np.cumsum(~found)])
+            for s in range(0, c["frames"] - window + 1, stride):
+                if bad[s + window] == bad[s]:
+                    self.index.append((k, s))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        k, s = self.index[i]
+        n = self.window
+        with safe_open(str(self.root / self.clips[k]["path"]), framework="pt") as f:
+            item = {key: f.get_slice(key)[s : s + n] for key in FRAME_KEYS}
+            r0 = int(f.get_slice("mel_index")[s : s + 1][0])
+            item["mel"] = f.get_slice("mel")[r0 : r0 + n * self.rows].float()
+        item["clip"], item["start"] = torch.tensor(k), torch.tensor(s)
+        return item

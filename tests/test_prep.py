@@ -1,0 +1,224 @@
+"""Import and prep on real GRID clips from ../shared (copied into a tmp corpus with a corrupt clip beside them),
+the splits, and the Dataset's windows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from lipsync_cli import audio as A
+from lipsync_cli import media
+from lipsync_cli.data.dataset import WindowDataset
+from lipsync_cli.data.grid import read_align
+from lipsync_cli.data.importer import import_videos, speech_segments
+from lipsync_cli.data.prep import find_clips, prep, sha256, split_clips, word_frames
+
+GRID = SHARED / "corpus" / "grid" / "s1"
+IDS = ["bbaf2n", "bbaf3s", "bbal7s"]
+EXTRA = ["bbal8p", "bbas3a"]  # spoken in the synthesized recordings
+SIZE = 96
+pytestmark = pytest.mark.skipif(not (GRID / "video" / f"{IDS[0]}.mpg").is_file(), reason=f"no GRID clips in {GRID}")
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """<tmp>/grid/s1/{video,align}: three real clips and `zzbad.mpg`, which no decoder can read."""
+    root = tmp_path_factory.mktemp("src") / "grid"
+    for part in ("video", "align"):
+        (root / "s1" / part).mkdir(parents=True)
+    for i in IDS:
+        shutil.copy(GRID / "video" / f"{i}.mpg", root / "s1" / "video")
+        shutil.copy(GRID / "align" / f"{i}.align", root / "s1" / "align")
+    (root / "s1" / "video" / "zzbad.mpg").write_bytes(np.random.default_rng(0).bytes(50_000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepped(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / str(SIZE)
+    return out, prep(None, out, [corpus], size=SIZE, workers=2)
+
+
+def test_prep_writes_consistent_shards(prepped):
+    out, s = prepped
+    assert (s.clips, s.prepped, s.skipped) == (4, 3, 0)
+    assert [k for k, _ in s.failures] == ["grid/s1/zzbad"]
+    assert "cannot read" in s.failures[0][1] and "zzbad.mpg" in s.failures[0][1]
+    assert s.frames == 3 * 75 and s.seconds == s.new_seconds == pytest.approx(9.0)
+    for i in IDS:
+        with safe_open(str(out / "grid" / "s1" / f"{i}.safetensors"), framework="numpy") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no mapping
+            meta = f.metadata()
+        T = 75
+        assert t["crops"].shape == (T, SIZE, SIZE, 3) and t["crops"].dtype == np.uint8
+        assert t["landmarks"].shape == (T, 478, 2) and t["lips"].shape == (T, 40, 2)
+        assert t["affine"].shape == (T, 2, 3) and t["mouth"].shape == (T,)
+        assert t["found"].mean() >= 0.95
+        assert np.isfinite(t["lips"][t["found"]]).all() and (t["lips"][t["found"]] >= 0).all()
+        assert t["mel"].shape == (4 * T + 1, 80) and t["mel"].dtype == np.float16  # ~300 rows at 100 Hz
+        assert t["mfcc"].shape == (4 * T + 1, 13)
+        assert t["audio"].shape == (T * 640,) and t["audio"].dtype == np.int16
+        np.testing.assert_array_equal(t["mel_index"], np.arange(T) * 4)
+        loud = A.speech_loudness_db(t["audio"].astype(np.float32) / 32767, 16000)
+        assert loud == pytest.approx(-23.0, abs=1.0)
+        words = json.loads(meta["words"])
+        assert words == [[round(a, 4), round(b, 4), w] for a, b, w in read_align(GRID / "align" / f"{i}.align")]
+        spoken = [w for _, _, w in words if w not in ("sil", "sp")]
+        assert len(spoken) == 6  # GRID: command colour preposition letter digit adverb
+        assert t["silence"][0] and t["silence"][-1] and not t["silence"].all()
+        assert {words[k][2] for k in t["word_index"][t["word_index"] >= 0]} == set(spoken)
+        assert (t["word_index"] >= 0).sum() == (~t["silence"]).sum()
+        prov = json.loads(meta["provenance"])
+        assert prov["sha256"] == sha256(GRID / "video" / f"{i}.mpg")
+        assert json.loads(meta["info"])["frames"] == T
+
+
+def test_rerun_skips_done_clips(prepped, corpus):
+    out, _ = prepped
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = prep(None, out, [corpus], size=SIZE, workers=1)
+    assert (again.prepped, again.skipped, len(again.failures)) == (0, 3, 1)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+    assert not [p for p in out.rglob(".*")]  # no temp files left behind
+
+
+def test_manifest_and_splits(prepped):
+    out, _ = prepped
+    m = json.loads((out / "manifest.json").read_text())
+    keys = [f"{c['corpus']}/{c['speaker']}/{c['id']}" for c in m["clips"]]
+    assert keys == [f"grid/s1/{i}" for i in IDS]
+    assert all(c["frames"] == 75 and c["found"] >= 0.95 and (out / c["path"]).is_file() for c in m["clips"])
+    utt = m["splits"]["utterance"]
+    assert sorted(sum(utt.values(), [])) == sorted(keys)
+    assert m["splits"]["speaker"] is None and "1 speaker" in m["splits"]["speaker_note"]
+    assert {"bin", "blue", "now"} <= set(m["vocab"])
+
+    entries = [{"corpus": "grid", "speaker": f"s{s}", "id": f"u{u}"} for s in range(1, 8) for u in range(40)]
+    a, b = split_clips(entries), split_clips(list(reversed(entries)))
+    assert {k: sorted(v) for k, v in a["utterance"].items()} == {k: sorted(v) for k, v in b["utterance"].items()}
+    for scheme in ("utterance", "speaker"):
+        parts = [set(a[scheme][p]) for p in ("train", "val", "test")]
+        assert sum(map(len, parts)) == len(entries) and not (
+            parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]
+        )
+    owner = {}
+    for p, ks in a["speaker"].items():
+        for k in ks:
+            assert owner.setdefault(k.rsplit("/", 1)[0], p) == p  # a speaker lives in one part only
+    assert sorted(owner.values()) == ["test"] + ["train"] * 5 + ["val"]  # 7 speakers: one held out for each
+    assert len(a["speaker"]["test"]) == len(a["speaker"]["val"]) == 40
+    utt_part = {k: p for p, ks in a["utterance"].items() for k in ks}
+    assert all(utt_part[f"grid/s1/u{u}"] == utt_part[f"grid/s7/u{u}"] for u in range(40))  # the sentence decides
+
+
+def test_dataset_windows_line_up(prepped):
+    out, _ = prepped
+    m = json.loads((out / "manifest.json").read_text())
+    split = next(p for p, ks in m["splits"]["utterance"].items() if ks)
+    ds = WindowDataset(out / "manifest.json", split=split, window=5, stride=1)
+    assert len(ds) >= 70 * len(m["splits"]["utterance"][split])
+    item = ds[len(ds) // 2]
+    clip, s = ds.clips[int(item["clip"])], int(item["start"])
+    assert item["crops"].shape == (5, SIZE, SIZE, 3) and item["mel"].shape == (20, 80)
+    with safe_open(str(out / clip["path"]), framework="numpy") as f:
+        mel, crops = f.get_tensor("mel").astype(np.float32), f.get_tensor("crops")
+        silence = f.get_tensor("silence")
+    np.testing.assert_array_equal(item["crops"].numpy(), crops[s : s + 5])
+    per_frame = A.frames_to_video(mel, clip["frames"])
+    np.testing.assert_array_equal(item["mel"].numpy()[::4], per_frame[s : s + 5])
+    # the timelines agree: frames the transcript calls silent have quiet mel rows
+    energy = per_frame.max(axis=1)
+    assert energy[~silence].mean() > energy[silence].mean() + 1.0
+
+
+def test_word_frames_reads_crlf_align(tmp_path):
+    p = tmp_path / "x.align"
+    p.write_bytes(b"0 12500 sil\r\n12500 25000 bin\r\n25000 37500 sp\r\n37500 50000 blue\r\n")
+    index, silence = word_frames(read_align(p), 50)
+    assert list(index[[0, 12, 13, 37, 38, 49]]) == [-1, -1, 1, -1, 3, 3]
+    assert silence[:13].all() and not silence[13:25].any() and silence[25:38].all()
+
+
+def test_speech_segments_cut_at_pauses():
+    rate = 100
+    active = np.zeros(3000, bool)
+    for a, b in [(100, 250), (300, 400), (600, 800), (1000, 2400), (2600, 2700)]:  # 1 s 2nd pause; 14 s run
+        active[a:b] = True
+    level = np.where(active, -20.0, -60.0)
+    level[1700] = -50  # the quietest point of the long run
+    segs = speech_segments(active, level, rate, min_s=2.0, max_s=8.0)
+    assert all(0 < e - s <= 8.0 for s, e in segs)
+    assert all(e1 <= s2 for (_, e1), (s2, _) in zip(segs, segs[1:], strict=False))
+    assert any(abs(e - 17.0) < 0.01 for _, e in segs)  # cut at the quiet point
+    assert segs[-1][1] >= 27.0  # the 1 s tail joined its neighbour rather than being lost
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """Two GRID sentences, 1.5 s of silence, two more: one 13.5 s 'recording'."""
+    path = tmp_path_factory.mktemp("rec") / "talk.mp4"
+    clips = [GRID / "video" / f"{i}.mpg" for i in [IDS[0], IDS[1], IDS[2], EXTRA[0]]]
+    inputs = sum((["-i", str(c)] for c in clips), [])
+    gap = "[0:v]trim=duration=1.5,setpts=PTS-STARTPTS[gv];[0:a]atrim=duration=1.5,asetpts=PTS-STARTPTS,volume=0[ga];"
+    chain = "[0:v][0:a][1:v][1:a][gv][ga][2:v][2:a][3:v][3:a]concat=n=5:v=1:a=1[v][a]"
+    ffmpeg(*inputs, "-filter_complex", gap + chain, "-map", "[v]", "-map", "[a]", "-c:v", "libx264", "-preset",
+           "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))  # fmt: skip
+    return path
+
+
+def test_import_splits_at_pauses_with_provenance(recording, tmp_path):
+    before = (sha256(recording), recording.stat().st_mtime_ns)
+    s = import_videos(recording, tmp_path / "raw", "me")
+    assert len(s.kept) >= 2, s.dropped
+    assert (sha256(recording), recording.stat().st_mtime_ns) == before  # inputs are never touched
+    video_dir = tmp_path / "raw" / "me" / "me" / "video"
+    for seg in s.kept:
+        meta = json.loads((video_dir / f"{seg.id}.json").read_text())
+        assert meta["source"] == str(recording.resolve()) and meta["sha256"] == before[0]
+        assert 2.0 <= meta["end"] - meta["start"] <= 8.0 and meta["found"] >= 0.95
+        info = media.probe(video_dir / f"{seg.id}.mp4")
+        assert info.has_audio and info.n_frames(25) == meta["frames"]
+    assert s.kept[0].end <= 7.5 + 1.0 and s.kept[-1].start >= 6.0  # the 1.5 s silence separates them
+    assert [c.id for c in find_clips(tmp_path / "raw")] == sorted(seg.id for seg in s.kept)
+    again = import_videos(recording, tmp_path / "raw", "me")
+    assert not again.kept and again.skipped == [(recording, "already imported")]
+
+
+def test_import_drops_faceless_segments(tmp_path):
+    path = tmp_path / "noface.mp4"
+    audio = [GRID / "video" / f"{i}.mpg" for i in EXTRA]
+    ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=320x240:r=25:d=6", "-i", str(audio[0]), "-i", str(audio[1]),
+           "-filter_complex", "[1:a][2:a]concat=n=2:v=0:a=1[a]", "-map", "0:v", "-map", "[a]", "-c:v", "libx264",
+           "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))  # fmt: skip
+    s = import_videos(path, tmp_path / "raw", "noface")
+    assert not s.kept and s.dropped
+    assert all("face in 0%" in seg.reason or "too short" in seg.reason for seg in s.dropped)
+    assert any("face" in seg.reason for seg in s.dropped)
+    assert not list((tmp_path / "raw").rglob("*.mp4"))
+
+
+def test_cli_prep_and_import(corpus, tmp_path, monkeypatch):
+    from lipsync_cli.cli import app
+
+    monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(
+        app, ["-q", "prep", "--source", str(corpus), "--limit", "1", "--workers", "1", "--size", "64"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "1 prepped" in r.output
+    assert (tmp_path / "data" / "prep" / "64" / "grid" / "s1" / f"{IDS[0]}.safetensors").is_file()
+    r = CliRunner().invoke(app, ["-q", "data", "import", str(tmp_path / "nothing"), "--name", "x"])
+    assert r.exit_code != 0
