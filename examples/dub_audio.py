@@ -1,6 +1,6 @@
 """Dub a video with any speech recording (wav/mp3/m4a/flac, any rate or channel count).
 
-    python examples/dub_audio.py VIDEO SPEECH OUTPUT.mp4 [bounce|loop|cut]
+python examples/dub_audio.py VIDEO SPEECH OUTPUT.mp4 [bounce|loop|cut]
 """
 
 import sys

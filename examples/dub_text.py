@@ -1,6 +1,6 @@
 """Dub a video with new words spoken by the bundled TTS voice.
 
-    python examples/dub_text.py VIDEO "TEXT" OUTPUT.mp4
+python examples/dub_text.py VIDEO "TEXT" OUTPUT.mp4
 """
 
 import sys

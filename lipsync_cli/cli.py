@@ -56,14 +56,10 @@ def dub(
     ctx: typer.Context,
     video: Annotated[Path, typer.Argument(help="The video of the person talking.")],
     text: Annotated[str | None, typer.Argument(help="The new words (or use --audio).")] = None,
-    audio: Annotated[
-        Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")
-    ] = None,
+    audio: Annotated[Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.dubbed.mp4")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
-    sync_mode: Annotated[
-        str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")
-    ] = None,
+    sync_mode: Annotated[str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")] = None,
     face: Annotated[int | None, typer.Option("--face", help="Which face: 0 = largest, 1 = next, ...")] = None,
     engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval.")] = None,
     tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak.")] = None,
@@ -209,9 +205,7 @@ def config_show(ctx: typer.Context) -> None:
     from rich.table import Table
 
     s: Settings = ctx.obj
-    table = Table(
-        title=f"settings (config file: {config_path()}{'' if config_path().exists() else ', absent'})"
-    )
+    table = Table(title=f"settings (config file: {config_path()}{'' if config_path().exists() else ', absent'})")
     table.add_column("setting")
     table.add_column("value")
     table.add_column("env")

@@ -35,9 +35,7 @@ class Settings(BaseSettings):
     shared_dir: Path = Field(
         Path("../shared"), description="Shared test media (media/, speech/, corpus/grid/): `lipsync eval` defaults."
     )
-    ffmpeg: str | None = Field(
-        None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships."
-    )
+    ffmpeg: str | None = Field(None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships.")
     quiet: bool = Field(False, description="No progress bars or chatter.")
     seed: int = 0
 
@@ -49,9 +47,7 @@ class Settings(BaseSettings):
     tts: Literal["piper", "espeak"] = "piper"
     voice: Literal["tts"] = "tts"
     crf: int = Field(18, ge=0, le=51, description="x264 quality of the output (lower is better).")
-    smooth: float = Field(
-        1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma)."
-    )
+    smooth: float = Field(1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma).")
 
     # data
     grid_source: Literal["zenodo", "sheffield"] = Field("zenodo", description="Where GRID is fetched from.")

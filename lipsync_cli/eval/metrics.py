@@ -137,9 +137,7 @@ def _pearson(a: np.ndarray, b: np.ndarray, min_n: int) -> float:
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
-def sync_energy(
-    mouth_open: np.ndarray, envelope_db: np.ndarray, max_lag: int = 15, min_overlap: int = 10
-) -> dict:
+def sync_energy(mouth_open: np.ndarray, envelope_db: np.ndarray, max_lag: int = 15, min_overlap: int = 10) -> dict:
     """Audio-visual offset from the normalised cross-correlation of mouth opening and speech envelope.
 
     Both series are per video frame (the envelope resampled to the video fps; lengths are cut to the shorter).
