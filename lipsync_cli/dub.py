@@ -135,20 +135,25 @@ def analyse_video(
     return source, (frames_store[:n] if frames_store is not None else None)
 
 
-def load_speech(text: str | None, audio: Path | None, settings: Settings) -> np.ndarray:
-    """The new speech at 16 kHz: an audio file as given, or TTS of the text."""
+def load_speech(text: str | None, audio: Path | None, settings: Settings) -> tuple[np.ndarray, list | None]:
+    """The new speech at 16 kHz (an audio file as given, or TTS of the text) and, for piper TTS, the phones it
+    spoke with their timings (exact, so no recogniser is needed to find p/b/m)."""
     if audio is not None:
         if text:
             raise LipsyncError("give either text or --audio, not both")
         speech = media.read_audio(audio, SR, ffmpeg=settings.ffmpeg)
         if len(speech) < SR // settings.fps:
             raise LipsyncError(f"{audio} holds no audio")
-        return speech
+        return speech, None
     if text is None or not text.strip():
         raise LipsyncError("no text to speak: give the new words, or --audio FILE")
+    from lipsync_cli import phones
     from lipsync_cli.voice import tts
 
-    return tts.synthesize(text, sr=SR, backend=settings.tts, progress=not progress.is_quiet())
+    if settings.tts == "piper":
+        speech, spoken = tts.synthesize_with_phones(text, sr=SR, progress=not progress.is_quiet())
+        return speech, phones.from_ipa(spoken)
+    return tts.synthesize(text, sr=SR, backend=settings.tts, progress=not progress.is_quiet()), None
 
 
 def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarray:
@@ -159,13 +164,15 @@ def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarr
     return A.match_loudness(speech, SR, target)
 
 
-def mouth_must_close(speech: np.ndarray, n_frames: int, fps: float, text: str | None) -> np.ndarray:
+def mouth_must_close(
+    speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
+) -> np.ndarray:
     """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
     close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
     try:
         from lipsync_cli import phones
 
-        ph = phones.align_phones(speech, text)
+        ph = spoken if spoken is not None else phones.align_phones(speech, text)
         close |= phones.bilabial_frames(ph, n_frames, fps)
     except LipsyncError:
         pass  # alignment is a refinement; pauses alone still close the mouth
@@ -230,7 +237,7 @@ def dub(
     info = media.probe(video)
     fps = settings.fps
 
-    speech = load_speech(text, audio, settings)
+    speech, spoken = load_speech(text, audio, settings)
     timings["speech"] = time.perf_counter() - t0
 
     n_src = info.n_frames(fps)
@@ -249,7 +256,7 @@ def dub(
 
         t = time.perf_counter()
         speech = match_video_loudness(speech, source.audio)
-        close = mouth_must_close(speech, len(plan), fps, text if audio is None else None)
+        close = mouth_must_close(speech, len(plan), fps, text if audio is None else None, spoken)
         animate = get_engine(settings.engine)
         track = animate(source, speech, plan, close=close)
         timings["engine"] = time.perf_counter() - t

@@ -664,10 +664,10 @@ def evaluate(
         if not videos.exists():
             raise LipsyncError(f"no videos for the cross protocol: {videos} does not exist")
         if text:
-            drives = [("tts", dub.load_speech(text, None, settings))]
+            drives = [("tts", dub.load_speech(text, None, settings)[0])]
         else:
             folder = speech if speech is not None else settings.shared_dir / "speech"
-            drives = [(p.stem, dub.load_speech(None, p, settings)) for p in _files(folder, SPEECH_EXT)]
+            drives = [(p.stem, dub.load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
             if not drives:
                 raise LipsyncError(f"no speech files in {folder} (or give --text)")
         drives = [(name, x[: int(MAX_SPEECH_S * SR)]) for name, x in drives]
