@@ -30,7 +30,7 @@ from rich.table import Table
 from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
 from lipsync_cli.data.corpus import VIDEO_EXT
-from lipsync_cli.data.prep import reset_tracker, sha256
+from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
 
 FPS = 25
@@ -185,7 +185,7 @@ def import_source(
     if not spans:
         return [Segment(video, 0, 0.0, n_frames / FPS, reason="no speech")]
 
-    reset_tracker(tracker)
+    tracker.reset()
     found = np.zeros(n_frames, bool)
     crowded = np.zeros(n_frames, bool)  # the latest detection saw more than one face
     with progress.task(f"tracking {video.name}", n_frames) as advance:

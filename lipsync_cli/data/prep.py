@@ -137,14 +137,6 @@ def find_clips(raw_root: Path | None, sources: Sequence[Path] = ()) -> list[Clip
 # ---------------------------------------------------------------------------------------------- one clip
 
 
-def reset_tracker(tracker: face.FaceTracker) -> None:
-    """Make a tracker forget its face, so one worker's tracker serves clip after clip: a new FaceTracker costs
-    ~0.75 s of graph setup, a reset ~25 ms. (Reaches into the tracker's state; FaceTracker has no reset.)"""
-    tracker._reset_mesh()
-    tracker._crop = tracker._last_box = tracker.box = None
-    tracker._lost_for = tracker._i = tracker.n_faces = 0
-
-
 def word_frames(
     words: list[tuple[float, float, str]], n_frames: int, fps: float = FPS
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +228,7 @@ def prep_clip(
         raise LipsyncError("no audio stream")
     n_frames = info.n_frames(FPS)
     keep = n_frames * info.width * info.height * 3 <= FRAME_BUDGET
-    reset_tracker(tracker)
+    tracker.reset()  # one worker's tracker serves clip after clip
     frames, raw = [], []
     with ThreadPoolExecutor(2) as bg:  # audio and decoding overlap the mesh, which leaves the CPU idle between frames
         sound = bg.submit(clip_audio, clip, n_frames, target_db, ffmpeg)
