@@ -266,7 +266,7 @@ def test_audio_only_file_is_not_a_video(clip):
         media.probe(clip("tone.m4a"))
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00\x17garbage, not media\xff" * 200], ids=["empty", "garbage"])
+@pytest.mark.parametrize("content", [b"", b"this is not a video, just text. " * 120], ids=["empty", "garbage"])
 def test_unreadable_files(tmp_path, content):
     path = tmp_path / "clip.mp4"
     path.write_bytes(content)
