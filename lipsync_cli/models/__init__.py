@@ -1,0 +1,75 @@
+"""The learned models, one readable file each, and how their checkpoints are stored.
+
+    seed.py   the original design (MFCC transformer + 3D-conv video encoder + cross-attention + 32x32 GAN generator)
+    sync.py   SyncNet-style audio-visual sync expert (eval --metric sync, and a loss for the others)
+    lips.py   audio -> lip shape generalist (replaces the self-fitted map inside dub)
+
+Each model file has a `Config` dataclass, `build(config: dict) -> nn.Module` and `make_task(manifest, overrides)`
+returning a `lipsync_cli.train.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
+beside `<stem>.json` (the config, with "model": its name, plus whatever metadata training adds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import secrets
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lipsync_cli.errors import LipsyncError
+
+MODELS = ("seed", "sync", "lips")
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # committed default checkpoints: <name>.safetensors
+
+
+def module(name: str) -> ModuleType:
+    """The model file for `name` (imported on first use: torch models stay out of commands that do not need them)."""
+    if name not in MODELS:
+        raise LipsyncError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return importlib.import_module(f"lipsync_cli.models.{name}")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(model: torch.nn.Module, config: dict, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `path` (.safetensors) and its .json config atomically; `config["model"]` names the model file."""
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(path, lambda p: save_file(state, str(p)))
+    doc = {**config, **({"meta": meta} if meta else {})}
+    _atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
+    return path
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from `<stem>.json` and load `<stem>.safetensors` into it (strict), in eval mode."""
+    path = Path(path).with_suffix(".safetensors")
+    cfg_path = path.with_suffix(".json")
+    if not path.is_file() or not cfg_path.is_file():
+        raise LipsyncError(f"no checkpoint at {path} (needs {path.name} and {cfg_path.name})")
+    try:
+        config = json.loads(cfg_path.read_text())
+        model = module(config["model"]).build(config)
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise LipsyncError(f"checkpoint {path} does not load: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval(), config
+
+
+def default(name: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict] | None:
+    """The committed checkpoint lipsync_cli/weights/<name>.safetensors, or None when there is none."""
+    path = WEIGHTS / f"{name}.safetensors"
+    return load(path, device) if path.is_file() else None
