@@ -23,3 +23,16 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared media absent: {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_prep(tmp_path_factory) -> Path:
+    """manifest.json of 24 real GRID s1 clips at 128 px (~6 s; splits: 22 train, 2 val, 0 test): for training tests."""
+    from lipsync_cli import progress
+    from lipsync_cli.data.prep import prep
+
+    grid = shared_file("corpus/grid")
+    out = tmp_path_factory.mktemp("prep") / "128"
+    progress.set_quiet(True)
+    prep(None, out, [grid], size=128, workers=2, limit=24)
+    return out / "manifest.json"
