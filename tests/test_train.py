@@ -1,0 +1,184 @@
+"""The training loop (lipsync_cli/train.py) on a tiny real task: tests/train_tiny.py over the tiny_prep shards, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import train_tiny  # tests/ is on sys.path (pytest's rootdir conftest)
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+from lipsync_cli import progress
+from lipsync_cli.cli import app
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.train import StepBatches, TrainOptions, lr_at, read_config, train
+
+TINY = "train_tiny:make_task"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    threads, quiet = torch.get_num_threads(), progress.is_quiet()
+    torch.set_num_threads(1)
+    progress.set_quiet(True)
+    yield
+    torch.set_num_threads(threads)
+    progress.set_quiet(quiet)
+
+
+def options(out: Path, **kw) -> TrainOptions:
+    return TrainOptions(
+        **{"out_dir": out, "max_steps": 6, "val_every": 100, "log_every": 3, "tensorboard": False, **kw}
+    )
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / "tiny" / "last.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def val_mae(manifest: Path, model: torch.nn.Module) -> float:
+    task = train_tiny.make_task(manifest, {})
+    with torch.no_grad():
+        return train_tiny.validate(model.eval(), DataLoader(task.val_set, batch_size=16))["mae"]
+
+
+def test_step_batches_resume_and_split_across_processes():
+    one = iter(StepBatches(50, batch=4, accumulate=2, world=1, rank=0, seed=3))
+    steps = [next(one) + next(one) for _ in range(14)]  # two micro-batches a step, 6 steps an epoch: 3 epochs
+    assert len(set(sum(steps[:6], []))) == 48 and steps[6] != steps[0]  # no repeats in an epoch; reshuffled after
+    ranks = [iter(StepBatches(50, batch=2, accumulate=2, world=2, rank=r, seed=3)) for r in (0, 1)]
+    for step in steps:
+        mine = [next(it) + next(it) for it in ranks]  # each process's two micro-batches of this step
+        assert sorted(mine[0] + mine[1]) == sorted(step)
+    later = iter(StepBatches(50, batch=4, accumulate=2, world=1, rank=0, seed=3, start=5))
+    assert [next(later) + next(later) for _ in range(3)] == steps[5:8]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 1.0, warmup=10, horizon=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert lr_at(500, 1.0, warmup=10, horizon=None, min_ratio=0.1) == 1.0
+
+
+def test_loss_goes_down_and_checkpoints_load(tiny_prep, tmp_path):
+    torch.manual_seed(0)  # what train() seeds before building: these are the run's own initial weights
+    before = val_mae(tiny_prep, train_tiny.make_task(tiny_prep, {}).model)
+    s = train(TINY, tiny_prep, options(tmp_path, max_steps=40, val_every=20, log_every=10, tensorboard=True))
+
+    losses = [h["loss"] for h in s["history"]]
+    assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], losses
+    assert s["best"] < 0.8 * before, (s["best"], before)
+    assert s["steps"] == 40 and s["samples"] == 40 * 8 and s["samples_per_s"] > 0
+
+    ckpt = tmp_path / "checkpoints" / "tiny"
+    for f in ("last.safetensors", "last.json", "last.state.safetensors", "last.state.json", "best.safetensors"):
+        assert (ckpt / f).is_file(), f
+    assert list((tmp_path / "runs" / "tiny").glob("events.out.tfevents.*"))
+    config = json.loads((ckpt / "best.json").read_text())
+    assert config["meta"]["step"] == s["best_step"] and config["meta"]["metric"] == "mae"
+    model = train_tiny.build(config)
+    model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+    assert val_mae(tiny_prep, model) == pytest.approx(s["best"], rel=1e-5)
+
+
+def test_resume_is_exact(tiny_prep, tmp_path):
+    kw = {"val_every": 4, "overrides": {"dropout": 0.2}}  # dropout: the restored RNG states matter
+    train(TINY, tiny_prep, options(tmp_path / "straight", max_steps=12, **kw))
+    # stopped half way (same LR horizon), then resumed: validation at step 6 must not disturb anything either
+    half = train(TINY, tiny_prep, options(tmp_path / "split", max_steps=6, schedule_steps=12, **kw))
+    assert half["steps"] == 6
+    with pytest.raises(LipsyncError, match="--resume to continue"):
+        train(TINY, tiny_prep, options(tmp_path / "split", max_steps=12, **kw))
+    rest = train(TINY, tiny_prep, options(tmp_path / "split", max_steps=12, resume=True, **kw))
+    assert rest["start_step"] == 6 and rest["steps"] == 12 and rest["samples"] == 12 * 8
+
+    assert max_diff(weights(tmp_path / "straight"), weights(tmp_path / "split")) == 0.0
+    states = [
+        load_file(str(tmp_path / run / "checkpoints/tiny/last.state.safetensors")) for run in ("straight", "split")
+    ]
+    assert max_diff(*states) == 0.0  # the AdamW moments too
+
+
+def test_accumulation_matches_one_big_batch(tiny_prep, tmp_path):
+    train(TINY, tiny_prep, options(tmp_path / "accumulated", batch_size=4, accumulate=2))
+    train(TINY, tiny_prep, options(tmp_path / "big", batch_size=8))
+    assert max_diff(weights(tmp_path / "accumulated"), weights(tmp_path / "big")) < 1e-6
+    train(TINY, tiny_prep, options(tmp_path / "small", batch_size=4))
+    assert max_diff(weights(tmp_path / "small"), weights(tmp_path / "big")) > 1e-4  # the comparison can fail
+
+
+def test_two_cpu_processes_agree(tiny_prep, tmp_path):
+    """`lipsync train --procs 2`: torchrun, gloo DDP; both ranks end equal, and equal to one process of batch 2B."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("hidden = 24\n\n[train]\nwarmup_steps = 2\nlog_every = 2\nval_every = 3\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "ddp")}
+    args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "4"]
+    args += ["--max-steps", "6", "--config", str(cfg)]
+    run = subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done tiny: step 6" in run.stderr
+    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "tiny" / "last.json").read_text())
+    assert meta["hidden"] == 24 and meta["meta"]["world"] == 2 and meta["meta"]["rank_max_abs_diff"] == 0.0
+
+    overrides, trainer = read_config(cfg)
+    single = options(tmp_path / "one", batch_size=8, overrides=overrides, **trainer)
+    train(TINY, tiny_prep, single)
+    assert max_diff(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
+
+
+def test_bf16_autocast_on_cpu_and_val_loss_without_validate(tiny_prep, tmp_path):
+    s = train(TINY, tiny_prep, options(tmp_path, max_steps=12, precision="bf16", overrides={"validate": False}))
+    losses = [h["loss"] for h in s["history"]]
+    assert s["precision"] == "bf16" and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert s["metric"] == "val_loss" and s["best"] == s["val"]["val_loss"] and 0 < s["best"] < 1  # mean task.loss
+    assert json.loads((tmp_path / "checkpoints" / "tiny" / "last.json").read_text())["meta"]["precision"] == "bf16"
+
+
+def test_clear_errors(tiny_prep, tmp_path):
+    with pytest.raises(LipsyncError, match="run `lipsync prep` first"):
+        train(TINY, tmp_path / "nowhere" / "manifest.json", options(tmp_path))
+    with pytest.raises(LipsyncError, match="train split .* is empty"):
+        train(TINY, tiny_prep, options(tmp_path, overrides={"train_split": "test"}))  # tiny_prep has no test clips
+    with pytest.raises(LipsyncError, match="nothing to resume"):
+        train(TINY, tiny_prep, options(tmp_path, resume=True))
+    with pytest.raises(LipsyncError, match="precision must be"):
+        train(TINY, tiny_prep, options(tmp_path, precision="fp8"))
+    with pytest.raises(LipsyncError, match="cannot load task factory"):
+        train("no_such_module:make_task", tiny_prep, options(tmp_path))
+    with pytest.raises(LipsyncError, match="cannot set up the task: unknown setting"):
+        train(TINY, tiny_prep, options(tmp_path, overrides={"hiden": 3}))
+    if not torch.cuda.is_available():
+        with pytest.raises(LipsyncError, match="precision 16 needs a CUDA GPU"):
+            train(TINY, tiny_prep, options(tmp_path, precision="16"))
+        with pytest.raises(LipsyncError, match="no CUDA device"):
+            train(TINY, tiny_prep, options(tmp_path, gpus=2))
+
+    with pytest.raises(LipsyncError, match="cannot read config"):
+        read_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("hidden = [1,\n")
+    with pytest.raises(LipsyncError, match="cannot read config"):
+        read_config(tmp_path / "bad.toml")
+    (tmp_path / "keys.json").write_text('{"train": {"max_stepz": 3}}')
+    with pytest.raises(LipsyncError, match="unknown \\[train\\] key"):
+        read_config(tmp_path / "keys.json")
+
+    result = CliRunner().invoke(app, ["train", "--model", TINY, "--manifest", str(tmp_path / "none.json")])
+    assert isinstance(result.exception, LipsyncError) and "lipsync prep" in str(result.exception)
