@@ -22,7 +22,8 @@ EYE_CORNERS_R, EYE_CORNERS_L = (33, 133), (362, 263)  # fallback eye centres whe
 NOT_COMPUTED = {
     "fid": "needs Inception-v3 weights, a download not available offline; ssim/sharpness_ratio stand in",
     "lpips": "needs pretrained AlexNet/VGG backbones and LPIPS linear weights, not available offline",
-    "lse_c/lse_d (SyncNet)": "needs the original SyncNet weights (a download); sync_energy is the proxy",
+    "lse_c/lse_d (SyncNet)": "the original SyncNet weights are a download: LSE-C/LSE-D here are our own expert's "
+    "(models/sync.py, same recipe), not comparable with published numbers; sync_energy is the fallback",
 }
 
 _C1, _C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2  # Wang et al. 2004 SSIM constants for 8-bit data

@@ -21,6 +21,7 @@ Every clip also scores three baselines with the same metrics:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import zlib
@@ -42,7 +43,7 @@ from lipsync_cli.settings import Settings
 SR = A.SR
 METRICS = ("lve", "sync", "closure", "psnr", "ssim", "sharpness", "stability")
 GROUND_TRUTH_ONLY = ("lve", "psnr", "ssim")  # need the real frames the output should have been
-RESERVED = {"voice": "speaker similarity of the dubbed voice is reserved for the voice module, not available yet"}
+RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voice.py (`lipsync eval --metric voice`)"}
 PROTOCOLS = ("reconstruct", "cross")
 BASELINES = ("real", "frozen", "floor")
 
@@ -65,12 +66,18 @@ SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")
 # AV r is sync_energy's correlation at the best lag within +-SYNC_TOL frames: the mouth moving with the speech
 # now. Its confidence (peak - median over +-15 lags) alone cannot tell: on a 2-3 s clip pure noise, like the
 # frozen mouth's, peaks somewhere at ~0.3 too, only at a random lag (hence |offset|).
+# sync |off|, LSE-C and LSE-D come from the learned sync expert (models/sync.py, when its weights are there), the
+# SyncNet recipe: |offset| of least mean embedding distance over +-15 frames, median minus min distance
+# (confidence) and the min distance itself. Our expert's own numbers: not comparable with published LSE values.
 COLUMNS = (
     ("lve", "lve", "low", "LVE"),
     ("lve_max", "lve", "low", "LVE max"),
+    ("lse_off", "sync", "low", "sync |off|"),
+    ("lse_c", "sync", "high", "LSE-C"),
+    ("lse_d", "sync", "low", "LSE-D"),
     ("sync_r", "sync", "high", "AV r"),
-    ("sync_conf", "sync", "high", "sync conf"),
-    ("sync_off", "sync", "low", "|offset|"),
+    ("sync_conf", "sync", "high", "energy conf"),
+    ("sync_off", "sync", "low", "energy |off|"),
     ("closure", "closure", "high", "closure"),
     ("closure_gap", "closure", "low", "gap"),
     ("psnr_mouth", "psnr", "high", "PSNR m"),
@@ -81,6 +88,15 @@ COLUMNS = (
     ("flicker", "stability", "zero", "flicker"),
     ("jitter", "stability", "low", "jitter"),
 )
+EXPERT_KEYS = ("lse_off", "lse_c", "lse_d")  # shown only when the sync expert's weights exist
+
+
+@functools.cache
+def sync_expert():
+    """The learned sync expert (lipsync_cli/weights/sync.*), loaded once; None without weights (energy proxy only)."""
+    from lipsync_cli.models import sync
+
+    return sync.load_default()
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -158,8 +174,12 @@ class EvalRun:
 
     def columns(self, group: str) -> list[tuple[str, str, str, str]]:
         """The table columns for a group: the metrics asked for, minus those it cannot compute."""
-        gt = group.startswith("reconstruct")
-        return [c for c in COLUMNS if c[1] in self.metrics and (gt or c[1] not in GROUND_TRUTH_ONLY)]
+        gt, expert = group.startswith("reconstruct"), "sync" in self.metrics and sync_expert() is not None
+        return [
+            c
+            for c in COLUMNS
+            if c[1] in self.metrics and (gt or c[1] not in GROUND_TRUTH_ONLY) and (expert or c[0] not in EXPERT_KEYS)
+        ]
 
     def means(self, group: str) -> dict[str, dict[str, float]]:
         """system -> column -> mean over the group's clips (median for MEDIAN_KEYS; NaN clips left out)."""
@@ -515,6 +535,15 @@ def score_output(
         s["sync_r"] = float(corr[mid - SYNC_TOL : mid + SYNC_TOL + 1].max())
         s["sync_conf"], s["sync_off"] = res["confidence"], float(abs(res["offset"]))
         series["corr_by_lag"] = corr
+        if (expert := sync_expert()) is not None:
+            from lipsync_cli.models.sync import clip_sync
+
+            try:
+                r = clip_sync(expert, frames, lm, audio, max_offset=15)
+                s["lse_off"], s["lse_c"], s["lse_d"] = float(abs(r["offset"])), r["confidence"], r["min_dist"]
+                series["sync_dist_by_offset"] = r["dist_by_offset"]
+            except LipsyncError:  # no face at all, or too short: NaN, as for the other metrics
+                s["lse_off"] = s["lse_c"] = s["lse_d"] = nan
     if "closure" in metrics and close is not None:
         must, speaking = close
         s["closure"] = M.closure(opening, must, thresh)["rate"] if np.isfinite(thresh) else nan

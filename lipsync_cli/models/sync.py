@@ -1,0 +1,453 @@
+"""SyncNet-style audio-visual sync expert: is this mouth saying this sound, and how far out of step is it?
+
+Two small towers map 0.2 s of speech (20 rows of the shards' 100 Hz log-mel) and the mouth over the same 5 video
+frames (grayscale MOUTH box of the aligned lower-face crop, frames stacked as channels so the first layer already
+sees motion) to unit vectors that point the same way when the two are in sync. Window t covers frames t..t+4 and
+mel rows 4t..4t+19 (frame i is row 4i), so a clip of T frames has T - 4 windows on each side.
+
+Training is contrastive (InfoNCE, learned temperature): a video window's positive is its own audio; its negatives
+are the other items' audio in the batch and the same clip's audio shifted by MIN_SHIFT..max_shift frames (+-1 is
+left out: lips and sound are not that sharply aligned, so those are not wrong answers). The shifted negatives are
+what teaches it offsets; in-batch ones teach it speakers and words.
+
+    offsets(model, crops, mel)      eval --metric sync: offset over +-15 frames, LSE-C / LSE-D style scores
+    sync_loss(model, video, mel)    a differentiable penalty for generators (freeze the expert first)
+    embed_video / embed_audio       (T - 4, D) unit embeddings of a clip
+    make_task(manifest, overrides)  the training task for `lipsync train --model sync`
+
+Sign convention (as eval.metrics.sync_energy): a POSITIVE offset means the VIDEO LAGS the audio, i.e. video
+window t matches audio window t - offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.data import Dataset
+
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.train import Task, unwrap
+
+FRAMES, ROWS = 5, 20  # 0.2 s: 5 frames at 25 fps, 20 mel rows at 100 Hz
+MOUTH = (0.125, 0.28, 0.875, 0.78)  # x0, y0, x1, y1 of the aligned crop: lips (x 0.31-0.70, y 0.33-0.56) and jaw
+MIN_SHIFT = 2  # shifted negatives start here
+MEL_MEAN, MEL_STD = -5.5, 2.0  # the shards' log10 mel power (GRID s1: mean -5.6, sd 1.9): audio input ~N(0, 1)
+
+
+@dataclass
+class Config:
+    model: str = "sync"
+    height: int = 48  # mouth image: the 96 x 64 px box of a 128 px crop, at 3/4 scale
+    width: int = 72
+    video_channels: tuple[int, ...] = (16, 32, 64, 128)
+    audio_channels: tuple[int, ...] = (128, 256)
+    dim: int = 128
+    max_shift: int = 15  # shifted negatives (training) and the offset search (validation)
+    shifts_per_step: int = 8  # of the 2 * (max_shift - MIN_SHIFT + 1) shifted audios, how many a step scores
+    # training
+    lr: float = 1e-3
+    batch_size: int = 64
+    warmup_steps: int = 100
+    val_stride: int = 2  # validation windows every this many frames
+    repeat_max: int = 4  # small speakers' windows repeat up to this often (sqrt of the size ratio to the largest)
+
+
+def build(config: dict) -> SyncNet:
+    """The model described by a checkpoint's config (unknown keys, such as training metadata, are ignored)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names})
+    return SyncNet(cfg)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def mouth_frames(crops: np.ndarray, height: int = 48, width: int = 72) -> np.ndarray:
+    """(T, S, S, 3) uint8 aligned crops (any S) -> (T, height, width) uint8 grayscale MOUTH boxes."""
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"crops must be (T, S, S, 3), got {crops.shape}")
+    s = crops.shape[1]
+    x0, y0, x1, y1 = (np.array(MOUTH) * s).round().astype(int)
+    out = np.empty((len(crops), height, width), np.uint8)
+    for t, c in enumerate(crops):
+        gray = cv2.cvtColor(np.ascontiguousarray(c[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+        out[t] = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def mouth_tensor(video: torch.Tensor, height: int = 48, width: int = 72) -> torch.Tensor:
+    """Differentiable mouth_frames for generator outputs: (B, N, S, S, 3) or (B, N, 3, S, S) RGB in [0, 1]
+    -> (B, N, height, width) in [0, 1]. Already-cut (B, N, height, width) grayscale passes through."""
+    if video.ndim == 4 and video.shape[-2:] == (height, width):
+        return video
+    if video.ndim != 5:
+        raise ValueError(f"video must be (B, N, S, S, 3) or (B, N, 3, S, S), got {tuple(video.shape)}")
+    if video.shape[-1] == 3:
+        video = video.permute(0, 1, 4, 2, 3)
+    b, n, _, s, _ = video.shape
+    gray = (video * video.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(2)  # cv2's RGB2GRAY weights
+    x0, y0, x1, y1 = (np.array(MOUTH) * s).round().astype(int)
+    box = gray[..., y0:y1, x0:x1].reshape(b * n, 1, y1 - y0, x1 - x0)
+    return F.interpolate(box, size=(height, width), mode="area").reshape(b, n, height, width)
+
+
+def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth: float = 1.5) -> tuple:
+    """Full frames (T, H, W, 3) + raw mesh landmarks (T, 478, 2, NaN = no face) + 16 kHz speech -> (crops, mel,
+    found) made exactly as `lipsync prep` makes a shard's (smoothing, alignment, loudness, mel), for offsets()."""
+    from lipsync_cli import audio as A
+    from lipsync_cli import face
+    from lipsync_cli.data import prep as P
+
+    n = len(frames)
+    found = np.isfinite(landmarks[:, 0, 0])
+    if not found.any():
+        raise LipsyncError("no face in any frame: nothing to measure sync on")
+    lm = face.smooth_landmarks(landmarks.astype(np.float32), found, smooth)
+    mats = face.align_matrix(lm[P._nearest(found)], 128)
+    crops = np.stack([face.warp_to_aligned(np.ascontiguousarray(f), m, 128) for f, m in zip(frames, mats, strict=True)])
+    x = A.match_loudness(np.asarray(audio, np.float32), P.SR, P.TARGET_DB)
+    x = np.pad(x, (0, max(0, n * P.SR // P.FPS - len(x))))[: n * P.SR // P.FPS]
+    mel = A.mel_spectrogram(x, P.SR, n_mels=80, hop_s=P.HOP / P.SR)
+    return crops, mel, found
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _block(conv: type[nn.Module], norm: type[nn.Module], cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, 3, stride, 1, bias=False), norm(cout), nn.ReLU(inplace=True))
+
+
+class SyncNet(nn.Module):
+    """The two towers (video: 2D CNN over 5 stacked mouths; audio: 1D CNN over 20 mel rows) and the InfoNCE scale."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        c0, *rest = cfg.video_channels
+        layers, cin = [_block(nn.Conv2d, nn.BatchNorm2d, FRAMES, c0, 1)], c0  # full resolution: lips are thin
+        for c in rest:  # each wider stage halves the size, then looks again
+            layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, c, 2), _block(nn.Conv2d, nn.BatchNorm2d, c, c, 1)]
+            cin = c
+        layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, cin, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.video_net = nn.Sequential(*layers, nn.Linear(cin, cfg.dim))
+        layers, cin = [], 80  # mel bins are the channels of a 1D conv over the window's 20 rows
+        for i, c in enumerate(cfg.audio_channels):
+            layers += [_block(nn.Conv1d, nn.BatchNorm1d, cin, c, 1 if i == 0 else 2)]
+            layers += [_block(nn.Conv1d, nn.BatchNorm1d, c, c, 2 if i == 0 else 1)]
+            cin = c
+        steps = ROWS
+        for _ in cfg.audio_channels:  # one stride-2 block per width
+            steps = -(-steps // 2)
+        self.audio_net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * steps, cfg.dim))  # keeps time order
+        self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's start
+
+    def video(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 5, H, W) mouths, uint8 or float in [0, 1] -> (B, D) unit vectors."""
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 0.02)  # light, skin, contrast
+        return F.normalize(self.video_net(x), dim=-1)
+
+    def audio(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, 20, 80) log10 mel (loudness-normalised speech, as in the shards) -> (B, D) unit vectors."""
+        return F.normalize(self.audio_net(((mel.float() - MEL_MEAN) / MEL_STD).transpose(1, 2)), dim=-1)
+
+    def forward(self, video: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.video(video), self.audio(mel)
+
+
+# ----------------------------------------------------------------------------- inference API
+
+
+def load_default(device: str | torch.device = "cpu") -> SyncNet | None:
+    """The committed expert (lipsync_cli/weights/sync.safetensors) in eval mode, or None when there is none."""
+    from lipsync_cli import models
+
+    loaded = models.default("sync", device)
+    return None if loaded is None else loaded[0]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embed_video(model: SyncNet, crops: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """(T, S, S, 3) uint8 aligned crops -> (T - 4, D): window t = frames t..t+4."""
+    cfg = unwrap(model).cfg
+    m = torch.from_numpy(mouth_frames(crops, cfg.height, cfg.width))
+    if len(m) < FRAMES:
+        raise LipsyncError(f"clip too short for the sync expert: {len(m)} frames (needs {FRAMES})")
+    windows = m.unfold(0, FRAMES, 1).permute(0, 3, 1, 2)  # (T-4, 5, H, W)
+    dev = _device(model)
+    return torch.cat([unwrap(model).video(windows[i : i + batch].to(dev)) for i in range(0, len(windows), batch)])
+
+
+@torch.no_grad()
+def embed_audio(model: SyncNet, mel: np.ndarray | torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """(4T + 1, 80) log-mel at 100 Hz -> (T - 4, D): window t = rows 4t..4t+19 (the instants of frames t..t+4)."""
+    mel = torch.as_tensor(np.asarray(mel, np.float32))
+    n = (len(mel) - ROWS) // 4 + 1
+    if n < 1:
+        raise LipsyncError(f"audio too short for the sync expert: {len(mel)} mel rows (needs {ROWS})")
+    windows = mel[: 4 * (n - 1) + ROWS].unfold(0, ROWS, 4).transpose(1, 2)  # (n, 20, 80)
+    dev = _device(model)
+    return torch.cat([unwrap(model).audio(windows[i : i + batch].to(dev)) for i in range(0, n, batch)])
+
+
+def offsets(
+    model: SyncNet, crops: np.ndarray, mel: np.ndarray, max_offset: int = 15, found: np.ndarray | None = None
+) -> dict:
+    """Audio-visual offset of a clip: (T, S, S, 3) uint8 aligned crops, (4T + 1, 80) mel, optional `found` (T,)
+    (windows with a frame without a face are left out). See offset_scores for what comes back."""
+    v, a = embed_video(model, crops).cpu().numpy(), embed_audio(model, mel).cpu().numpy()
+    ok = None
+    if found is not None:
+        f = np.asarray(found, bool)[: len(v) + FRAMES - 1]
+        ok = np.lib.stride_tricks.sliding_window_view(f, FRAMES).all(1)
+    return offset_scores(v, a, max_offset, ok)
+
+
+def offset_scores(v: np.ndarray, a: np.ndarray, max_offset: int = 15, ok: np.ndarray | None = None) -> dict:
+    """SyncNet's scoring of window embeddings v (Tv, D), a (Ta, D): per candidate offset k the mean distance
+    between video window t and audio window t - k over every t where both exist (and ok[t]).
+
+    offset = the k of least distance (positive: the video lags the audio; ties go to the smallest |k|);
+    min_dist = that distance (LSE-D, lower is better); confidence = median over k minus min_dist (LSE-C, higher
+    is better); dist_by_offset (2 * max_offset + 1,) for lags k = -max_offset..max_offset; n_windows used.
+    """
+    n = min(len(v), len(a))
+    v, a = np.asarray(v[:n], np.float64), np.asarray(a[:n], np.float64)
+    ok = np.ones(n, bool) if ok is None else np.asarray(ok, bool)[:n]
+    dist = np.linalg.norm(v[:, None] - a[None], axis=-1)  # dist[t, u] = |v_t - a_u|
+    lags = np.arange(-max_offset, max_offset + 1)
+    by = np.full(len(lags), np.nan)
+    for i, k in enumerate(lags):
+        t = np.arange(max(0, k), min(n, n + k))
+        t = t[ok[t]]
+        if len(t):
+            by[i] = dist[t, t - k].mean()
+    if not np.isfinite(by).any():
+        raise LipsyncError("no window with a face and audio: nothing to measure sync on")
+    best = np.nanmin(by)
+    j = min(np.flatnonzero(by == best), key=lambda i: abs(lags[i]))
+    return {
+        "offset": int(lags[j]),
+        "confidence": float(np.nanmedian(by) - best),
+        "min_dist": float(best),
+        "dist_by_offset": by,
+        "lags": lags,
+        "n_windows": int(ok.sum()),
+    }
+
+
+def clip_sync(model: SyncNet, frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, **kw) -> dict:
+    """offsets() of full video frames + their raw mesh landmarks + 16 kHz speech (eval's view of a system)."""
+    crops, mel, found = prepare(frames, landmarks, audio)
+    return offsets(model, crops, mel, found=found, **kw)
+
+
+def sync_loss(model: SyncNet, video: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - cosine) between the expert's embeddings of generated mouths and their audio: 0 is in sync.
+
+    video: (B, 5, S, S, 3) or (B, 5, 3, S, S) RGB aligned crops in [0, 1] (or (B, 5, H, W) mouths already cut
+    by mouth_tensor); mel: (B, 20, 80), the rows of those 5 frames. Differentiable in video (and mel); call
+    `model.eval().requires_grad_(False)` once so the expert itself stays fixed.
+    """
+    m = unwrap(model)
+    v, a = model(mouth_tensor(video, m.cfg.height, m.cfg.width), mel)
+    return (1 - (v * a).sum(-1)).mean()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SyncWindows(Dataset):
+    """5-frame mouth windows of one manifest split, each with the mel strip that covers every shift up to K.
+
+    Item: video uint8 (5, H, W); mel float32 (4 * 2K + 20, 80) where the audio for offset k (video window s vs
+    audio window s - k) is rows [4 (K - k), 4 (K - k) + 20); valid bool (2K + 1,) where that audio exists in the
+    clip; clip int. Windows need a face in all 5 frames; with `speech_only`, at least one spoken frame (silent
+    windows all look alike: as in-batch negatives they would be false ones). With `repeat_max` > 1 a speaker with
+    n windows is listed min(repeat_max, round(sqrt(n_largest / n))) times, so a corpus of one speaker (GRID s1:
+    ~13k windows) does not drown a few seconds each of other faces. Mouths are cut once, into memory (~3.5 KB a
+    frame: GRID s1 and the shared clips are ~120 MB).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        split: str,
+        cfg: Config,
+        stride: int = 1,
+        speech_only: bool = True,
+        limit: int | None = None,
+        repeat_max: int = 1,
+    ):
+        import json
+
+        root = Path(manifest).parent
+        meta = json.loads(Path(manifest).read_text())
+        wanted = set(meta["splits"]["utterance"][split])
+        clips = [c for c in meta["clips"] if f"{c['corpus']}/{c['speaker']}/{c['id']}" in wanted][:limit]
+        self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
+        self.mouths, self.mels, self.index = [], [], []
+        for c in clips:
+            with safe_open(str(root / c["path"]), framework="numpy") as f:
+                crops, mel = f.get_tensor("crops"), f.get_tensor("mel")
+                found, silence = f.get_tensor("found"), f.get_tensor("silence")
+            ci = len(self.mouths)
+            self.mouths.append(mouth_frames(crops, cfg.height, cfg.width))
+            pad = np.zeros((4 * self.k, mel.shape[1]), np.float16)  # so every strip is one slice
+            self.mels.append(np.concatenate([pad, mel, pad]))
+            win_found = np.lib.stride_tricks.sliding_window_view(found, FRAMES).all(1)
+            win_speech = ~np.lib.stride_tricks.sliding_window_view(silence, FRAMES).all(1)
+            keep = win_found & (win_speech if speech_only else True)
+            self.index += [(ci, int(s)) for s in np.flatnonzero(keep)[::stride]]
+        if not self.index:
+            raise LipsyncError(f"split {split!r} of {manifest} has no usable sync windows")
+        if repeat_max > 1:
+            speaker = [f"{c['corpus']}/{c['speaker']}" for c in clips]
+            count: dict[str, int] = {}
+            for c, _ in self.index:
+                count[speaker[c]] = count.get(speaker[c], 0) + 1
+            most = max(count.values())
+            times = {s: min(repeat_max, max(1, round(np.sqrt(most / n)))) for s, n in count.items()}
+            self.index = [w for w in self.index for _ in range(times[speaker[w[0]]])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        c, s = self.index[i]
+        k, n = self.k, len(self.mouths[c])
+        lags = np.arange(-k, k + 1)
+        start = s - lags  # first frame of each offset's audio window
+        valid = (start >= 0) & (start + FRAMES <= n)
+        strip = self.mels[c][4 * s : 4 * s + 8 * k + ROWS]  # padded: row 4k of mels[c] is the clip's row 0
+        return {
+            "video": torch.from_numpy(self.mouths[c][s : s + FRAMES].copy()),
+            "mel": torch.from_numpy(strip.astype(np.float32)),
+            "valid": torch.from_numpy(valid),
+            "clip": torch.tensor(c),
+        }
+
+
+def _windows(strip: torch.Tensor, k: int, lags: torch.Tensor) -> torch.Tensor:
+    """(B, 8k + 20, 80) strips -> (B, len(lags), 20, 80) audio windows for those offsets."""
+    idx = (4 * (k - lags))[:, None] + torch.arange(ROWS, device=strip.device)  # (L, 20)
+    return strip[:, idx]
+
+
+def augment(batch: dict, gen: torch.Generator) -> dict:
+    """Train-time: mirror half the mouths, shift each by up to 3 px (same for its 5 frames), +-3 dB audio gain."""
+    video = batch["video"]
+    b, _, h, w = video.shape
+    dev = video.device
+    flip = torch.rand(b, generator=gen, device=gen.device).to(dev) < 0.5
+    video = torch.where(flip[:, None, None, None], video.flip(-1), video)
+    p = 3
+    padded = F.pad(video.float(), (p, p, p, p), mode="replicate")
+    dx, dy = (torch.randint(0, 2 * p + 1, (2, b), generator=gen, device=gen.device)).tolist()
+    video = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)]).to(torch.uint8)
+    gain = (torch.rand(b, 1, 1, generator=gen, device=gen.device).to(dev) - 0.5) * 0.6  # log10 power: +-3 dB
+    return {**batch, "video": video, "mel": batch["mel"] + gain}
+
+
+def loss(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """InfoNCE both ways. Video -> audio: the batch's aligned audios plus this item's audio at `shifts_per_step`
+    random shifts of 2..K frames (a fresh draw each step); audio -> video: the batch's video windows."""
+    cfg = unwrap(model).cfg
+    k, strip, valid = cfg.max_shift, batch["mel"], batch["valid"]
+    b, dev = len(strip), strip.device
+    cand = torch.cat([torch.arange(-k, -MIN_SHIFT + 1), torch.arange(MIN_SHIFT, k + 1)])
+    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(step))[: cfg.shifts_per_step]
+    lags = torch.cat([torch.zeros(1, dtype=torch.long), cand[pick]]).to(dev)
+    wins = _windows(strip, k, lags)  # (B, 1 + S, 20, 80)
+    v, a = model(batch["video"], wins.flatten(0, 1))
+    a = a.view(b, len(lags), -1)
+    scale = unwrap(model).logit_scale.clamp(max=np.log(100)).exp()
+    in_batch = scale * v @ a[:, 0].T  # (B, B)
+    shifted = scale * (v[:, None] * a[:, 1:]).sum(-1)  # (B, S); masked after scaling: 0 * inf would be NaN
+    logits = torch.cat([in_batch, shifted.masked_fill(~valid[:, k + lags[1:]], -torch.inf)], 1)
+    target = torch.arange(b, device=dev)
+    loss_v = F.cross_entropy(logits, target)
+    loss_a = F.cross_entropy(in_batch.T, target)
+    acc = (logits.argmax(1) == target).float().mean()
+    return (loss_v + loss_a) / 2, {"loss_v": loss_v.item(), "loss_a": loss_a.item(), "acc": acc.item()}
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    """Offset accuracy over +-K candidate offsets (right within +-1 frame; chance ~3 / (2K + 1)): `metric` per
+    5-frame window, `clip_acc` with each clip's distances averaged over its windows (how eval uses it)."""
+    cfg = unwrap(model).cfg
+    k = cfg.max_shift
+    lags = torch.arange(-k, k + 1)
+    hits, total, dist_pos, dist_neg = 0, 0, 0.0, 0.0
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        strip, valid = batch["mel"], batch["valid"]
+        wins = _windows(strip, k, lags.to(strip.device))
+        v, a = model(batch["video"], wins.flatten(0, 1))
+        d = (v[:, None] - a.view(len(v), len(lags), -1)).norm(dim=-1).cpu()  # (B, 2K+1)
+        valid = valid.cpu()
+        best = lags[d.masked_fill(~valid, torch.inf).argmin(1)]
+        hits += int((best.abs() <= 1).sum())
+        total += len(v)
+        dist_pos += float(d[:, k].sum())
+        dist_neg += float((d * valid).sum(1).div(valid.sum(1)).sum())
+        for c, row, ok in zip(batch["clip"].tolist(), d, valid, strict=True):
+            sums[c] = sums.get(c, torch.zeros(len(lags))) + row * ok
+            counts[c] = counts.get(c, torch.zeros(len(lags))) + ok
+    clip_best = [lags[(sums[c] / counts[c].clamp(min=1)).masked_fill(counts[c] == 0, torch.inf).argmin()] for c in sums]
+    return {
+        "metric": hits / max(total, 1),
+        "clip_acc": float(np.mean([abs(int(b)) <= 1 for b in clip_best])) if clip_best else 0.0,
+        "dist_sync": dist_pos / max(total, 1),
+        "dist_mean": dist_neg / max(total, 1),
+        "windows": float(total),
+    }
+
+
+def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
+    """The sync expert's training task on a prep manifest (utterance split: train / val)."""
+    overrides = dict(overrides or {})
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise LipsyncError(f"unknown sync setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()})
+    if not 0 < cfg.shifts_per_step <= 2 * (cfg.max_shift - MIN_SHIFT + 1):
+        raise LipsyncError(f"shifts_per_step must be 1..{2 * (cfg.max_shift - MIN_SHIFT + 1)}")
+    train_set = SyncWindows(manifest, "train", cfg, repeat_max=cfg.repeat_max)
+    try:
+        val_set = SyncWindows(manifest, "val", cfg, stride=cfg.val_stride)
+    except LipsyncError:
+        val_set = None
+    return Task(
+        name="sync",
+        model=SyncNet(cfg),
+        config=dataclasses.asdict(cfg),
+        train_set=train_set,
+        val_set=val_set,
+        loss=loss,
+        validate=validate,
+        metric="metric",
+        higher_is_better=True,
+        augment=augment,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        warmup_steps=cfg.warmup_steps,
+    )
