@@ -51,6 +51,29 @@ def _root(
     progress.set_quiet(ctx.obj.quiet)
 
 
+VOICE_HELP = "clone: the person's own voice, learned from the video's speech (default) | tts: the plain TTS voice."
+VOICE_REF_HELP = "Learn the voice from this recording of the person instead of the video's soundtrack."
+FALLBACK_HELP = "No usable speech to learn the voice from: speak in the plain TTS voice (warning) instead of stopping."
+MODEL_DIR_HELP = "--tts xtts: folder with the XTTS v2 files (config.json, model.pth, vocab.json); never downloaded."
+
+
+def _voice_settings(
+    s: Settings,
+    tts: str | None,
+    voice: str | None,
+    voice_ref: Path | None,
+    voice_fallback: bool | None,
+    tts_model_dir: Path | None,
+) -> Settings:
+    """The voice flags on top of the settings: --voice-ref implies --voice clone (and contradicts --voice tts)."""
+    if voice_ref is not None and voice == "tts":
+        raise LipsyncError("--voice-ref gives a voice to clone: it cannot go with --voice tts")
+    voice = voice or ("clone" if voice_ref is not None else None)
+    return s.with_overrides(
+        tts=tts, voice=voice, voice_ref=voice_ref, voice_fallback=voice_fallback, tts_model_dir=tts_model_dir
+    )
+
+
 @app.command()
 def dub(
     ctx: typer.Context,
@@ -62,18 +85,44 @@ def dub(
     sync_mode: Annotated[str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")] = None,
     face: Annotated[int | None, typer.Option("--face", help="Which face: 0 = largest, 1 = next, ...")] = None,
     engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval.")] = None,
-    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak.")] = None,
+    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak | xtts.")] = None,
+    voice: Annotated[str | None, typer.Option(help=VOICE_HELP)] = None,
+    voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
     crf: Annotated[int | None, typer.Option(help="x264 quality, lower is better (default 18).")] = None,
 ) -> None:
-    """Make the person in VIDEO say TEXT (or the speech in --audio)."""
+    """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
     from lipsync_cli.dub import dub as run_dub
 
-    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, tts=tts, crf=crf)
+    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf)
+    s = _voice_settings(s, tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = run_dub(video, text, audio, output, s, force=force)
     progress.log(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
     )
+
+
+@app.command("voice")
+def voice_(
+    ctx: typer.Context,
+    video: Annotated[Path, typer.Argument(help="The video (or any recording) of the person talking.")],
+    text: Annotated[str, typer.Argument(help="The new words.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.voice.wav")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak | xtts.")] = None,
+    voice: Annotated[str | None, typer.Option(help=VOICE_HELP)] = None,
+    voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
+) -> None:
+    """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
+    from lipsync_cli.dub import speak
+
+    s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
+    result = speak(video, text, output, s, force=force)
+    progress.log(f"[green]wrote[/] {result.output}  ({result.samples / 16000:.2f} s, voice: {result.voice})")
 
 
 @data_app.command("fetch")
@@ -171,7 +220,11 @@ def prep_(
 def eval_(
     ctx: typer.Context,
     metric: Annotated[
-        str, typer.Option(help="lve, sync, closure, psnr, ssim, sharpness, stability: one, a comma list or all.")
+        str,
+        typer.Option(
+            help="lve, sync, closure, psnr, ssim, sharpness, stability: one, a comma list or all (the video "
+            "metrics); voice: speaker similarity and WER of the cloned voice (alone or in the list)."
+        ),
     ] = "all",
     protocol: Annotated[str, typer.Option(help="reconstruct (ground truth) | cross (new speech) | all.")] = "all",
     engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval.")] = None,
@@ -179,7 +232,10 @@ def eval_(
     speech: Annotated[Path | None, typer.Option(help="cross: speech folder or file. Default: <shared>/speech.")] = None,
     text: Annotated[str | None, typer.Option(help="cross: drive every video with TTS of this text instead.")] = None,
     grid: Annotated[Path | None, typer.Option(help="GRID speaker folder (video/, align/). Default: found.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many clips per protocol and corpus (0: all).")] = 8,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="At most this many clips per protocol and corpus (0: all; default 8, voice: all)."),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
 ) -> None:
     """Measure an engine against real footage and three baselines (real, frozen mouth, unchanged video)."""
@@ -187,15 +243,99 @@ def eval_(
     from lipsync_cli.eval import report as rep
 
     s = _settings(ctx, engine=engine)
-    metrics = protocols.parse_metrics(metric)
+    names = [n.strip().lower() for n in metric.split(",") if n.strip()]
+    video_metrics = [n for n in names if n != "voice"]
+    metrics = protocols.parse_metrics(",".join(video_metrics) or metric) if video_metrics or not names else []
     chosen = protocols.parse_protocols(protocol)
+    if "voice" in names:  # measured on speech alone, not on video clips
+        from lipsync_cli.eval import voice as ev
+
+        vrun = ev.evaluate_voice(s, videos, grid, limit or None, texts=[text] if text else None)
+        ev.print_voice_report(vrun)
+        if report is not None:
+            progress.log(f"[green]wrote[/] {ev.write_voice_report(vrun, report)}")
+        if not metrics:
+            return
     hook = rep.SideBySide(report / "videos") if report is not None else None
+    clips = 8 if limit is None else limit or None
     run = protocols.evaluate(
-        s, metrics, chosen, videos=videos, speech=speech, text=text, grid=grid, limit=limit or None, on_clip=hook
+        s, metrics, chosen, videos=videos, speech=speech, text=text, grid=grid, limit=clips, on_clip=hook
     )
     rep.print_report(run)
     if report is not None:
         progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
+
+
+@app.command("train")
+def train_(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", "-m", help="sync | lips | seed, or package.module:factory.")],
+    manifest: Annotated[
+        Path | None, typer.Option(help="Prepped shards (default: <data_dir>/prep/<prep_size>/manifest.json).")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="CUDA devices (N > 1: DDP via torchrun); 0: CPU.")] = None,
+    procs: Annotated[int | None, typer.Option(help="CPU processes (DDP over gloo), instead of --gpus.")] = None,
+    precision: Annotated[str | None, typer.Option(help="32 | bf16 | 16 (CUDA) | auto (GPU bf16, CPU 32).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per process and micro-batch.")] = None,
+    accumulate: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this much wall time.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the model's).")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validate every this many steps.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Write the resumable last.* every this many steps.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from last.* exactly where it stopped.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over, replacing an existing last.*.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML/JSON of model settings, plus an optional \\[train] table.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: the model's).")] = None,
+) -> None:
+    """Train a model on prepped shards: checkpoints in <output_dir>/checkpoints/<name>/, TensorBoard in runs/<name>/."""
+    from dataclasses import replace
+
+    from lipsync_cli.train import TrainOptions, check, launch, launched, read_config, train
+
+    s = _settings(ctx)
+    overrides, trainer = read_config(config) if config is not None else ({}, {})
+    opts = TrainOptions(
+        out_dir=s.output_dir,
+        overrides=overrides,
+        precision=s.train_precision,
+        val_every=s.train_val_every,
+        save_every=s.train_save_every,
+        log_every=s.train_log_every,
+        workers=s.train_workers,
+        grad_clip=s.train_grad_clip,
+        seed=s.seed,
+    )
+    flags = dict(
+        name=name, gpus=gpus, precision=precision, batch_size=batch_size, accumulate=accumulate, max_steps=max_steps,
+        max_minutes=max_minutes, lr=lr, val_every=val_every, save_every=save_every, workers=workers,
+    )  # fmt: skip
+    opts = replace(opts, **trainer, resume=resume, fresh=fresh)  # settings < config file < flags
+    opts = replace(opts, **{k: v for k, v in flags.items() if v is not None})
+    if procs is not None and procs > 1 and (opts.gpus or 0) > 0:
+        raise LipsyncError("--procs is for CPU processes; with GPUs use --gpus N")
+    if procs is not None:
+        opts = replace(opts, gpus=0)
+    if opts.max_steps is None and opts.max_minutes is None:
+        opts = replace(opts, max_steps=s.train_max_steps)
+    manifest = manifest or s.data_dir / "prep" / str(s.prep_size) / "manifest.json"
+    nproc = max(opts.gpus or 1, procs or 1)
+    if nproc > 1 and not launched():
+        check(manifest, opts, opts.name or (model if ":" not in model else None))
+        progress.log(f"starting {nproc} {'GPU' if opts.gpus else 'CPU'} processes under torchrun")
+        if code := launch(nproc):
+            raise LipsyncError(f"training failed in a process (exit code {code}): see its message above")
+        return
+    r = train(model, manifest, opts)
+    best = f"{r['metric']} {r['best']:.4g} at step {r['best_step']}, " if r["best"] is not None else ""
+    speed = f"{r['samples_per_s']:.1f} samples/s" if r["samples_per_s"] else "no steps run"
+    progress.log(
+        f"[green]done[/] {r['model']}: step {r['steps']}, {best}{speed} ({r['precision']}, {r['device']} "
+        f"x{r['processes']}) -> {Path(r['checkpoints']['last']).parent}"
+    )
 
 
 @config_app.command("show")

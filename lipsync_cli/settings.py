@@ -43,9 +43,23 @@ class Settings(BaseSettings):
     fps: float = Field(25.0, description="Working and output frame rate.")
     face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
     sync_mode: Literal["bounce", "loop", "cut"] = "bounce"
-    engine: Literal["retrieval"] = "retrieval"
-    tts: Literal["piper", "espeak"] = "piper"
-    voice: Literal["tts"] = "tts"
+    engine: Literal["retrieval", "seed"] = "retrieval"
+    lips: Literal["model", "map"] = Field(
+        "model",
+        description="Speech -> lip shape inside the engine: the learned model (weights/lips.safetensors, adapted to "
+        "the video's mouth) or the map fitted on the video alone (also used when the weights are absent).",
+    )
+    tts: Literal["piper", "espeak", "xtts"] = Field(
+        "piper", description="Text-to-speech: piper (bundled), espeak, or xtts (Coqui XTTS v2 from tts_model_dir)."
+    )
+    voice: Literal["clone", "tts"] = Field(
+        "clone", description="clone: speak in the on-screen person's voice (from the video's speech); tts: plain TTS."
+    )
+    voice_ref: Path | None = Field(None, description="Clone the voice from this recording instead of the video's.")
+    voice_fallback: bool = Field(
+        False, description="No usable speech to clone from: use the plain TTS voice (with a warning), don't stop."
+    )
+    tts_model_dir: Path | None = Field(None, description="XTTS v2 model folder (config.json, model.pth, vocab.json).")
     crf: int = Field(18, ge=0, le=51, description="x264 quality of the output (lower is better).")
     smooth: float = Field(1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma).")
 
@@ -65,6 +79,19 @@ class Settings(BaseSettings):
     download_timeout: float = Field(30.0, gt=0, description="Seconds without data before a retry.")
     prep_size: int = Field(128, ge=32, le=512, description="Side of the aligned lower-face crops prep stores.")
     prep_workers: int = Field(2, ge=1, le=64, description="Processes prep runs in parallel (one per core).")
+
+    # train
+    train_precision: Literal["auto", "32", "bf16", "16"] = Field(
+        "auto", description="32 | bf16 (autocast) | 16 (CUDA, loss scaling) | auto: bf16 on a CUDA GPU, else 32."
+    )
+    train_max_steps: int = Field(20000, ge=1, description="Optimiser steps when neither --max-steps nor --max-minutes.")
+    train_val_every: int = Field(500, ge=1, description="Validate (and keep best.safetensors) every this many steps.")
+    train_save_every: int = Field(500, ge=1, description="Write last.* (resumable) every this many steps.")
+    train_log_every: int = Field(20, ge=1, description="Log loss, LR, grad norm and samples/s every this many steps.")
+    train_workers: int | None = Field(
+        None, ge=0, le=64, description="DataLoader workers per process (unset: 4 on a GPU, 0 on CPU)."
+    )
+    train_grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
 
     @classmethod
     def settings_customise_sources(
