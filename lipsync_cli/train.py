@@ -630,7 +630,7 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
                         if key != "step":
                             writer.add_scalar(f"train/{key}", v, step)
                 prog.update(bar, description=f"train {name} loss {loss_value:.4g} {speed:.0f}/s")
-                win.update(steps=0, loss=torch.zeros((), device=d.device), logs={})
+                win.update(t=time.perf_counter(), steps=0, loss=torch.zeros((), device=d.device), logs={})
 
             just_validated = just_saved = False
             if last and d.world > 1:

@@ -14,7 +14,11 @@ def get_engine(name: str) -> Callable[..., MouthTrack]:
         from lipsync_cli.engine.retrieval import animate
 
         return animate
-    raise ValueError(f"unknown engine {name!r} (available: retrieval)")
+    if name == "seed":  # the original design's generator (models/seed.py); needs its checkpoint
+        from lipsync_cli.engine.seed import animate
+
+        return animate
+    raise ValueError(f"unknown engine {name!r} (available: retrieval, seed)")
 
 
 __all__ = ["MouthTrack", "SourceFaces", "get_engine"]

@@ -1,7 +1,9 @@
 """The retrieval engine: re-use the speaker's own mouth, in the spirit of Video Rewrite (Bregler et al., 1997).
 
 1. Index every source frame's mouth: lip shape in the aligned frame (PCA coefficients) and head pose.
-2. Map the new speech to a target lip-shape sequence (`lipmap`: fitted on the video's own audio and lips).
+2. Map the new speech to a target lip-shape sequence: the learned generalist (`models/lips.py`, adapted to this
+   video's mouth) when its weights are there and the `lips` setting is "model", else `lipmap` (fitted on the
+   video's own audio and lips alone). Both end in the coefficients of the map's PCA basis of the source lips.
 3. Choose, for each output frame, a source mouth by shape match, pose match and temporal smoothness: a Viterbi pass
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
    would show.
@@ -9,6 +11,8 @@ The compositor (`render.py`) warps the chosen mouth onto each output frame's fac
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -29,9 +33,11 @@ def animate(
     background: np.ndarray,
     close: np.ndarray | None = None,
     sr: int = A.SR,
+    lips: str | None = None,
 ) -> MouthTrack:
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
-    `close` marks output frames where the mouth must be shut (pauses, bilabials)."""
+    `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
+    (None: the `lips` setting)."""
     n_out = len(background)
     valid = source.pool
     if valid.sum() < 2:
@@ -43,7 +49,14 @@ def animate(
         opening[t] = face.mouth_opening(source.landmarks[t])
 
     lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
-    target = lipmap.predict(lm, speech, n_out, source.fps, close=close, sr=sr)
+    model = lips_model(lips)
+    if model is None:
+        target = lipmap.predict(lm, speech, n_out, source.fps, close=close, sr=sr)
+    else:
+        from lipsync_cli.models import lips as lips_net
+
+        # `close` is not forced here: the model closes the mouth itself, and more faithfully (models/lips.py)
+        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
 
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
@@ -51,6 +64,25 @@ def animate(
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
     points = aligned[np.maximum(index, 0)]
     return MouthTrack(source_index=index, points=points, target=target)
+
+
+def lips_model(choice: str | None = None):
+    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
+    if choice is None:
+        from lipsync_cli.settings import load_settings
+
+        choice = load_settings().lips
+    if choice not in ("model", "map"):
+        raise ValueError(f"unknown lips choice {choice!r} (model or map)")
+    return _default_lips() if choice == "model" else None
+
+
+@functools.cache
+def _default_lips():
+    from lipsync_cli import models
+
+    found = models.default("lips")
+    return None if found is None else found[0]
 
 
 def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
