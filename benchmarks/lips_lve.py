@@ -8,7 +8,8 @@ Cases, as `lipsync eval` builds them (eval/protocols.py) but from the prepped sh
           the first 60% is the reference, the last HOLD_OUT is re-created ("unseen" = speakers the model never
           trained on: the manifest's held-out speakers)
 Systems: mean (the reference's mean lip shape), map (engine/lipmap.py fitted on the reference), model (models/lips.py
-de-normalised with the reference's mean shape and scale), model+adapt (plus the per-video calibration dub uses).
+de-normalised with the reference's mean shape and scale, eased to the closed mouth in silence and partly on the
+pause/p/b/m frames dub marks), model+adapt (plus the per-video calibration dub uses).
 `target` LVE scores the lip shape each system aims at (in the map's PCA basis, as retrieval receives it); `retrieved`
 scores the source mouths retrieval.select_mouths then picks. LVE = mean lip-point distance / inter-ocular distance.
 """
@@ -83,8 +84,8 @@ def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str
     targets = {
         "mean": np.zeros((n, len(lm.basis))),
         "map": lipmap.predict(lm, speech, n, fps, close=close),
-        "model": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=False),
-        "model+adapt": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=True),
+        "model": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=False, close=close),
+        "model+adapt": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=True, close=close),
     }
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = retrieval._pose_features(aligned, src.size)

@@ -117,6 +117,30 @@ def test_retrieval_uses_the_model_and_keeps_the_maps_target_space(tiny_prep, mon
         retrieval.animate(src, speech, bg, lips="learned")
 
 
+def test_model_target_rests_closed_in_silence_and_leans_closed_on_close_frames(tiny_prep):
+    from lipsync_cli import face
+    from lipsync_cli.engine import lipmap
+
+    src, bg = _source(tiny_prep)
+    valid = src.pool
+    shapes = lipmap.shape_vectors(src.aligned_landmarks()[:, face.LIPS], src.size)
+    opening = np.array([face.mouth_opening(src.landmarks[t]) if src.found[t] else 0.0 for t in range(src.n_frames)])
+    lm = lipmap.fit(shapes, opening, src.audio, src.fps, valid)
+    speech = src.audio[bg[0] * 640 : (bg[-1] + 1) * 640].copy()
+    n, half = len(bg), len(bg) // 2
+    speech[half * 640 :] = 0.0  # the second half is silence
+    tiny = lips.build({**TINY, "model": "lips"}).eval()
+    free = lips.predict(tiny, lm, shapes, valid, src.audio, speech, n, src.fps)
+    np.testing.assert_allclose(free[half + 3 + lips.REST_LAG :] - lm.closed, 0.0, atol=1e-9)
+    assert np.abs(free[:half] - lm.closed).max() > 1e-3  # speech still moves it
+    close = np.zeros(n, bool)
+    close[10] = True  # one p/b/m frame in speech: pulled CLOSE_WEIGHT of the way, eased over its neighbours
+    hinted = lips.predict(tiny, lm, shapes, valid, src.audio, speech, n, src.fps, close=close)
+    np.testing.assert_allclose(hinted[10], free[10] + lips.CLOSE_WEIGHT * (lm.closed - free[10]), atol=1e-9)
+    np.testing.assert_allclose(hinted[13:], free[13:])
+    assert np.abs(hinted[9] - lm.closed).sum() < np.abs(free[9] - lm.closed).sum()
+
+
 def test_committed_weights_load_and_are_small():
     path = models.WEIGHTS / "lips.safetensors"
     model, config = models.load(path)

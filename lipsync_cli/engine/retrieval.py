@@ -55,8 +55,8 @@ def animate(
     else:
         from lipsync_cli.models import lips as lips_net
 
-        # `close` is not forced here: the model closes the mouth itself, and more faithfully (models/lips.py)
-        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
+        # `close` is a partial pull here, not the map's override: forcing it costs lip error (models/lips.py)
+        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr, close=close)
 
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)

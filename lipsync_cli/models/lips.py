@@ -6,7 +6,8 @@ conv turns 4 feature rows into one video frame (25 fps), a depthwise conv gives 
 and a 4-layer transformer (d 128, 4 heads, ff 512) attends within +-BAND frames (so any length runs, and the mouth
 may lead the sound). Output: the 40 lip points of every frame, speaker-normalised: (shape - speaker mean shape) /
 speaker motion scale, in aligned-crop units. At dub time the input video's own mean shape and scale put them back
-(`predict`), and an optional per-video calibration on the video's own audio adapts the motion to that mouth.
+(`predict`), an optional per-video calibration on the video's own audio adapts the motion to that mouth, and
+the target eases to the video's closed mouth where the speech falls silent (and partly on p/b/m).
 
 Losses: landmark L1 and velocity L1 (frame-to-frame motion, against jitter and lag). The sync expert
 (models/sync.py) scores mouth *images*; this model outputs points, and no differentiable points -> pixels renderer
@@ -29,9 +30,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import audio as A
+from lipsync_cli.engine import lipmap
 
 N_MELS = 80
 ROWS = 4  # feature rows per video frame (100 Hz / 25 fps)
+REST_LEAD, REST_LAG = 2, 2  # frames: the silence gate opens this early and closes this late
+CLOSE_WEIGHT = 0.3  # how far `close` frames (pauses, p/b/m) are pulled to the closed mouth: a hint, not an override
 
 
 @dataclass
@@ -176,13 +180,17 @@ def predict(
     fps: float,
     sr: int = A.SR,
     adapt: bool = True,
+    close: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_frames, k) target coefficients in the map's basis: the generalist's motion de-normalised with the video's
-    own mean shape and scale; with `adapt`, calibrated per coefficient on the video's own audio and lips.
+    own mean shape and scale; with `adapt`, calibrated per coefficient on the video's own audio and lips; then
+    eased towards the source's closed mouth where the speech is quiet (`rest_in_silence`) and, by CLOSE_WEIGHT, on
+    the `close` frames (pauses, p/b/m).
 
-    No closed-mouth override: the model closes the mouth in pauses and on p/b/m by itself, and forcing the map's
-    closed shape (the mean of the source's least-open frames) there raised the lip error on every benchmark group,
-    on those very frames too (README "Lips model")."""
+    Why the easing: the model is trained with L1, so where it is unsure (a voice it never heard, a pause) it
+    predicts a mouth near the speaker's mean, and retrieval then shows half-open mouths through pauses: driven by
+    other voices the shown opening followed their loudness far less than the map's (energy AV r 0.35 vs 0.49).
+    A full closed-shape override costs lip error even on the closed frames (README "Lips model"): a partial one."""
     mean, scale = speaker_stats(shapes, valid)
     to_coef = lambda y: (denormalise(y, mean, scale) - lm.mean) @ lm.basis.T  # noqa: E731
     coef = to_coef(run(model, speech, n_frames, sr))
@@ -193,7 +201,33 @@ def predict(
             own = to_coef(run(model, source_audio, T, sr))[usable]
             real = (shapes[usable] - lm.mean) @ lm.basis.T
             coef = _calibrate(own, real, coef)
+    drive = lipmap.loudness_drive(speech, n_frames, fps, sr)
+    coef = rest_in_silence(coef, lm.closed, _spread(drive, REST_LEAD, REST_LAG))
+    if close is not None and close.any():
+        coef = ease_closed(coef, lm.closed, close, CLOSE_WEIGHT)
     return coef
+
+
+def rest_in_silence(coef: np.ndarray, closed: np.ndarray, drive: np.ndarray, gain: float = 4.0) -> np.ndarray:
+    """Fade towards the closed mouth as the loudness drive (0 silence .. 1 loud vowels) vanishes: the model's
+    pauses sit near the speaker's mean shape, and no sound means no articulation whoever speaks."""
+    return closed + np.clip(gain * drive, 0.0, 1.0)[:, None] * (coef - closed)
+
+
+def _spread(x: np.ndarray, lead: int, lag: int) -> np.ndarray:
+    """Running max over frames i - lag .. i + lead: the lips part before a sound starts and close after it ends."""
+    if lead + lag <= 0 or not len(x):
+        return x
+    p = np.pad(x, (lag, lead), mode="edge")
+    return np.max([p[i : i + len(x)] for i in range(lead + lag + 1)], axis=0)
+
+
+def ease_closed(coef: np.ndarray, closed: np.ndarray, close: np.ndarray, weight: float) -> np.ndarray:
+    """Pull the `close` frames `weight` of the way to the closed mouth, eased in and out over ~2 frames (as the map
+    does at full weight) so that selection does not snap."""
+    kernel = np.array([0.25, 0.5, 1.0, 0.5, 0.25])
+    c = weight * np.clip(np.convolve(close.astype(np.float64), kernel, mode="same"), 0.0, 1.0)
+    return coef + c[:, None] * (closed - coef)
 
 
 def _calibrate(pred: np.ndarray, real: np.ndarray, target: np.ndarray, prior: float = 200.0) -> np.ndarray:
