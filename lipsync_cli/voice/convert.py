@@ -40,7 +40,17 @@ import scipy.signal as ss
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.voice.speaker import SR, _encoder, similarity, speaker_embedding, speech_only
+from lipsync_cli.voice.speaker import (
+    SR,
+    _encoder,
+    hz_to_mel,
+    mel_filters,
+    mel_frames,
+    power_frames,
+    similarity,
+    speaker_embedding,
+    speech_only,
+)
 
 with warnings.catch_warnings():  # pyworld imports pkg_resources and warns about it
     warnings.simplefilter("ignore")
@@ -97,7 +107,7 @@ def voice_profile(reference16k: np.ndarray) -> VoiceProfile:
         envelope_mean=L[v].mean(0).astype(np.float32),
         embedding=speaker_embedding(x, vad=False),
         speech_seconds=len(x) / SR,
-        ltas=_ltas_db(_mel_power(x).mean(0)).astype(np.float32),
+        ltas=_ltas_db(mel_frames(x).mean(0)).astype(np.float32),
     )
 
 
@@ -204,27 +214,6 @@ def _fit(y: np.ndarray, n: int) -> np.ndarray:
     return np.pad(y, (0, n - len(y)))
 
 
-def _power_stft(x: np.ndarray) -> np.ndarray:
-    """(frames, 201) power STFT exactly as resemblyzer's front end computes it (25 ms window, 10 ms hop)."""
-    import librosa
-    from resemblyzer import hparams
-
-    n_fft, hop = SR * hparams.mel_window_length // 1000, SR * hparams.mel_window_step // 1000
-    return (np.abs(librosa.stft(np.asarray(x, np.float32), n_fft=n_fft, hop_length=hop)) ** 2).T
-
-
-def _mel_filters() -> np.ndarray:
-    """(40, 201) resemblyzer's mel filterbank (librosa defaults, as in its wav_to_mel_spectrogram)."""
-    import librosa
-    from resemblyzer import hparams
-
-    return librosa.filters.mel(sr=SR, n_fft=SR * hparams.mel_window_length // 1000, n_mels=hparams.mel_n_channels)
-
-
-def _mel_power(x: np.ndarray) -> np.ndarray:
-    return _power_stft(x) @ _mel_filters().T
-
-
 def _ltas_db(mel_mean):
     """Mean mel power (numpy or torch) as dB with the overall level removed: the spectrum's shape only."""
     db = 10 * (mel_mean + 1e-12).log10() if hasattr(mel_mean, "log10") else 10 * np.log10(mel_mean + 1e-12)
@@ -294,8 +283,8 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
     if len(x) < SR:
         return np.zeros((len(voicing), FFT // 2 + 1))
     x = x / max(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1e-6) * 10 ** (hparams.audio_norm_target_dBFS / 20)
-    P = torch.from_numpy(_power_stft(x).astype(np.float32))
-    mel_fb = torch.from_numpy(_mel_filters()).float()
+    P = torch.from_numpy(power_frames(x))
+    mel_fb = torch.from_numpy(mel_filters())
     _, parts = VoiceEncoder.compute_partial_slices(len(x), rate=1.3, min_coverage=0.75)  # as embed_utterance
     pad = max(0, parts[-1].stop - P.shape[0])
     basis = torch.from_numpy(_cosines(np.linspace(0, SR / 2, P.shape[1]))).float()
@@ -323,9 +312,7 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
 
 def _cosines(freqs: np.ndarray) -> np.ndarray:
     """(len(freqs), SHAPE_COSINES) cosines 1..K over the mel axis (the constant, i.e. loudness, left out)."""
-    import librosa
-
-    u = librosa.hz_to_mel(freqs) / librosa.hz_to_mel(SR / 2)
+    u = hz_to_mel(freqs) / hz_to_mel(SR / 2)
     return np.stack([np.cos(np.pi * k * u) for k in range(1, SHAPE_COSINES + 1)], 1)
 
 

@@ -81,33 +81,42 @@ def _encoder():
     return VoiceEncoder(device="cpu", verbose=False)
 
 
+_F_SP, _MIN_LOG_HZ, _LOGSTEP = 200.0 / 3, 1000.0, np.log(6.4) / 27.0  # Slaney's mel scale, as librosa's default
+
+
+def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale (librosa.hz_to_mel's default): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    log_part = _MIN_LOG_HZ / _F_SP + np.log(np.maximum(f, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOGSTEP
+    return np.where(f < _MIN_LOG_HZ, f / _F_SP, log_part)
+
+
 @lru_cache(maxsize=1)
 def mel_filters() -> np.ndarray:
     """(40, 201) mel filterbank as librosa.filters.mel(sr=16000, n_fft=400, n_mels=40) makes it: Slaney's mel scale
-    (linear below 1 kHz, logarithmic above) and area-normalised triangles."""
-    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
-    min_log_mel = min_log_hz / f_sp
-
-    def hz_to_mel(f: float) -> float:
-        return f / f_sp if f < min_log_hz else min_log_mel + np.log(f / min_log_hz) / logstep
-
+    and area-normalised triangles."""
+    min_log_mel = _MIN_LOG_HZ / _F_SP
     mels = np.linspace(hz_to_mel(0.0), hz_to_mel(SR / 2), MEL_BANDS + 2)
-    hz = np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+    hz = np.where(mels >= min_log_mel, _MIN_LOG_HZ * np.exp(_LOGSTEP * (mels - min_log_mel)), _F_SP * mels)
     ramps = hz[:, None] - np.fft.rfftfreq(MEL_WINDOW, 1 / SR)[None, :]
     fdiff = np.diff(hz)
     weights = np.maximum(0, np.minimum(-ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]))
     return (weights * (2.0 / (hz[2:] - hz[:-2]))[:, None]).astype(np.float32)
 
 
-def mel_frames(x: np.ndarray) -> np.ndarray:
-    """(frames, 40) mel power spectrogram: resemblyzer's wav_to_mel_spectrogram (librosa.feature.melspectrogram
-    with a periodic Hann window, centred frames, zero padding) without importing librosa."""
+def power_frames(x: np.ndarray) -> np.ndarray:
+    """(frames, 201) power STFT of resemblyzer's front end (librosa.stft with a periodic Hann window, centred
+    frames, zero padding), without importing librosa."""
     x = np.pad(np.asarray(x, np.float32), MEL_WINDOW // 2)
     n = 1 + (len(x) - MEL_WINDOW) // MEL_HOP
     frames = np.lib.stride_tricks.as_strided(x, (n, MEL_WINDOW), (x.strides[0] * MEL_HOP, x.strides[0]))
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(MEL_WINDOW) / MEL_WINDOW)).astype(np.float32)
-    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
-    return (power @ mel_filters().T).astype(np.float32)
+    return (np.abs(np.fft.rfft(frames * window, axis=1)) ** 2).astype(np.float32)
+
+
+def mel_frames(x: np.ndarray) -> np.ndarray:
+    """(frames, 40) mel power spectrogram: resemblyzer's wav_to_mel_spectrogram."""
+    return (power_frames(x) @ mel_filters().T).astype(np.float32)
 
 
 def speaker_embedding(audio16k: np.ndarray, vad: bool = True) -> np.ndarray:
