@@ -145,12 +145,11 @@ def test_dataset_references_never_show_a_target(tiny_prep):
 
 
 def test_shared_clips_skip_the_eval_held_out_window():
-    clip = {"corpus": "shared", "speaker": "x"}
-    meta = {"provenance": json.dumps({"start": 2.0})}
-    ok = S._trainable(clip, meta, np.ones(150, bool), {"x": 10.0})  # source 2.0 .. 8.0 s; eval holds out 4.8 .. 8 s
+    # a segment at 2.0 .. 8.0 s of a 10 s source: eval holds out 4.8 .. 8 s, i.e. 2.8 .. 6.0 s of the segment
+    ok = S._trainable(np.ones(150, bool), (2.8, 6.0))
     t = 2.0 + np.arange(150) / 25
     assert ok[t < 4.2].all() and not ok[(t >= 4.3) & (t < 8.5)].any() and ok[t >= 8.6].all()
-    grid = S._trainable({"corpus": "grid", "speaker": "s1"}, {}, np.array([True, False, True]), {})
+    grid = S._trainable(np.array([True, False, True]), None)
     assert grid.tolist() == [True, False, True]
 
 

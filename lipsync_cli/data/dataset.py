@@ -20,6 +20,50 @@ from torch.utils.data import Dataset
 FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
 
 
+def clip_key(c: dict) -> str:
+    """A manifest entry's name in the splits: corpus/speaker/id."""
+    return f"{c['corpus']}/{c['speaker']}/{c['id']}"
+
+
+def split_clips(manifest: str | Path, split: str, scheme: str = "utterance") -> tuple[Path, dict, list[dict]]:
+    """(shard root, manifest, the entries of `split` under `scheme` ("utterance" or "speaker"))."""
+    meta = json.loads(Path(manifest).read_text())
+    splits = meta["splits"].get(scheme)
+    if splits is None:
+        raise ValueError(f"manifest has no {scheme!r} split ({meta['splits'].get(scheme + '_note', '')})")
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; have {sorted(splits)}")
+    wanted = set(splits[split])
+    return Path(manifest).parent, meta, [c for c in meta["clips"] if clip_key(c) in wanted]
+
+
+def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
+    """Per imported segment (by clip_key), the span in its own seconds that `lipsync eval` re-creates from its
+    source clip: training leaves it out.
+
+    The reconstruct protocol re-creates the last HOLD_OUT of the first MAX_CLIP_S seconds of each shared media clip;
+    segments carry their start/end in the source. The source's length is taken as the largest segment end seen
+    (<= the true length, so the excluded span can only grow)."""
+    from lipsync_cli.eval.protocols import HOLD_OUT, MAX_CLIP_S
+
+    prov: dict[str, tuple[str, float, float]] = {}
+    for c in clips:
+        if c["corpus"] == "grid":
+            continue
+        with safe_open(str(root / c["path"]), framework="numpy") as f:
+            imp = json.loads(f.metadata().get("provenance") or "{}").get("import")
+        if imp:
+            prov[clip_key(c)] = (imp["source"], float(imp["start"]), float(imp["end"]))
+    length: dict[str, float] = {}
+    for src, _, end in prov.values():
+        length[src] = max(length.get(src, 0.0), end)
+    spans = {}
+    for key, (src, start, _) in prov.items():
+        d = min(length[src], MAX_CLIP_S)
+        spans[key] = ((1 - HOLD_OUT) * d - start, MAX_CLIP_S - start)
+    return spans
+
+
 class WindowDataset(Dataset):
     """Windows of `window` frames from one split of `manifest.json` (scheme "utterance" or "speaker").
 
@@ -38,17 +82,9 @@ class WindowDataset(Dataset):
         stride: int | None = None,
         require_face: bool = True,
     ):
-        self.root = Path(manifest).parent
-        meta = json.loads(Path(manifest).read_text())
-        splits = meta["splits"].get(scheme)
-        if splits is None:
-            raise ValueError(f"manifest has no {scheme!r} split ({meta['splits'].get(scheme + '_note', '')})")
-        if split not in splits:
-            raise ValueError(f"unknown split {split!r}; have {sorted(splits)}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        wanted = set(splits[split])
-        self.clips = [c for c in meta["clips"] if f"{c['corpus']}/{c['speaker']}/{c['id']}" in wanted]
+        self.root, meta, self.clips = split_clips(manifest, split, scheme)
         self.window, self.rows = window, meta["feat_rate"] // meta["fps"]
         stride = stride or window
         self.index: list[tuple[int, int]] = []  # (clip, start frame)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import audio as A
+from lipsync_cli.data.dataset import clip_key, eval_spans
 from lipsync_cli.engine import lipmap
 
 N_MELS = 80
@@ -247,36 +248,6 @@ def _calibrate(pred: np.ndarray, real: np.ndarray, target: np.ndarray, prior: fl
 # ----------------------------------------------------------------------------- data
 
 
-def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
-    """Per imported segment, the span (in its own seconds) that `lipsync eval` re-creates from its source clip.
-
-    The reconstruct protocol re-creates the last HOLD_OUT of the first MAX_CLIP_S seconds of each shared media clip;
-    segments carry their start/end in the source. The source's length is taken as the largest segment end seen
-    (<= the true length, so the excluded span can only grow)."""
-    from lipsync_cli.eval.protocols import HOLD_OUT, MAX_CLIP_S
-
-    prov: dict[str, tuple[str, float, float]] = {}
-    for c in clips:
-        if c["corpus"] == "grid":
-            continue
-        with safe_open(str(root / c["path"]), framework="numpy") as f:
-            imp = json.loads(f.metadata().get("provenance") or "{}").get("import")
-        if imp:
-            prov[_key(c)] = (imp["source"], float(imp["start"]), float(imp["end"]))
-    length: dict[str, float] = {}
-    for src, _, end in prov.values():
-        length[src] = max(length.get(src, 0.0), end)
-    spans = {}
-    for key, (src, start, _) in prov.items():
-        d = min(length[src], MAX_CLIP_S)
-        spans[key] = ((1 - HOLD_OUT) * d - start, MAX_CLIP_S - start)
-    return spans
-
-
-def _key(c: dict) -> str:
-    return f"{c['corpus']}/{c['speaker']}/{c['id']}"
-
-
 def load_clip(root: Path, c: dict) -> dict:
     """What training reads of one shard: log-mel rows, lips (T, 80) in crop units, found, inter-ocular px."""
     with safe_open(str(root / c["path"]), framework="numpy") as f:
@@ -289,7 +260,7 @@ def load_clip(root: Path, c: dict) -> dict:
     eyes = np.einsum("tij,tnj->tni", aff[:, :, :2], lm[:, [33, 133, 362, 263]]) + aff[:, None, :, 2]
     iod = np.linalg.norm(eyes[:, 2:].mean(1) - eyes[:, :2].mean(1), axis=-1)
     iod = float(np.nanmedian(iod[found])) if found.any() else float(size) * 0.5
-    return {"mel": mel[r0:], "lips": lips, "found": found, "iod": iod, "size": size, "key": _key(c)}
+    return {"mel": mel[r0:], "lips": lips, "found": found, "iod": iod, "size": size, "key": clip_key(c)}
 
 
 class ClipWindows(Dataset):
@@ -338,7 +309,7 @@ def prepare(manifest: str | Path, cfg: Config) -> tuple[list[dict], list[dict], 
     held-out speakers (voices never heard, for val/test) and minus every frame `lipsync eval` re-creates."""
     root = Path(manifest).parent
     meta = json.loads(Path(manifest).read_text())
-    by_key = {_key(c): c for c in meta["clips"]}
+    by_key = {clip_key(c): c for c in meta["clips"]}
     utt = meta["splits"]["utterance"]
     held = {s for v in (meta["splits"].get("speaker_held_out") or {}).values() for s in v}
     spans = eval_spans(meta["clips"], root)

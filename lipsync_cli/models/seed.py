@@ -46,7 +46,6 @@ Where the spec is silent, these are the choices (each the plain one):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -58,13 +57,13 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips
 from lipsync_cli.train import Task, unwrap
 
 MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # the same box as eval.protocols.MOUTH_BOX, relative to the aligned crop
 IMG = 32
 MIN_GAP = 5  # frames between the target and any reference mouth in training
 VAL_ITEMS = 48  # validation groups, spread over the val split
-HOLD_OUT, MAX_CLIP_S = 0.4, 8.0  # eval.protocols' reconstruct/media window, kept out of training
 
 
 @dataclass
@@ -214,14 +213,13 @@ def mfcc_windows(mfcc: np.ndarray, frames: np.ndarray, ctx: int) -> np.ndarray:
     return mfcc[rows]
 
 
-def _trainable(clip: dict, meta: dict, found: np.ndarray, source_s: dict[str, float]) -> np.ndarray:
-    """Frames training may use: found, and for imported shared clips outside the eval's held-out window."""
+def _trainable(found: np.ndarray, span: tuple[float, float] | None) -> np.ndarray:
+    """Frames training may use: found, and outside `span` (the seconds of this segment the eval re-creates, from
+    `data.dataset.eval_spans`; None for clips the eval does not re-create)."""
     ok = found.copy()
-    if clip["corpus"] == "shared":
-        prov = json.loads(meta.get("provenance") or "{}")
-        end = min(source_s.get(clip["speaker"], 0.0), MAX_CLIP_S)
-        t = float(prov.get("start", 0.0)) + np.arange(len(found)) / 25.0
-        ok &= ~((t >= (1 - HOLD_OUT) * end - 0.5) & (t < end + 0.5))  # +-0.5 s margin: the audio window leaks
+    if span is not None:
+        t = np.arange(len(found)) / 25.0
+        ok &= ~((t >= span[0] - 0.5) & (t < span[1] + 0.5))  # +-0.5 s margin: the audio window leaks
     return ok
 
 
@@ -241,23 +239,15 @@ class SeedDataset(Dataset):
         random_refs: bool = True,
         limit: int | None = None,
     ):
-        root = Path(manifest).parent
-        meta = json.loads(Path(manifest).read_text())
-        wanted = set(meta["splits"]["utterance"][split])
-        clips = [c for c in meta["clips"] if f"{c['corpus']}/{c['speaker']}/{c['id']}" in wanted][:limit]
-        # a shared video's length, approximated by its segments' last end (a pause at the very end is cut)
-        source_s: dict[str, float] = {}
-        for c_ in meta["clips"]:
-            if c_["corpus"] == "shared":
-                with safe_open(str(root / c_["path"]), framework="numpy") as f:
-                    prov = json.loads(f.metadata().get("provenance") or "{}")
-                source_s[c_["speaker"]] = max(source_s.get(c_["speaker"], 0.0), float(prov.get("end", 0.0)))
+        root, meta, clips = split_clips(manifest, split)
+        clips = clips[:limit]
+        spans = eval_spans(meta["clips"], root)
         self.c, self.group, self.random_refs = c, group, random_refs
         self.mouths, self.mfcc, self.index, self.pool = [], [], [], []
         for k, clip in enumerate(clips):
             with safe_open(str(root / clip["path"]), framework="numpy") as f:
                 found = f.get_tensor("found")
-                ok = _trainable(clip, f.metadata(), found, source_s)
+                ok = _trainable(found, spans.get(clip_key(clip)))
                 self.mouths.append(mouth_patch(f.get_tensor("crops")))
                 self.mfcc.append(f.get_tensor("mfcc").astype(np.float32))
             pool = np.flatnonzero(ok)

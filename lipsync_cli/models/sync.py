@@ -34,6 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from lipsync_cli.data.dataset import split_clips
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.train import Task, unwrap
 
@@ -294,12 +295,8 @@ class SyncWindows(Dataset):
         limit: int | None = None,
         repeat_max: int = 1,
     ):
-        import json
-
-        root = Path(manifest).parent
-        meta = json.loads(Path(manifest).read_text())
-        wanted = set(meta["splits"]["utterance"][split])
-        clips = [c for c in meta["clips"] if f"{c['corpus']}/{c['speaker']}/{c['id']}" in wanted][:limit]
+        root, _, clips = split_clips(manifest, split)
+        clips = clips[:limit]
         self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
         self.mouths, self.mels, self.index = [], [], []
         for c in clips:
