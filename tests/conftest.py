@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(os.environ.get("LIPSYNC_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """`lipsync --quiet ARGS...` in a fresh interpreter, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def shared_file(rel: str) -> Path:

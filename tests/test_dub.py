@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,9 @@ import pytest
 from lipsync_cli import audio as A
 from lipsync_cli import face, media
 from lipsync_cli.voice import tts
-from tests.conftest import shared_file
+from tests.conftest import run_cli, shared_file
 
 SR = 16000
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def sha(p: Path) -> str:

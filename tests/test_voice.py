@@ -6,7 +6,6 @@ The conversion itself (pitch, timbre, exact length on synthetic voices) is teste
 from __future__ import annotations
 
 import subprocess
-import sys
 import wave
 from pathlib import Path
 
@@ -18,19 +17,10 @@ from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice import xtts
 from lipsync_cli.voice.speaker import SR, similarity, speaker_embedding
-from tests.conftest import shared_file
+from tests.conftest import run_cli, shared_file
 
 SENTENCE = "We need to finish the project before the end of the month."
 KATIE = "media/sadtalker_WDA_KatieHill_000.mp4"
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lipsync_cli.cli", "--quiet", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
