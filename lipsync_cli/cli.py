@@ -55,6 +55,7 @@ VOICE_HELP = "clone: the person's own voice, learned from the video's speech (de
 VOICE_REF_HELP = "Learn the voice from this recording of the person instead of the video's soundtrack."
 FALLBACK_HELP = "No usable speech to learn the voice from: speak in the plain TTS voice (warning) instead of stopping."
 MODEL_DIR_HELP = "--tts xtts: folder with the XTTS v2 files (config.json, model.pth, vocab.json); never downloaded."
+ADAPT_HELP = "--engine neural: minutes of fine-tuning the renderer on this face first (default 2; 0: none)."
 
 
 def _voice_settings(
@@ -84,7 +85,8 @@ def dub(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     sync_mode: Annotated[str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")] = None,
     face: Annotated[int | None, typer.Option("--face", help="Which face: 0 = largest, 1 = next, ...")] = None,
-    engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval | seed (needs a checkpoint).")] = None,
+    engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval | neural | seed.")] = None,
+    adapt_minutes: Annotated[float | None, typer.Option(help=ADAPT_HELP)] = None,
     tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak | xtts.")] = None,
     voice: Annotated[str | None, typer.Option(help=VOICE_HELP)] = None,
     voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
@@ -95,7 +97,7 @@ def dub(
     """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
     from lipsync_cli.dub import dub as run_dub
 
-    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf)
+    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes)
     s = _voice_settings(s, tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = run_dub(video, text, audio, output, s, force=force)
     progress.log(
@@ -227,7 +229,8 @@ def eval_(
         ),
     ] = "all",
     protocol: Annotated[str, typer.Option(help="reconstruct (ground truth) | cross (new speech) | all.")] = "all",
-    engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval or seed.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval, neural or seed.")] = None,
+    adapt_minutes: Annotated[float | None, typer.Option(help=ADAPT_HELP)] = None,
     videos: Annotated[Path | None, typer.Option(help="Video folder (or file). Default: <shared>/media.")] = None,
     speech: Annotated[Path | None, typer.Option(help="cross: speech folder or file. Default: <shared>/speech.")] = None,
     text: Annotated[str | None, typer.Option(help="cross: drive every video with TTS of this text instead.")] = None,
@@ -242,7 +245,7 @@ def eval_(
     from lipsync_cli.eval import protocols
     from lipsync_cli.eval import report as rep
 
-    s = _settings(ctx, engine=engine)
+    s = _settings(ctx, engine=engine, adapt_minutes=adapt_minutes)
     names = [n.strip().lower() for n in metric.split(",") if n.strip()]
     video_metrics = [n for n in names if n != "voice"]
     metrics = protocols.parse_metrics(",".join(video_metrics) or metric) if video_metrics or not names else []
@@ -269,7 +272,9 @@ def eval_(
 @app.command("train")
 def train_(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", "-m", help="sync | lips | seed, or package.module:factory.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="sync | lips | seed | render, or package.module:factory.")
+    ],
     manifest: Annotated[
         Path | None, typer.Option(help="Prepped shards (default: <data_dir>/prep/<prep_size>/manifest.json).")
     ] = None,

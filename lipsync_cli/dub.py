@@ -428,7 +428,7 @@ def dub(
         t = time.perf_counter()
         speech = match_video_loudness(speech, source.audio)
         close = mouth_must_close(speech, len(plan), fps, text if audio is None else None, spoken)
-        animate = get_engine(settings.engine)
+        animate = get_engine(settings.engine, settings)
         track = animate(source, speech, plan, close=close)
         timings["engine"] = time.perf_counter() - t
 

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     fps: float = Field(25.0, description="Working and output frame rate.")
     face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
     sync_mode: Literal["bounce", "loop", "cut"] = "bounce"
-    engine: Literal["retrieval", "seed"] = "retrieval"
+    engine: Literal["retrieval", "neural", "seed"] = "retrieval"
+    adapt_minutes: float = Field(
+        2.0, ge=0, le=120, description="engine neural: minutes of fine-tuning the renderer on the input video's face."
+    )
     lips: Literal["model", "map"] = Field(
         "model",
         description="Speech -> lip shape inside the engine: the learned model (weights/lips.safetensors, adapted to "

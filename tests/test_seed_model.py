@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lipsync_cli import models
+from lipsync_cli.data.dataset import trainable_frames
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.engine import seed as seed_engine
 from lipsync_cli.models import seed as S
@@ -146,10 +147,10 @@ def test_dataset_references_never_show_a_target(tiny_prep):
 
 def test_shared_clips_skip_the_eval_held_out_window():
     # a segment at 2.0 .. 8.0 s of a 10 s source: eval holds out 4.8 .. 8 s, i.e. 2.8 .. 6.0 s of the segment
-    ok = S._trainable(np.ones(150, bool), (2.8, 6.0))
+    ok = trainable_frames(np.ones(150, bool), (2.8, 6.0))
     t = 2.0 + np.arange(150) / 25
     assert ok[t < 4.2].all() and not ok[(t >= 4.3) & (t < 8.5)].any() and ok[t >= 8.6].all()
-    grid = S._trainable(np.array([True, False, True]), None)
+    grid = trainable_frames(np.array([True, False, True]), None)
     assert grid.tolist() == [True, False, True]
 
 

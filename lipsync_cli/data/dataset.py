@@ -64,6 +64,16 @@ def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
     return spans
 
 
+def trainable_frames(found: np.ndarray, span: tuple[float, float] | None, fps: float = 25.0) -> np.ndarray:
+    """Frames training may use: found, and outside `span` (the seconds of this segment the eval re-creates, from
+    `eval_spans`; None for clips the eval does not re-create), with a 0.5 s margin: audio windows reach across."""
+    ok = np.asarray(found, bool).copy()
+    if span is not None:
+        t = np.arange(len(ok)) / fps
+        ok &= ~((t >= span[0] - 0.5) & (t < span[1] + 0.5))
+    return ok
+
+
 class WindowDataset(Dataset):
     """Windows of `window` frames from one split of `manifest.json` (scheme "utterance" or "speaker").
 

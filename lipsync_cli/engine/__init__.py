@@ -3,13 +3,15 @@ every output frame. Each engine is one module exposing `animate(source, speech, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 
 
-def get_engine(name: str) -> Callable[..., MouthTrack]:
-    """The `animate` function of the named engine (imported lazily: engines may pull heavy dependencies)."""
+def get_engine(name: str, settings=None) -> Callable[..., MouthTrack]:
+    """The `animate` function of the named engine (imported lazily: engines may pull heavy dependencies), with the
+    engine's own settings bound when `settings` is given."""
     if name == "retrieval":
         from lipsync_cli.engine.retrieval import animate
 
@@ -18,7 +20,11 @@ def get_engine(name: str) -> Callable[..., MouthTrack]:
         from lipsync_cli.engine.seed import animate
 
         return animate
-    raise ValueError(f"unknown engine {name!r} (available: retrieval, seed)")
+    if name == "neural":  # retrieval's plan painted by the neural renderer (models/render.py); needs its checkpoint
+        from lipsync_cli.engine.neural import animate
+
+        return animate if settings is None else functools.partial(animate, adapt_minutes=settings.adapt_minutes)
+    raise ValueError(f"unknown engine {name!r} (available: retrieval, neural, seed)")
 
 
 __all__ = ["MouthTrack", "SourceFaces", "get_engine"]

@@ -38,7 +38,37 @@ def animate(
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
     `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
     (None: the `lips` setting)."""
-    n_out = len(background)
+    aligned, shapes, lm, target = shape_targets(source, speech, len(background), close, sr, lips)
+    return choose(source, aligned, shapes, lm, target, background)
+
+
+def choose(
+    source: SourceFaces,
+    aligned: np.ndarray,
+    shapes: np.ndarray,
+    lm: lipmap.LipMap,
+    target: np.ndarray,
+    background: np.ndarray,
+) -> MouthTrack:
+    """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets."""
+    src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
+    pose = _pose_features(aligned, source.size)
+    index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background)
+    index[~source.found[background]] = -1  # no face behind: leave that frame as it was
+    points = aligned[np.maximum(index, 0)]
+    return MouthTrack(source_index=index, points=points, target=target)
+
+
+def shape_targets(
+    source: SourceFaces,
+    speech: np.ndarray,
+    n_out: int,
+    close: np.ndarray | None = None,
+    sr: int = A.SR,
+    lips: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
+    """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
+    coefficients (n_out, k) in the map's PCA basis) for the new speech."""
     valid = source.pool
     if valid.sum() < 2:
         raise ValueError("fewer than two usable face frames in the source video")
@@ -57,13 +87,7 @@ def animate(
 
         # `close` is a partial pull here, not the map's override: forcing it costs lip error (models/lips.py)
         target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr, close=close)
-
-    src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
-    pose = _pose_features(aligned, source.size)
-    index = select_mouths(src_coef, pose, valid, target / lm.scale, background)
-    index[~source.found[background]] = -1  # no face behind: leave that frame as it was
-    points = aligned[np.maximum(index, 0)]
-    return MouthTrack(source_index=index, points=points, target=target)
+    return aligned, shapes, lm, target
 
 
 def lips_model(choice: str | None = None):

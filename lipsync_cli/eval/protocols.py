@@ -608,7 +608,7 @@ def evaluate_case(
             )
     step(1)
 
-    track = get_engine(engine)(src, case.speech, case.background, close=close)
+    track = get_engine(engine, settings)(src, case.speech, case.background, close=close)
     out = composite(src, case.frames, case.background, track)
     scores[engine], series[engine] = score_output(
         out, case.speech, ref, metrics, fps, close_speech, thresh, real_lm, face_index=settings.face_index

@@ -3,6 +3,7 @@
     seed.py   the original design (MFCC transformer + 3D-conv video encoder + cross-attention + 32x32 GAN generator)
     sync.py   SyncNet-style audio-visual sync expert (eval --metric sync, and a loss for the others)
     lips.py   audio -> lip shape generalist (replaces the self-fitted map inside dub)
+    render.py neural mouth renderer: lower-face inpainting from a reference frame + target lip shape
 
 Each model file has a `Config` dataclass, `build(config: dict) -> nn.Module` and `make_task(manifest, overrides)`
 returning a `lipsync_cli.train.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lipsync_cli.errors import LipsyncError
 
-MODELS = ("seed", "sync", "lips")
+MODELS = ("seed", "sync", "lips", "render")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # committed default checkpoints: <name>.safetensors
 
 

@@ -57,7 +57,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips
+from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
 from lipsync_cli.train import Task, unwrap
 
 MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # the same box as eval.protocols.MOUTH_BOX, relative to the aligned crop
@@ -213,16 +213,6 @@ def mfcc_windows(mfcc: np.ndarray, frames: np.ndarray, ctx: int) -> np.ndarray:
     return mfcc[rows]
 
 
-def _trainable(found: np.ndarray, span: tuple[float, float] | None) -> np.ndarray:
-    """Frames training may use: found, and outside `span` (the seconds of this segment the eval re-creates, from
-    `data.dataset.eval_spans`; None for clips the eval does not re-create)."""
-    ok = found.copy()
-    if span is not None:
-        t = np.arange(len(found)) / 25.0
-        ok &= ~((t >= span[0] - 0.5) & (t < span[1] + 0.5))  # +-0.5 s margin: the audio window leaks
-    return ok
-
-
 class SeedDataset(Dataset):
     """Groups of `group` frames of one clip sharing one set of reference mouths, held in RAM (32x32 mouths: ~3 KB a
     frame). Sharing the references is how inference works too (one set per video) and divides the video encoder's
@@ -247,7 +237,7 @@ class SeedDataset(Dataset):
         for k, clip in enumerate(clips):
             with safe_open(str(root / clip["path"]), framework="numpy") as f:
                 found = f.get_tensor("found")
-                ok = _trainable(found, spans.get(clip_key(clip)))
+                ok = trainable_frames(found, spans.get(clip_key(clip)))
                 self.mouths.append(mouth_patch(f.get_tensor("crops")))
                 self.mfcc.append(f.get_tensor("mfcc").astype(np.float32))
             pool = np.flatnonzero(ok)

@@ -1,0 +1,127 @@
+"""The neural engine: retrieval's plan, painted by the neural renderer (models/render.py).
+
+1. The lip shape each output frame should show (the lips model adapted to this video, as retrieval uses it) and the
+   source mouth retrieval would show for it (shape and pose matched, temporally smooth).
+2. Optionally, `adapt_minutes` of fine-tuning on the video's own frames (`source.pool`): the renderer learns this
+   person's teeth, lips and lighting.
+3. Per output frame the renderer paints the mouth and chin of the background frame's box from the retrieved
+   mouth (the reference) and the target lip shape drawn as masks; the box goes back into the aligned crop with the
+   renderer's own feathered hole, so only the hole's pixels change and the compositor blends them in as usual.
+
+Why retrieval's mouth as the reference: it is the nearest real mouth in shape and head pose, so the renderer only
+has to close the gap to the target shape (training gives it such references half of the time), and where the
+nearest mouth is already right it can pass the person's own pixels through.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from lipsync_cli import audio as A
+from lipsync_cli import face, models, progress
+from lipsync_cli.engine import retrieval
+from lipsync_cli.engine.base import MouthTrack, SourceFaces
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.models import render as R
+
+ADAPT_FRAMES = 3000  # at most this many of the video's frames are held for adaptation (spread evenly)
+_cache: dict[str, torch.nn.Module] = {}
+
+
+def load(checkpoint: str | Path | None = None) -> R.Render:
+    """The renderer from `checkpoint` (default lipsync_cli/weights/render.safetensors), loaded once per process."""
+    path = Path(checkpoint) if checkpoint else models.WEIGHTS / "render.safetensors"
+    key = str(path.with_suffix(".safetensors"))
+    if key not in _cache:
+        if not Path(key).is_file():
+            raise LipsyncError(
+                f"no renderer checkpoint at {key}: train one with `lipsync train --model render` and copy "
+                "best.safetensors / best.json there"
+            )
+        _cache[key] = models.load(path)[0]
+    return _cache[key]
+
+
+def source_boxes(source: SourceFaces, frames: np.ndarray, img: int) -> np.ndarray:
+    """Renderer boxes of the given source frames (crops of any size)."""
+    return R.cut_boxes(np.asarray(source.crops[frames]), img)
+
+
+def adapt_to(model: R.Render, source: SourceFaces, aligned: np.ndarray, minutes: float) -> R.Render:
+    """Fine-tune a copy on the video's own usable frames for `minutes` of wall time (0: the model as it is)."""
+    pool = np.flatnonzero(source.pool)
+    if minutes <= 0 or len(pool) < 2 * R.MIN_GAP:
+        return model
+    pool = pool[np.linspace(0, len(pool) - 1, min(len(pool), ADAPT_FRAMES)).round().astype(int)]
+    img = model.cfg.img
+    boxes = source_boxes(source, pool, img)
+    lips = R.to_box(aligned[pool][:, face.LIPS], source.size, img).astype(np.float32)
+    seconds = 60.0 * minutes
+    with progress.task(f"adapting the renderer to this face ({minutes:g} min)", seconds) as advance:
+        t0, last = time.perf_counter(), 0.0
+
+        def tick(step: int, loss: float) -> None:
+            nonlocal last
+            now = time.perf_counter() - t0
+            advance(min(now, seconds) - last)
+            last = min(now, seconds)
+
+        tuned, _ = R.adapt(model, boxes, lips, seconds, on_step=tick)
+    return tuned
+
+
+def paste(crop: np.ndarray, box: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """The aligned crop (any size) with the painted box resized into BOX, blended through the renderer's hole."""
+    x0, y0, x1, y1 = R.box_px(crop.shape[0])
+    size = (x1 - x0, y1 - y0)
+    big = cv2.resize(box, size, interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    mask = cv2.resize(hole, size, interpolation=cv2.INTER_LINEAR)[..., None]
+    out = crop.copy()
+    region = out[y0:y1, x0:x1].astype(np.float32)
+    out[y0:y1, x0:x1] = np.clip(region * (1 - mask) + big * mask + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def animate(
+    source: SourceFaces,
+    speech: np.ndarray,
+    background: np.ndarray,
+    close: np.ndarray | None = None,
+    sr: int = A.SR,
+    adapt_minutes: float | None = None,
+    checkpoint: str | Path | None = None,
+    batch: int = 64,
+) -> MouthTrack:
+    """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
+    `adapt_minutes` setting."""
+    if adapt_minutes is None:
+        from lipsync_cli.settings import load_settings
+
+        adapt_minutes = load_settings().adapt_minutes
+    model = load(checkpoint)
+    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr)
+    track = retrieval.choose(source, aligned, shapes, lm, target, background)
+    model = adapt_to(model, source, aligned, adapt_minutes)
+
+    img = model.cfg.img
+    lips = R.to_box((lm.mean + target @ lm.basis).reshape(-1, 40, 2) * source.size, source.size, img)
+    hole = R.hole_mask(img)
+    show = np.flatnonzero(track.source_index >= 0)
+    crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
+    for i in np.flatnonzero(track.source_index < 0):
+        crops[i] = np.asarray(source.crops[background[i]])
+    with progress.task("painting mouths", len(show)) as advance:
+        for s in range(0, len(show), batch):
+            idx = show[s : s + batch]
+            bg_crops = np.asarray(source.crops[background[idx]])
+            refs = source_boxes(source, track.source_index[idx], img)
+            painted = R.paint(model, R.cut_boxes(bg_crops, img), refs, lips[idx])
+            for j, i in enumerate(idx):
+                crops[i] = paste(bg_crops[j], painted[j], hole)
+            advance(len(idx))
+    return MouthTrack(source_index=track.source_index, points=track.points, crops=crops, target=target)
