@@ -74,6 +74,20 @@ def trainable_frames(found: np.ndarray, span: tuple[float, float] | None, fps: f
     return ok
 
 
+def balance_speakers(items: list, speakers: list[str], repeat_max: int) -> list:
+    """`items` with those of small speakers repeated min(repeat_max, round(sqrt(n_largest / n))) times, so that a
+    corpus of one speaker (GRID s1: ~30k frames) does not drown a few seconds each of other faces. speakers[i] is
+    item i's speaker."""
+    if repeat_max <= 1 or not items:
+        return list(items)
+    count: dict[str, int] = {}
+    for s in speakers:
+        count[s] = count.get(s, 0) + 1
+    most = max(count.values())
+    times = {s: min(repeat_max, max(1, round(np.sqrt(most / n)))) for s, n in count.items()}
+    return [w for w, s in zip(items, speakers, strict=True) for _ in range(times[s])]
+
+
 class WindowDataset(Dataset):
     """Windows of `window` frames from one split of `manifest.json` (scheme "utterance" or "speaker").
 

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
 
 BOX = (0.125, 0.25, 0.875, 1.0)  # x0, y0, x1, y1 of the aligned crop: lips (y 0.33-0.56), chin (~0.75), jaw line
 HOLE = (0.2, 0.29, 0.8, 0.93)  # the painted region, same units: lips and chin with room to open
@@ -52,6 +52,7 @@ class Config:
     w_sync: float = 0.03
     adv_start: int = 300  # steps of reconstruction before the discriminator's verdict reaches the generator
     nearest_refs: float = 0.5  # share of training references chosen by lip shape (the rest: random)
+    repeat_max: int = 8  # small speakers' windows repeat up to this often (data.dataset.balance_speakers)
 
 
 def config_from(d: dict) -> Config:
@@ -289,6 +290,8 @@ class RenderWindows(Dataset):
         spk = np.array([speaker_of[k] for k in self.clip])
         self.pool = {s: np.flatnonzero(ok_all & (spk == s)) for s in set(speaker_of)}
         self.speaker = spk
+        if train:
+            self.index = balance_speakers(self.index, [spk[g] for g, _ in self.index], cfg.repeat_max)
         self.flat = self.shapes.reshape(n, -1)
 
     def __len__(self) -> int:
@@ -324,19 +327,23 @@ class RenderWindows(Dataset):
 
 
 def augment(batch: dict, gen: torch.Generator) -> dict:
-    """Train-time: mirror half the windows (images and shapes together), jitter brightness/contrast/colour per
-    window, and shift the reference's colour a little more on its own (the frame retrieval lends at dub time was
-    lit differently from the frame it lands in)."""
+    """Train-time: mirror half the windows (images and shapes together); recolour each window strongly (per-channel
+    gain and offset, and half the time a permutation of the colour channels), the same for target and reference,
+    so that colour must be read from the inputs rather than remembered (GRID s1 is most of the data); then shift
+    the reference's colour a little on its own (the frame retrieval lends at dub time was lit differently)."""
     target, ref, shape = images(batch["target"]), images(batch["reference"]), masks(batch["shape"])
     b = target.shape[0]
     dev = target.device
-    flip = torch.rand(b, generator=gen, device="cpu").to(dev) < 0.5
+    r = lambda *s: torch.rand(*s, generator=gen, device="cpu").to(dev)  # noqa: E731
+    flip = r(b) < 0.5
     f = lambda x: torch.where(flip.view(b, *[1] * (x.ndim - 1)), x.flip(-1), x)  # noqa: E731
     target, ref, shape = f(target), f(ref), f(shape)
-    r = lambda *s: torch.rand(*s, generator=gen, device="cpu").to(dev)  # noqa: E731
-    gain = (1 + 0.2 * (r(b, 1, 1, 1, 1) - 0.5)) * (1 + 0.1 * (r(b, 1, 3, 1, 1) - 0.5))
-    bias = 0.2 * (r(b, 1, 1, 1, 1) - 0.5)
-    jitter = lambda x: ((x + 1) * gain - 1 + bias).clamp(-1, 1)  # noqa: E731
+    perm = torch.stack([torch.randperm(3, generator=gen) for _ in range(b)]).to(dev)
+    perm = torch.where((r(b) < 0.5)[:, None], perm, torch.arange(3, device=dev))
+    shuffle = lambda x: torch.gather(x, 2, perm.view(b, 1, 3, 1, 1).expand_as(x))  # noqa: E731
+    gain = (1 + 0.3 * (r(b, 1, 1, 1, 1) - 0.5)) * (1 + 0.4 * (r(b, 1, 3, 1, 1) - 0.5))
+    bias = 0.3 * (r(b, 1, 3, 1, 1) - 0.5)
+    jitter = lambda x: ((shuffle(x) + 1) * gain - 1 + bias).clamp(-1, 1)  # noqa: E731
     ref_shift = 0.08 * (r(b, 1, 3, 1, 1) - 0.5)
     return {
         **batch,

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli.data.dataset import split_clips
+from lipsync_cli.data.dataset import balance_speakers, split_clips
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.train import Task, unwrap
 
@@ -313,14 +313,8 @@ class SyncWindows(Dataset):
             self.index += [(ci, int(s)) for s in np.flatnonzero(keep)[::stride]]
         if not self.index:
             raise LipsyncError(f"split {split!r} of {manifest} has no usable sync windows")
-        if repeat_max > 1:
-            speaker = [f"{c['corpus']}/{c['speaker']}" for c in clips]
-            count: dict[str, int] = {}
-            for c, _ in self.index:
-                count[speaker[c]] = count.get(speaker[c], 0) + 1
-            most = max(count.values())
-            times = {s: min(repeat_max, max(1, round(np.sqrt(most / n)))) for s, n in count.items()}
-            self.index = [w for w in self.index for _ in range(times[speaker[w[0]]])]
+        speaker = [f"{c['corpus']}/{c['speaker']}" for c in clips]
+        self.index = balance_speakers(self.index, [speaker[c] for c, _ in self.index], repeat_max)
 
     def __len__(self) -> int:
         return len(self.index)
