@@ -165,3 +165,18 @@ def test_get_engine_binds_the_adaptation_budget():
     assert get_engine("neural") is neural.animate
     with pytest.raises(ValueError, match="neural"):
         get_engine("nope")
+
+
+def test_augment_recolours_target_and_reference_alike_and_flips_shapes_with_them():
+    g = torch.Generator().manual_seed(3)
+    grey = torch.full((8, 1, 4, 4, 3), 100, dtype=torch.uint8)
+    grey[..., 0] = 200  # a red-ish image: a channel permutation moves the 200 to another channel
+    shape = torch.zeros((8, 1, 2, 4, 4), dtype=torch.uint8)
+    shape[..., 0] = 255  # left column marked
+    out = R.augment({"target": grey, "reference": grey.clone(), "shape": shape}, g)
+    t, r = out["target"], out["reference"]
+    assert (t.argmax(2) == r.argmax(2)).all()  # same permutation for both
+    assert len({int(c) for c in t.mean((1, 3, 4)).argmax(1)}) > 1  # but not the same for every window
+    assert (t - r).abs().max() <= 0.05  # the reference's own shift is small
+    flipped = out["shape"][:, 0, 0, :, -1].mean(1) > 0.5
+    assert 0 < flipped.sum() < 8

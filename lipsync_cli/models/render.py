@@ -473,13 +473,15 @@ def adapt(
         shape = masks(torch.from_numpy(shape_maps(lips[idx], boxes.shape[1])).to(dev))
         if rng.random() < 0.5:
             target, ref, shape = target.flip(-1), ref.flip(-1), shape.flip(-1)
-        l1, dssim = recon_losses(model(target, ref, shape), target, model.hole)
+        with _autocast(dev):
+            fake = model(target, ref, shape)
+        l1, dssim = recon_losses(fake.float(), target, model.hole)
         opt.zero_grad(set_to_none=True)
         (l1 + model.cfg.w_ssim * dssim).backward()
         opt.step()
         step += 1
         if on_step is not None:
-            on_step(step, float(l1))
+            on_step(step, l1.item())
     return model.eval(), step
 
 
@@ -493,9 +495,19 @@ def paint(model: Render, background: np.ndarray, reference: np.ndarray, lips: np
         bg = images(torch.from_numpy(background[s : s + batch]).to(dev))
         ref = images(torch.from_numpy(reference[s : s + batch]).to(dev))
         shape = masks(torch.from_numpy(shape_maps(lips[s : s + batch], background.shape[1])).to(dev))
-        y = model(bg, ref, shape).add(1).mul(127.5).clamp(0, 255).round().byte()
+        with _autocast(dev):
+            y = model(bg, ref, shape).float().add(1).mul(127.5).clamp(0, 255).round().byte()
         out[s : s + batch] = y.permute(0, 2, 3, 1).cpu().numpy()
     return out
+
+
+def _autocast(dev: torch.device):
+    """bf16 autocast where the hardware does bf16 natively (CUDA, or a CPU with AVX512-BF16/AMX: ~2x faster here);
+    float32 elsewhere, where emulated bf16 would be slower."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
 
 
 def param_count(model: nn.Module) -> int:
