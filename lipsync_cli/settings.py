@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     adapt_minutes: float = Field(
         2.0, ge=0, le=120, description="engine neural: minutes of fine-tuning the renderer on the input video's face."
     )
+    adapt_steps: int | None = Field(
+        None, ge=0, description="engine neural: adapt for exactly this many steps instead (reproducible: eval)."
+    )
     lips: Literal["model", "map"] = Field(
         "model",
         description="Speech -> lip shape inside the engine: the learned model (weights/lips.safetensors, adapted to "

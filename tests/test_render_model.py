@@ -155,13 +155,15 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
     inner = (slice(None), slice(y0 + 4, y1 - 4), slice(x0 + 4, x1 - 4))
     assert np.abs(track.crops[inner].astype(int) - crops[bg][inner]).mean() > 1
     assert np.array_equal(track.crops[-3:], crops[bg][-3:])
+    tuned = neural.animate(src, speech, bg, adapt_minutes=0, adapt_steps=2, checkpoint=ckpt)  # a fixed step budget
+    assert not np.array_equal(tuned.crops, track.crops)
     with pytest.raises(LipsyncError, match="no renderer checkpoint"):
         neural.animate(src, speech, bg, adapt_minutes=0, checkpoint=tmp_path / "absent")
 
 
 def test_get_engine_binds_the_adaptation_budget():
     f = get_engine("neural", Settings(adapt_minutes=0.5))
-    assert f.func is neural.animate and f.keywords == {"adapt_minutes": 0.5}
+    assert f.func is neural.animate and f.keywords == {"adapt_minutes": 0.5, "adapt_steps": None}
     assert get_engine("neural") is neural.animate
     with pytest.raises(ValueError, match="neural"):
         get_engine("nope")

@@ -23,7 +23,9 @@ def get_engine(name: str, settings=None) -> Callable[..., MouthTrack]:
     if name == "neural":  # retrieval's plan painted by the neural renderer (models/render.py); needs its checkpoint
         from lipsync_cli.engine.neural import animate
 
-        return animate if settings is None else functools.partial(animate, adapt_minutes=settings.adapt_minutes)
+        if settings is None:
+            return animate
+        return functools.partial(animate, adapt_minutes=settings.adapt_minutes, adapt_steps=settings.adapt_steps)
     raise ValueError(f"unknown engine {name!r} (available: retrieval, neural, seed)")
 
 

@@ -52,27 +52,32 @@ def source_boxes(source: SourceFaces, frames: np.ndarray, img: int) -> np.ndarra
     return R.cut_boxes(np.asarray(source.crops[frames]), img)
 
 
-def adapt_to(model: R.Render, source: SourceFaces, aligned: np.ndarray, minutes: float) -> R.Render:
-    """Fine-tune a copy on the video's own usable frames for `minutes` of wall time (0: the model as it is)."""
+def adapt_to(
+    model: R.Render, source: SourceFaces, aligned: np.ndarray, minutes: float, steps: int | None = None
+) -> R.Render:
+    """Fine-tune a copy on the video's own usable frames for `minutes` of wall time, or for exactly `steps` steps
+    when given (wall time depends on the machine's load; a step count does not). 0: the model as it is."""
     pool = np.flatnonzero(source.pool)
-    if minutes <= 0 or len(pool) < 2 * R.MIN_GAP:
+    if (steps == 0 if steps is not None else minutes <= 0) or len(pool) < 2 * R.MIN_GAP:
         return model
     pool = pool[np.linspace(0, len(pool) - 1, min(len(pool), ADAPT_FRAMES)).round().astype(int)]
     img = model.cfg.img
     boxes = source_boxes(source, pool, img)
     lips = R.to_box(aligned[pool][:, face.LIPS], source.size, img).astype(np.float32)
+    if steps is not None:
+        with progress.task(f"adapting the renderer to this face ({steps} steps)", steps) as advance:
+            return R.adapt(model, boxes, lips, 0.0, max_steps=steps, on_step=lambda *_: advance(1))[0]
     seconds = 60.0 * minutes
     with progress.task(f"adapting the renderer to this face ({minutes:g} min)", seconds) as advance:
         t0, last = time.perf_counter(), 0.0
 
         def tick(step: int, loss: float) -> None:
             nonlocal last
-            now = time.perf_counter() - t0
-            advance(min(now, seconds) - last)
-            last = min(now, seconds)
+            now = min(time.perf_counter() - t0, seconds)
+            advance(now - last)
+            last = now
 
-        tuned, _ = R.adapt(model, boxes, lips, seconds, on_step=tick)
-    return tuned
+        return R.adapt(model, boxes, lips, seconds, on_step=tick)[0]
 
 
 def paste(crop: np.ndarray, box: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -94,19 +99,21 @@ def animate(
     close: np.ndarray | None = None,
     sr: int = A.SR,
     adapt_minutes: float | None = None,
+    adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
 ) -> MouthTrack:
     """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
-    `adapt_minutes` setting."""
+    `adapt_minutes` / `adapt_steps` settings."""
     if adapt_minutes is None:
         from lipsync_cli.settings import load_settings
 
-        adapt_minutes = load_settings().adapt_minutes
+        s = load_settings()
+        adapt_minutes, adapt_steps = s.adapt_minutes, s.adapt_steps if adapt_steps is None else adapt_steps
     model = load(checkpoint)
     aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr)
     track = retrieval.choose(source, aligned, shapes, lm, target, background)
-    model = adapt_to(model, source, aligned, adapt_minutes)
+    model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 
     img = model.cfg.img
     lips = R.to_box((lm.mean + target @ lm.basis).reshape(-1, 40, 2) * source.size, source.size, img)
