@@ -60,6 +60,22 @@ def test_eval_spans_cover_what_lipsync_eval_recreates(tmp_path):
     assert spans["shared/x/b"][1] >= 3.0
 
 
+def test_gap_loss_measures_the_inner_lip_opening():
+    rng = np.random.default_rng(0)
+    opening = np.abs(rng.normal(0, 1, 50)).astype(np.float32)
+    real = np.zeros((1, 50, 80), np.float32)
+    real[0][:, lips.GAP_Y[:, 1]] += opening[:, None]  # the lower inner lip drops, the upper stays
+    real[0][:, 0::2] += rng.normal(0, 1, (50, 40)).astype(np.float32)  # sideways motion: not the opening
+    real = torch.from_numpy(real)
+    valid = torch.ones(1, 50, dtype=torch.bool)
+    np.testing.assert_allclose(lips.inner_gap(real)[0].numpy(), opening, atol=1e-5)
+    assert lips.gap_l1(real, real, valid) == 0
+    hedged = real * 0.3 + real.mean(1, keepdim=True) * 0.7  # a third of the motion around the mean
+    assert float(lips.gap_l1(hedged, real, valid)) > 0.3 * float(opening.std())
+    valid[0, :] = False
+    assert lips.gap_l1(hedged, real, valid) == 0  # frames without a face do not count
+
+
 def test_loss_decreases_on_real_clips(tiny_prep):
     torch.manual_seed(0)
     task = lips.make_task(tiny_prep, {**TINY, "augment": False})
@@ -72,7 +88,7 @@ def test_loss_decreases_on_real_clips(tiny_prep):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.isfinite(losses).all() and set(logs) == {"l1", "vel"}
+    assert np.isfinite(losses).all() and set(logs) == {"l1", "vel", "gap"}
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     val = task.validate(task.model.eval(), torch.utils.data.DataLoader(task.val_set, batch_size=4))
     assert 0 < val["lve"] < 0.2  # lip error per inter-ocular distance: a few percent once it has learned anything

@@ -9,7 +9,8 @@ speaker motion scale, in aligned-crop units. At dub time the input video's own m
 (`predict`), an optional per-video calibration on the video's own audio adapts the motion to that mouth, and
 the target eases to the video's closed mouth where the speech falls silent (and partly on p/b/m).
 
-Losses: landmark L1 and velocity L1 (frame-to-frame motion, against jitter and lag). The sync expert
+Losses: landmark L1 and velocity L1 (frame-to-frame motion, against jitter and lag); optionally L1 on the inner-lip
+gap (`w_gap`, off in the committed weights: it made the target close more but not the shown mouth). The sync expert
 (models/sync.py) scores mouth *images*; this model outputs points, and no differentiable points -> pixels renderer
 exists here, so its loss is not used. Training data: GRID s1 plus the imported shared clips as extra speakers, with
 every frame that `lipsync eval` re-creates cut out (see `eval_spans`), and voice augmentation (mel-axis warp ~
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import audio as A
+from lipsync_cli import face
 from lipsync_cli.data.dataset import clip_key, eval_spans
 from lipsync_cli.engine import lipmap
 
@@ -52,6 +54,7 @@ class Config:
     band: int = 25  # frames each side a frame may attend to (1 s)
     window: int = 75  # training crop in frames (3 s: one GRID sentence)
     w_velocity: float = 1.0
+    w_gap: float = 0.0  # L1 on the inner-lip gap (the opening); 0.25-1 tried: README "Lips model"
     augment: bool = True
 
 
@@ -365,6 +368,19 @@ def lip_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tor
     return err.sum() / (valid.sum() * pred.shape[-1]).clamp_min(1)
 
 
+_AT = {int(p): i for i, p in enumerate(face.LIPS)}
+GAP_Y = np.array([[2 * _AT[int(u)] + 1, 2 * _AT[int(v)] + 1] for u, v in face.INNER_LIP_PAIRS])  # y of upper, lower
+
+
+def inner_gap(y: torch.Tensor) -> torch.Tensor:
+    """(..., 80) lip points -> (...) mean vertical inner-lip gap (speaker-normalised units: 0 = the mean gap)."""
+    return (y[..., GAP_Y[:, 1]] - y[..., GAP_Y[:, 0]]).mean(-1)
+
+
+def gap_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return lip_l1(inner_gap(pred)[..., None], inner_gap(target)[..., None], valid)
+
+
 def velocity_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     v = valid[:, 1:] & valid[:, :-1]
     return lip_l1(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1], v)
@@ -388,8 +404,9 @@ def make_task(manifest: str | Path, overrides: dict | None = None):
         pred = m(batch["feat"])
         l1 = lip_l1(pred, batch["lips"], batch["valid"])
         vel = velocity_l1(pred, batch["lips"], batch["valid"])
-        total = l1 + cfg.w_velocity * vel
-        return total, {"l1": l1.item(), "vel": vel.item()}
+        gap = gap_l1(pred, batch["lips"], batch["valid"])
+        total = l1 + cfg.w_velocity * vel + cfg.w_gap * gap
+        return total, {"l1": l1.item(), "vel": vel.item(), "gap": gap.item()}
 
     def validate(m: nn.Module, batches) -> dict[str, float]:
         err = n = l1 = 0.0
