@@ -182,3 +182,19 @@ def test_augment_recolours_target_and_reference_alike_and_flips_shapes_with_them
     assert (t - r).abs().max() <= 0.05  # the reference's own shift is small
     flipped = out["shape"][:, 0, 0, :, -1].mean(1) > 0.5
     assert 0 < flipped.sum() < 8
+
+
+def test_committed_renderer_repaints_a_real_mouth_better_than_copying_the_reference(tiny_prep):
+    found = models.default("render")
+    if found is None:
+        pytest.skip("no committed renderer weights")
+    model = found[0]
+    ds = R.RenderWindows(tiny_prep, "val", model.cfg, train=False)
+    frames = np.arange(0, len(ds.boxes), 7)
+    frames = frames[np.isfinite(ds.shapes[frames]).all((1, 2))][:24]
+    rng = np.random.default_rng(0)
+    refs = np.array([ds._reference(int(t), rng) for t in frames])
+    painted = R.paint(model, ds.boxes[frames], ds.boxes[refs], ds.shapes[frames])
+    hole = np.broadcast_to((R.hole_mask(model.cfg.img) > 0.5)[None, ..., None], painted.shape)
+    err = lambda x: float(np.abs(x.astype(int) - ds.boxes[frames])[hole].mean())  # noqa: E731
+    assert err(painted) < 0.6 * err(ds.boxes[refs]), (err(painted), err(ds.boxes[refs]))
