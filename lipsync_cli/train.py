@@ -444,7 +444,7 @@ def _better(value: float, best: float | None, higher: bool) -> bool:
 def train(model: str | Callable[[Path, dict], Task], manifest: str | Path, opts: TrainOptions | None = None) -> dict:
     """Train a task to opts.max_steps / opts.max_minutes; returns a summary (also what the CLI prints).
 
-    `model` is a model name (sync, lips, seed), a dotted `package.module:factory`, or the factory itself
+    `model` is a model name (sync, lips, seed, render), a dotted `package.module:factory`, or the factory itself
     (`make_task(manifest, overrides) -> Task`). Under torchrun every process calls this; rank 0 logs and saves.
     """
     opts = opts or TrainOptions()

@@ -198,3 +198,15 @@ def test_committed_renderer_repaints_a_real_mouth_better_than_copying_the_refere
     hole = np.broadcast_to((R.hole_mask(model.cfg.img) > 0.5)[None, ..., None], painted.shape)
     err = lambda x: float(np.abs(x.astype(int) - ds.boxes[frames])[hole].mean())  # noqa: E731
     assert err(painted) < 0.6 * err(ds.boxes[refs]), (err(painted), err(ds.boxes[refs]))
+
+
+def test_lipsync_train_model_render_writes_a_checkpoint_the_engine_loads(tiny_prep, tmp_path):
+    from lipsync_cli.train import TrainOptions, train
+
+    opts = TrainOptions(out_dir=tmp_path, max_steps=3, val_every=3, precision="bf16", overrides=TINY)
+    summary = train("render", tiny_prep, opts)
+    assert summary["steps"] == 3
+    best = tmp_path / "checkpoints" / "render" / "best.safetensors"
+    model = neural.load(best)
+    assert isinstance(model, R.Render) and model.cfg.img == 32
+    assert json.loads(best.with_suffix(".json").read_text())["data"]["train_windows"] > 0
