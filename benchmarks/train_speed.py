@@ -76,7 +76,7 @@ def find_manifest(args, tmp: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="sync", help="sync | lips | seed | package.module:factory")
+    ap.add_argument("--model", default="sync", help="sync | lips | seed | render | package.module:factory")
     ap.add_argument("--manifest", type=Path, default=None)
     ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "corpus" / "grid")
     ap.add_argument("--limit", type=int, default=48, help="clips to prep when there is no manifest")
