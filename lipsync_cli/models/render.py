@@ -272,18 +272,18 @@ class RenderWindows(Dataset):
             frame_of.append(np.arange(len(crops)))
             speaker_of.append(f"{c['corpus']}/{c['speaker']}")
             self.mels.append(mel)
-            win_ok = np.lib.stride_tricks.sliding_window_view(ok, FRAMES).all(1)
-            win_speech = ~np.lib.stride_tricks.sliding_window_view(silence, FRAMES).all(1)
-            starts = np.flatnonzero(win_ok & (4 * np.arange(len(win_ok)) + 20 <= len(mel)))
-            self.index += [(n + int(s), bool(win_speech[s])) for s in starts[:: FRAMES if train else 25]]
+            if len(ok) >= FRAMES:
+                win_ok = np.lib.stride_tricks.sliding_window_view(ok, FRAMES).all(1)
+                win_speech = ~np.lib.stride_tricks.sliding_window_view(silence, FRAMES).all(1)
+                starts = np.flatnonzero(win_ok & (4 * np.arange(len(win_ok)) + 20 <= len(mel)))
+                self.index += [(n + int(s), bool(win_speech[s])) for s in starts[:: FRAMES if train else 25]]
             n += len(crops)
         if not clips:
             self.boxes = np.zeros((0, cfg.img, cfg.img, 3), np.uint8)
             return
         self.boxes, self.shapes = np.concatenate(boxes), np.concatenate(shapes)
         self.clip, self.frame = np.concatenate(clip_of), np.concatenate(frame_of)
-        self.start = np.cumsum([0] + [len(b) for b in boxes])
-        # references: any trainable frame of the same speaker
+        # references: any frame of the same speaker inside a listed window (so: trainable)
         ok_all = np.zeros(n, bool)
         for g, _ in self.index:
             ok_all[g : g + FRAMES] = True
