@@ -45,12 +45,14 @@ def speech_with_pause(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_dub_from_audio_keeps_picture_and_follows_speech(tmp_path, speech_with_pause):
+@pytest.mark.parametrize("engine", ["retrieval", "neural"])
+def test_dub_from_audio_keeps_picture_and_follows_speech(tmp_path, speech_with_pause, engine):
     video = shared_file("media/retalking_face2.mp4")
     wav, speech = speech_with_pause
     before = sha(video)
     out = tmp_path / "out.mp4"
-    r = run_cli("dub", video, "--audio", wav, "-o", out)
+    extra = ("--engine", "neural", "--adapt-minutes", "0.05") if engine == "neural" else ()
+    r = run_cli("dub", video, "--audio", wav, "-o", out, *extra)
     assert r.returncode == 0, r.stderr
     assert sha(video) == before, "input changed"
 
