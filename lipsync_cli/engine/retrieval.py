@@ -6,7 +6,8 @@
    video's own audio and lips alone). Both end in the coefficients of the map's PCA basis of the source lips.
 3. Choose, for each output frame, a source mouth by shape match, pose match and temporal smoothness: a Viterbi pass
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
-   would show.
+   would show. Where the target mouth is shut, an open source mouth costs as much as a cut: by nearest shape alone,
+   half-open mouths ran through the pauses the target closes.
 The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
@@ -20,11 +21,13 @@ from lipsync_cli import audio as A
 from lipsync_cli import face
 from lipsync_cli.engine import lipmap
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
+from lipsync_cli.eval.metrics import closed_threshold
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
 JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
 HOLD_COST = 0.3  # showing the same frame twice looks frozen
+OPEN_COST = JUMP_COST  # an open mouth on a frame that must be shut is as visible as a cut
 
 
 def animate(
@@ -50,10 +53,16 @@ def choose(
     target: np.ndarray,
     background: np.ndarray,
 ) -> MouthTrack:
-    """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets."""
+    """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
+    inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
+    source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
+    and forcing them in selection too overshot real footage's closure on other voices (README "Lips model")."""
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
-    index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background)
+    src_gap = inner_gap(np.nan_to_num(shapes))
+    thresh = closed_threshold(src_gap[source.pool])
+    shut = inner_gap(lm.mean + target @ lm.basis) < thresh
+    index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
     points = aligned[np.maximum(index, 0)]
     return MouthTrack(source_index=index, points=points, target=target)
@@ -115,15 +124,26 @@ def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
     return p - p.mean(0)
 
 
+def inner_gap(shapes: np.ndarray) -> np.ndarray:
+    """(T, 80) lip shape vectors -> (T,) inner-lip gap, the mean over face.INNER_LIP_PAIRS as eval measures it."""
+    pts = shapes.reshape(len(shapes), len(face.LIPS), 2)
+    where = {int(p): i for i, p in enumerate(face.LIPS)}
+    top, bottom = ([where[int(p)] for p in face.INNER_LIP_PAIRS[:, j]] for j in (0, 1))
+    return np.linalg.norm(pts[:, bottom] - pts[:, top], axis=-1).mean(-1)
+
+
 def select_mouths(
     src: np.ndarray,
     pose: np.ndarray,
     valid: np.ndarray,
     target: np.ndarray,
     background: np.ndarray,
+    shut: np.ndarray | None = None,
+    src_open: np.ndarray | None = None,
 ) -> np.ndarray:
     """Viterbi over per-frame candidate source frames. src: (T, k) shape coefficients in std units; pose: (T, P);
-    target: (N, k); background: (N,) source frame behind each output frame. Returns (N,) source indices."""
+    target: (N, k); background: (N,) source frame behind each output frame; shut: (N,) frames whose target mouth is
+    closed, src_open: (T,) open source mouths (these cost OPEN_COST there). Returns (N,) source indices."""
     cand_pool = np.flatnonzero(valid)
     T = len(src)
     pose_scale = np.median(np.linalg.norm(pose[cand_pool] - pose[cand_pool].mean(0), axis=1)) + 1e-6
@@ -133,6 +153,8 @@ def select_mouths(
         shape_cost = ((src[cand_pool] - target[i]) ** 2).sum(1)
         pose_cost = ((pose[cand_pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
         cost = shape_cost + POSE_WEIGHT * pose_cost
+        if shut is not None and src_open is not None and shut[i]:
+            cost = cost + OPEN_COST * src_open[cand_pool]
         k = min(N_CANDIDATES, len(cand_pool))
         top = np.argpartition(cost, k - 1)[:k]
         return cand_pool[top], cost[top]
