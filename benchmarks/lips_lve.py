@@ -91,7 +91,7 @@ def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str
     pose = retrieval._pose_features(aligned, src.size)
     out = {}
     for name, coef in targets.items():
-        pts = (lm.mean + coef @ lm.basis).reshape(n, -1, 2) * src.size
+        pts = lipmap.lip_shapes(lm, coef).reshape(n, -1, 2) * src.size
         index = retrieval.select_mouths(src_coef, pose, valid, coef / lm.scale, bg)
         out[name] = {"target": lve(pts), "retrieved": lve(aligned[index][:, face.LIPS])}
     return out

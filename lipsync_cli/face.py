@@ -60,6 +60,8 @@ LEFT_EYE_CENTER_IDX = 473
 
 # Inner-lip vertical pairs (upper, lower) used to measure how far the mouth is open.
 INNER_LIP_PAIRS = np.array([[82, 87], [13, 14], [312, 317], [81, 178], [311, 402]], dtype=np.int64)
+# The same pairs as rows of a (40, 2) lip array (LIPS order), for code that holds only the lips.
+INNER_LIP_PAIRS_IN_LIPS = np.array([[LIPS.tolist().index(p) for p in pair] for pair in INNER_LIP_PAIRS.tolist()])
 
 # Points that do not move with speech (eye corners, nose bridge and sides, between the brows, upper cheeks
 # and temples), chosen as the lowest-variance points across talking clips. The alignment and the pose

@@ -160,3 +160,8 @@ def predict(
 def coefficients(lm: LipMap, shapes: np.ndarray) -> np.ndarray:
     """Project lip vectors onto the map's PCA basis."""
     return (shapes - lm.mean) @ lm.basis.T
+
+
+def lip_shapes(lm: LipMap, coef: np.ndarray) -> np.ndarray:
+    """Coefficients in the map's PCA basis -> lip vectors (crop units), the inverse of `coefficients`."""
+    return lm.mean + coef @ lm.basis

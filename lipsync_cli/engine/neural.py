@@ -24,7 +24,7 @@ import torch
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, models, progress
-from lipsync_cli.engine import retrieval
+from lipsync_cli.engine import lipmap, retrieval
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models import render as R
@@ -116,7 +116,7 @@ def animate(
     model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 
     img = model.cfg.img
-    lips = R.to_box((lm.mean + target @ lm.basis).reshape(-1, 40, 2) * source.size, source.size, img)
+    lips = R.to_box(lipmap.lip_shapes(lm, target).reshape(-1, 40, 2) * source.size, source.size, img)
     hole = R.hole_mask(img)
     show = np.flatnonzero(track.source_index >= 0)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)

@@ -61,7 +61,7 @@ def choose(
     pose = _pose_features(aligned, source.size)
     src_gap = inner_gap(np.nan_to_num(shapes))
     thresh = closed_threshold(src_gap[source.pool])
-    shut = inner_gap(lm.mean + target @ lm.basis) < thresh
+    shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
     index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
     points = aligned[np.maximum(index, 0)]
@@ -125,10 +125,10 @@ def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
 
 
 def inner_gap(shapes: np.ndarray) -> np.ndarray:
-    """(T, 80) lip shape vectors -> (T,) inner-lip gap, the mean over face.INNER_LIP_PAIRS as eval measures it."""
+    """(T, 80) lip shape vectors -> (T,) inner-lip gap: the mean distance over face.INNER_LIP_PAIRS, as
+    face.mouth_opening measures it (here in crop units, not over the inter-ocular distance)."""
     pts = shapes.reshape(len(shapes), len(face.LIPS), 2)
-    where = {int(p): i for i, p in enumerate(face.LIPS)}
-    top, bottom = ([where[int(p)] for p in face.INNER_LIP_PAIRS[:, j]] for j in (0, 1))
+    top, bottom = face.INNER_LIP_PAIRS_IN_LIPS.T
     return np.linalg.norm(pts[:, bottom] - pts[:, top], axis=-1).mean(-1)
 
 

@@ -196,14 +196,14 @@ def predict(
     other voices the shown opening followed their loudness far less than the map's (energy AV r 0.35 vs 0.49).
     A full closed-shape override costs lip error even on the closed frames (README "Lips model"): a partial one."""
     mean, scale = speaker_stats(shapes, valid)
-    to_coef = lambda y: (denormalise(y, mean, scale) - lm.mean) @ lm.basis.T  # noqa: E731
+    to_coef = lambda y: lipmap.coefficients(lm, denormalise(y, mean, scale))  # noqa: E731
     coef = to_coef(run(model, speech, n_frames, sr))
     if adapt and source_audio is not None and len(source_audio) > sr:
         T = len(shapes)
         usable = valid & (np.arange(T) < int(len(source_audio) / sr * fps))
         if usable.sum() >= 50:
             own = to_coef(run(model, source_audio, T, sr))[usable]
-            real = (shapes[usable] - lm.mean) @ lm.basis.T
+            real = lipmap.coefficients(lm, shapes[usable])
             coef = _calibrate(own, real, coef)
     drive = lipmap.loudness_drive(speech, n_frames, fps, sr)
     coef = rest_in_silence(coef, lm.closed, _spread(drive, REST_LEAD, REST_LAG))
@@ -368,8 +368,7 @@ def lip_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tor
     return err.sum() / (valid.sum() * pred.shape[-1]).clamp_min(1)
 
 
-_AT = {int(p): i for i, p in enumerate(face.LIPS)}
-GAP_Y = np.array([[2 * _AT[int(u)] + 1, 2 * _AT[int(v)] + 1] for u, v in face.INNER_LIP_PAIRS])  # y of upper, lower
+GAP_Y = 2 * face.INNER_LIP_PAIRS_IN_LIPS + 1  # (x0, y0, x1, y1, ...) columns of the pairs' y: upper, lower
 
 
 def inner_gap(y: torch.Tensor) -> torch.Tensor:

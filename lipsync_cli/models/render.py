@@ -33,12 +33,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.models.sync import MOUTH as SYNC_MOUTH
 
 BOX = (0.125, 0.25, 0.875, 1.0)  # x0, y0, x1, y1 of the aligned crop: lips (y 0.33-0.56), chin (~0.75), jaw line
 HOLE = (0.2, 0.29, 0.8, 0.93)  # the painted region, same units: lips and chin with room to open
 FRAMES = 5  # frames per training item: one sync-expert window
 MIN_GAP = 10  # frames between a target and a reference from the same clip
-SYNC_ROWS = (0.28, 0.78)  # the sync expert's mouth rows (models.sync.MOUTH), whose columns are BOX's
+SYNC_ROWS = (SYNC_MOUTH[1], SYNC_MOUTH[3])  # the sync expert's mouth rows; its columns are BOX's
 
 
 @dataclass
