@@ -14,8 +14,7 @@ Mouth gap: the mean distance of the inner-lip pairs INNER_PAIRS over the distanc
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +46,16 @@ def mouth_gap(lm: np.ndarray) -> np.ndarray:
         return np.where(eyes > 0, gap / eyes, np.nan)
 
 
-def retrack(
-    video: Path, fps: float = FPS, face_index: int = 0, max_s: float | None = None, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Re-track a finished video with the face mesh at `fps`: (gap (T,), landmarks (T, 478, 2) NaN where no face,
-    fps). Landmarks are face.track_faces' (mesh jitter smoothed, lips only lightly: a 2-frame closure survives)."""
+SMOOTH = 1.5  # landmark smoothing (frames, face.smooth_landmarks): mesh jitter out, a 2-frame closure kept
+
+
+def track(frames: Iterable[np.ndarray], total: int | None = None, face_index: int = 0, progress: bool = False):
+    """face.track_faces over RGB frames at the stick's smoothing: the FaceTrack (landmarks NaN where no face)."""
+    return face.track_faces(frames, face_index=face_index, smooth_sigma=SMOOTH, total=total, progress=progress)
+
+
+def frames_of(video: Path, fps: float = FPS, max_s: float | None = None) -> tuple[Iterator[np.ndarray], int]:
+    """The video's frames at fps (at most max_s seconds of them) and how many to expect."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
@@ -59,16 +63,19 @@ def retrack(
     if max_s:
         total = min(total, int(round(max_s * fps)))
     frames = media.iter_frames(video, fps=fps)
-    with contextlib.closing(frames):
-        track = face.track_faces(
-            (f for _, f in zip(range(total), frames, strict=False)),
-            face_index=face_index,
-            total=total,
-            progress=progress,
-        )
-    if not len(track):
+    return (f for _, f in zip(range(total), frames, strict=False)), total
+
+
+def retrack(
+    video: Path, fps: float = FPS, face_index: int = 0, max_s: float | None = None, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Re-track a finished video with the face mesh at `fps`: (gap (T,), landmarks (T, 478, 2) NaN where no face,
+    fps). Landmarks are face.track_faces' (mesh jitter smoothed, lips only lightly: a 2-frame closure survives)."""
+    frames, total = frames_of(video, fps, max_s)
+    t = track(frames, total, face_index, progress)
+    if not len(t):
         raise LipsyncError(f"could not decode any frame from {video}")
-    return mouth_gap(track.landmarks), track.landmarks, fps
+    return mouth_gap(t.landmarks), t.landmarks, fps
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -191,22 +198,47 @@ def align(audio16k: np.ndarray, text: str) -> list[Word]:
     return phones.align_words(audio16k, text)
 
 
+def measure_frames(
+    frames: Iterable[np.ndarray],
+    audio16k: np.ndarray,
+    text: str,
+    fps: float = FPS,
+    total: int | None = None,
+    face_index: int = 0,
+    video: Path | None = None,
+) -> ArticulationResult:
+    """The stick on decoded frames (RGB, at fps) and the audio they play with: re-track, align `text`, score."""
+    t = track(frames, total, face_index)
+    if not len(t):
+        raise LipsyncError(f"could not decode any frame from {video or 'the video'}")
+    return score_landmarks(t.landmarks, audio16k, text, fps, video)
+
+
+def score_landmarks(
+    landmarks: np.ndarray, audio16k: np.ndarray, text: str, fps: float = FPS, video: Path | None = None
+) -> ArticulationResult:
+    """The stick on landmarks already tracked as track() does: align `text` to the audio, score."""
+    gap = mouth_gap(landmarks)
+    audio = np.asarray(audio16k, np.float32)
+    words = align(audio, text)
+    result = ArticulationResult(Path(video or ""), text, fps, gap, landmarks, words, audio)
+    ph = result.phones
+    result.scores = score(gap, ph, fps, words)
+    speech = [p for w in words if w.word != "" for p in w.phones if p.label != SIL]
+    result.scores["aligned"] = len(speech) / max(1, sum(p.label != SIL for p in ph))
+    return result
+
+
 def measure(
     video: Path, text: str, fps: float = FPS, face_index: int = 0, max_s: float | None = None
 ) -> ArticulationResult:
     """Re-track `video`, force-align `text` to its own audio track, score. LipsyncError when it has no audio."""
     video = Path(video)
-    gap, lm, fps = retrack(video, fps, face_index, max_s)
+    frames, total = frames_of(video, fps, max_s)
     try:
         audio = media.read_audio(video, phones.SR)
     except LipsyncError as e:
         raise LipsyncError(f"{video.name}: no audio to align the words to ({e})") from None
     if max_s:
         audio = audio[: int(max_s * phones.SR)]
-    words = align(audio, text)
-    result = ArticulationResult(video, text, fps, gap, lm, words, audio)
-    ph = result.phones
-    result.scores = score(gap, ph, fps, words)
-    speech = [p for w in words if w.word != "" for p in w.phones if p.label != SIL]
-    result.scores["aligned"] = len(speech) / max(1, sum(p.label != SIL for p in ph))
-    return result
+    return measure_frames(frames, audio, text, fps, total, face_index, video)
