@@ -124,7 +124,9 @@ _ID_WORDS = (
     {"b": "blue", "g": "green", "r": "red", "w": "white"},
     {"a": "at", "b": "by", "i": "in", "w": "with"},
     {c: c for c in "abcdefghijklmnopqrstuvxyz"},  # GRID's letters (no w)
-    {"z": "zero", **dict(zip("123456789", "one two three four five six seven eight nine".split(), strict=True))},
+    dict(
+        zip("z123456789", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], strict=True)
+    ),
     {"a": "again", "n": "now", "p": "please", "s": "soon"},
 )
 
