@@ -3,6 +3,8 @@ the real mouth must score as articulate and the same audio over one held open fr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,61 @@ def test_real_grid_footage_articulates(tmp_path):
             w.write(widest)
     fake = A.measure(held, GRID_TEXT).scores
     assert fake["bilabial"] == 0.0 and fake["contrast"] < 1.2 and fake["silence"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the text protocol
+
+
+def test_rows_and_transcripts():
+    from lipsync_cli.errors import LipsyncError
+    from lipsync_cli.eval import text_protocol as T
+
+    assert T.parse_rows(None) == ["lips model", "map", "real"]
+    assert T.parse_rows("map, real,map") == ["map", "real"]
+    assert T.parse_rows("retrieval:lips=map;x=3") == ["retrieval:lips=map;x=3"]
+    assert T.ROWS["retrieval:lips=map;x=3"] == ("retrieval", {"lips": "map", "x": 3})
+    for bad in ("nope", "warp9:lips=map", ""):
+        with pytest.raises(LipsyncError):
+            T.parse_rows(bad)
+    assert T.transcript(Path("x/video/bbaf2n.mpg")) == GRID_TEXT
+    assert T.transcript(Path("retalking_face1.mp4")).startswith("my biggest")
+    assert T.transcript(Path("unknown_clip.mp4")) is None
+    for s in T.SENTENCES:  # each sentence holds several closures, open vowels and a pause (a sentence break)
+        assert s.lower().count("b") + s.lower().count("p") + s.lower().count("m") >= 8 and ". " in s
+
+
+def test_warp_measures_the_largest_shift():
+    from lipsync_cli.eval import text_protocol as T
+
+    lm = np.stack([face_with_gap(2.0)] * 4)
+    assert T.warp(lm, lm) == 0.0
+    moved = lm.copy()
+    moved[2, 1] += (3.0, 4.0)  # nose tip 5 px off on one frame, eyes 100 px apart
+    moved[3] = np.nan  # no face: left out
+    assert T.warp(moved, lm) == pytest.approx(0.05)
+    moved[1, 14] += 50.0  # the lips are free to move
+    assert T.warp(moved, lm) == pytest.approx(0.05)
+
+
+def test_text_protocol_on_a_grid_clip(tmp_path):
+    """One clip, a short sentence, the map row and the real row: the dub is written, re-tracked and scored, the
+    report draws its strips and curves."""
+    from lipsync_cli import progress
+    from lipsync_cli.eval import text_protocol as T
+    from lipsync_cli.eval import text_report as R
+    from lipsync_cli.settings import Settings
+
+    clip = shared_file(GRID_CLIP)
+    progress.set_quiet(True)
+    run = T.evaluate_text(Settings(), clip, ["map", "real"], sentences=["Bob met a pal. Pam paid."], keep=tmp_path)
+    assert not run.skipped and {r.row for r in run.results} == {"map", "real"}
+    real = next(r for r in run.results if r.row == "real")
+    assert real.scores["bilabial"] == 1.0 and real.scores["contrast"] > 3
+    dubbed = next(r for r in run.results if r.row == "map")
+    s = dubbed.scores
+    assert s["n_bilabial"] >= 4 and s["aligned"] == 1.0 and s["face_frames"] == 1.0
+    assert 0.3 < s["sharpness"] < 1.5 and 0 <= s["warp"] < 0.2 and np.isfinite(s["contrast"])
+    assert (tmp_path / "bbaf2n__map__s0.mp4").exists()
+    index = R.write_text_report(run, tmp_path / "report")
+    assert (tmp_path / "report" / "strip_bbaf2n.png").exists() and (tmp_path / "report" / "gap_bbaf2n.png").exists()
+    assert "bilabial" in index.read_text()

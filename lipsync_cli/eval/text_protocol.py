@@ -87,7 +87,10 @@ def parse_rows(spec: str | Iterable[str] | None) -> list[str]:
             for kv in filter(None, opts.split(";")):
                 k, _, v = kv.partition("=")
                 kw[k.strip()] = _value(v.strip())
-            get_engine(engine.strip())  # unknown engines fail before any work
+            try:
+                get_engine(engine.strip())  # unknown engines fail before any work
+            except ValueError as e:
+                raise LipsyncError(f"row {name!r}: {e}") from None
             ROWS[name] = (engine.strip(), kw)
         out += [name] if name not in out else []
     if not out:
