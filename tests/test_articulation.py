@@ -169,3 +169,10 @@ def test_text_protocol_on_a_grid_clip(tmp_path):
     index = R.write_text_report(run, tmp_path / "report")
     assert (tmp_path / "report" / "strip_bbaf2n.png").exists() and (tmp_path / "report" / "gap_bbaf2n.png").exists()
     assert "bilabial" in index.read_text()
+
+
+def test_cli_rejects_unknown_row_before_any_work():
+    from tests.conftest import run_cli
+
+    r = run_cli("eval", "--metric", "articulation", "--rows", "map,bogus")
+    assert r.returncode == 1 and "unknown row 'bogus'" in r.stderr and "Traceback" not in r.stderr

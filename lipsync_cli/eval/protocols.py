@@ -43,7 +43,10 @@ from lipsync_cli.settings import Settings
 SR = A.SR
 METRICS = ("lve", "sync", "closure", "psnr", "ssim", "sharpness", "stability")
 GROUND_TRUTH_ONLY = ("lve", "psnr", "ssim")  # need the real frames the output should have been
-RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voice.py (`lipsync eval --metric voice`)"}
+RESERVED = {
+    "voice": "the dubbed voice is measured on speech alone, by eval/voice.py (`lipsync eval --metric voice`)",
+    "articulation": "dubs of fixed sentences, re-tracked: the text protocol (`lipsync eval --metric articulation`)",
+}
 PROTOCOLS = ("reconstruct", "cross")
 BASELINES = ("real", "frozen", "floor")
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from lipsync_cli import progress
 from lipsync_cli.eval import articulation as art
 from lipsync_cli.eval import text_protocol as T
-from lipsync_cli.eval.report import _plt, _slug
+from lipsync_cli.eval.report import _clean, _plt, _slug
 
 ARROW = {"high": "↑", "low": "↓", "one": "→1", "": ""}
 STRIP_FRAMES = 20  # consecutive frames in a strip (0.8 s at 25 fps): long enough to see closures open and shut
@@ -169,18 +169,6 @@ def plot_gaps(run: T.TextRun, clip: str, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _clean(v):
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    if isinstance(v, float | np.floating):
-        return None if not np.isfinite(v) else round(float(v), 5)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 def to_json(run: T.TextRun) -> dict:
