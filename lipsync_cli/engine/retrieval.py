@@ -56,7 +56,7 @@ def choose(
     """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
     inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
     source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
-    and forcing them in selection too overshot real footage's closure on other voices (README "Lips model")."""
+    and forcing them in selection too overshot real footage's closure on other voices (docs/lips.md)."""
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
     src_gap = inner_gap(np.nan_to_num(shapes))
