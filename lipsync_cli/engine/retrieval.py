@@ -19,9 +19,8 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import face
-from lipsync_cli.engine import lipmap
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
-from lipsync_cli.eval.metrics import closed_threshold
+from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
@@ -60,7 +59,7 @@ def choose(
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
     src_gap = inner_gap(np.nan_to_num(shapes))
-    thresh = closed_threshold(src_gap[source.pool])
+    thresh = face.closed_threshold(src_gap[source.pool])
     shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
     index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
