@@ -119,7 +119,7 @@ def voice_(
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
-    from lipsync_cli.dub import speak
+    from lipsync_cli.voice.speech import speak
 
     s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = speak(video, text, output, s, force=force)
