@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lipsync_cli import media
-from lipsync_cli.eval import articulation as A
+from lipsync_cli.eval import articulation
 from lipsync_cli.phones import SIL, Phone, Word
 from tests.conftest import shared_file
 
@@ -21,24 +21,24 @@ def face_with_gap(gap_px: float, eyes_px: float = 100.0) -> np.ndarray:
     """A (478, 2) landmark array whose outer eye corners are eyes_px apart and inner-lip pairs gap_px apart."""
     lm = np.zeros((478, 2))
     lm[33], lm[263] = (0.0, 0.0), (eyes_px, 0.0)
-    for k, (up, lo) in enumerate(A.INNER_PAIRS):
+    for k, (up, lo) in enumerate(articulation.INNER_PAIRS):
         lm[up] = (40.0 + 10 * k, 100.0)
         lm[lo] = (40.0 + 10 * k, 100.0 + gap_px)
     return lm
 
 
 def test_mouth_gap_scale_and_batch():
-    assert A.mouth_gap(face_with_gap(5.0)) == pytest.approx(0.05)
-    assert A.mouth_gap(face_with_gap(10.0, eyes_px=200.0)) == pytest.approx(0.05)  # scale-free
+    assert articulation.mouth_gap(face_with_gap(5.0)) == pytest.approx(0.05)
+    assert articulation.mouth_gap(face_with_gap(10.0, eyes_px=200.0)) == pytest.approx(0.05)  # scale-free
     lm = np.stack([face_with_gap(1.0), np.full((478, 2), np.nan), face_with_gap(3.0)])
-    g = A.mouth_gap(lm[None])  # any leading shape
+    g = articulation.mouth_gap(lm[None])  # any leading shape
     assert g.shape == (1, 3)
     np.testing.assert_allclose(g[0, [0, 2]], [0.01, 0.03])
     assert np.isnan(g[0, 1])
     # the distance is euclidean: a sideways slip of the lower lip counts too
     lm = face_with_gap(3.0)
     lm[14, 0] += 4.0
-    assert A.mouth_gap(lm) > A.mouth_gap(face_with_gap(3.0))
+    assert articulation.mouth_gap(lm) > articulation.mouth_gap(face_with_gap(3.0))
 
 
 def _word(name: str, *phones: tuple[str, float, float]) -> Word:
@@ -66,12 +66,14 @@ def test_score_on_synthetic_gap():
     gap[20] = np.nan  # no face on one frame: left out
     gap[22:24] = 0.02  # last B open
     gap[25] = 0.001  # ...a closure two frames after it does not count
-    s = A.score(gap, phones, fps, words)
+    s = articulation.score(gap, phones, fps, words)
     assert s["n_bilabial"] == 4 and s["n_open"] == 2
     assert s["bilabial"] == pytest.approx(2 / 4)  # M (early, within a frame) and the first B
     bil_min = [0.005, 0.02, 0.004, 0.02]  # smallest gap over each phone +-1 frame: 9-12, 14-17, 16-19, 21-24
     open_mean = [0.10, np.mean([0.12, 0.10])]
-    assert s["contrast"] == pytest.approx((np.mean(open_mean) + A.EPS) / (np.mean(bil_min) + A.EPS))
+    assert s["contrast"] == pytest.approx(
+        (np.mean(open_mean) + articulation.EPS) / (np.mean(bil_min) + articulation.EPS)
+    )
     assert s["n_silence"] == 6 and s["silence"] == pytest.approx(5 / 6)
     detail = {(d["word"], d["label"], d["start"]): d for d in s["phones"]}
     assert detail[("map", "M", 0.40)]["closed"] and not detail[("bob", "B", 0.88)]["closed"]
@@ -79,21 +81,21 @@ def test_score_on_synthetic_gap():
 
 
 def test_score_edge_cases():
-    s = A.score(np.full(10, 0.05), [Phone("S", 0.0, 0.4)], 25.0)
+    s = articulation.score(np.full(10, 0.05), [Phone("S", 0.0, 0.4)], 25.0)
     assert np.isnan(s["bilabial"]) and np.isnan(s["contrast"]) and s["n_bilabial"] == 0
     # a phone shorter than a frame period still gets its nearest frame
-    s = A.score(np.array([0.05, 0.05, 0.001, 0.05, 0.05, 0.05, 0.05, 0.05]), [Phone("M", 0.085, 0.09)], 25.0)
+    s = articulation.score(np.array([0.05, 0.05, 0.001, 0.05, 0.05, 0.05, 0.05, 0.05]), [Phone("M", 0.085, 0.09)], 25.0)
     assert s["bilabial"] == 1.0
     # the ends of the audio count as pauses when no phone covers them
-    assert A.pauses([Phone("AA", 0.5, 0.7)], 1.2) == [(0.0, 0.5), (0.7, 1.2)]
-    assert A.pauses([Phone("AA", 0.1, 0.7), Phone(SIL, 0.7, 0.8), Phone("M", 0.8, 1.0)], 1.2) == []
+    assert articulation.pauses([Phone("AA", 0.5, 0.7)], 1.2) == [(0.0, 0.5), (0.7, 1.2)]
+    assert articulation.pauses([Phone("AA", 0.1, 0.7), Phone(SIL, 0.7, 0.8), Phone("M", 0.8, 1.0)], 1.2) == []
 
 
 def test_real_grid_footage_articulates(tmp_path):
     """The speaker's own footage closes on its b's and opens on its vowels; the same soundtrack over one held,
     open frame fails bilabial and contrast: the stick tells the two apart."""
     clip = shared_file(GRID_CLIP)
-    real = A.measure(clip, GRID_TEXT)
+    real = articulation.measure(clip, GRID_TEXT)
     s = real.scores
     assert s["n_bilabial"] == 2 and s["aligned"] == 1.0 and s["face_frames"] == 1.0
     assert s["bilabial"] == 1.0 and s["contrast"] > 3.0
@@ -109,7 +111,7 @@ def test_real_grid_footage_articulates(tmp_path):
     with media.VideoWriter(held, widest.shape[1], widest.shape[0], fps=25.0, audio=wav) as w:
         for _ in frames:
             w.write(widest)
-    fake = A.measure(held, GRID_TEXT).scores
+    fake = articulation.measure(held, GRID_TEXT).scores
     assert fake["bilabial"] == 0.0 and fake["contrast"] < 1.2 and fake["silence"] == 0.0
 
 
@@ -118,46 +120,49 @@ def test_real_grid_footage_articulates(tmp_path):
 
 def test_rows_and_transcripts():
     from lipsync_cli.errors import LipsyncError
-    from lipsync_cli.eval import text_protocol as T
+    from lipsync_cli.eval import text_protocol
 
-    assert T.parse_rows(None) == ["lips model", "map", "real"]
-    assert T.parse_rows("map, real,map") == ["map", "real"]
-    assert T.parse_rows("retrieval:lips=map;x=3") == ["retrieval:lips=map;x=3"]
-    assert T.ROWS["retrieval:lips=map;x=3"] == ("retrieval", {"lips": "map", "x": 3})
+    assert text_protocol.parse_rows(None) == ["lips model", "map", "real"]
+    assert text_protocol.parse_rows("map, real,map") == ["map", "real"]
+    assert text_protocol.parse_rows("retrieval:lips=map;x=3") == ["retrieval:lips=map;x=3"]
+    assert text_protocol.ROWS["retrieval:lips=map;x=3"] == ("retrieval", {"lips": "map", "x": 3})
     for bad in ("nope", "warp9:lips=map", ""):
         with pytest.raises(LipsyncError):
-            T.parse_rows(bad)
-    assert T.transcript(Path("x/video/bbaf2n.mpg")) == GRID_TEXT
-    assert T.transcript(Path("retalking_face1.mp4")).startswith("my biggest")
-    assert T.transcript(Path("unknown_clip.mp4")) is None
-    for s in T.SENTENCES:  # each sentence holds several closures, open vowels and a pause (a sentence break)
+            text_protocol.parse_rows(bad)
+    assert text_protocol.transcript(Path("x/video/bbaf2n.mpg")) == GRID_TEXT
+    assert text_protocol.transcript(Path("retalking_face1.mp4")).startswith("my biggest")
+    assert text_protocol.transcript(Path("unknown_clip.mp4")) is None
+    for (
+        s
+    ) in text_protocol.SENTENCES:  # each sentence holds several closures, open vowels and a pause (a sentence break)
         assert s.lower().count("b") + s.lower().count("p") + s.lower().count("m") >= 8 and ". " in s
 
 
 def test_warp_measures_the_largest_shift():
-    from lipsync_cli.eval import text_protocol as T
+    from lipsync_cli.eval import text_protocol
 
     lm = np.stack([face_with_gap(2.0)] * 4)
-    assert T.warp(lm, lm) == 0.0
+    assert text_protocol.warp(lm, lm) == 0.0
     moved = lm.copy()
     moved[2, 1] += (3.0, 4.0)  # nose tip 5 px off on one frame, eyes 100 px apart
     moved[3] = np.nan  # no face: left out
-    assert T.warp(moved, lm) == pytest.approx(0.05)
+    assert text_protocol.warp(moved, lm) == pytest.approx(0.05)
     moved[1, 14] += 50.0  # the lips are free to move
-    assert T.warp(moved, lm) == pytest.approx(0.05)
+    assert text_protocol.warp(moved, lm) == pytest.approx(0.05)
 
 
 def test_text_protocol_on_a_grid_clip(tmp_path):
     """One clip, a short sentence, the map row and the real row: the dub is written, re-tracked and scored, the
     report draws its strips and curves."""
     from lipsync_cli import progress
-    from lipsync_cli.eval import text_protocol as T
-    from lipsync_cli.eval import text_report as R
+    from lipsync_cli.eval import text_protocol, text_report
     from lipsync_cli.settings import Settings
 
     clip = shared_file(GRID_CLIP)
     progress.set_quiet(True)
-    run = T.evaluate_text(Settings(), clip, ["map", "real"], sentences=["Bob met a pal. Pam paid."], keep=tmp_path)
+    run = text_protocol.evaluate_text(
+        Settings(), clip, ["map", "real"], sentences=["Bob met a pal. Pam paid."], keep=tmp_path
+    )
     assert not run.skipped and {r.row for r in run.results} == {"map", "real"}
     real = next(r for r in run.results if r.row == "real")
     assert real.scores["bilabial"] == 1.0 and real.scores["contrast"] > 3
@@ -166,7 +171,7 @@ def test_text_protocol_on_a_grid_clip(tmp_path):
     assert s["n_bilabial"] >= 4 and s["aligned"] == 1.0 and s["face_frames"] == 1.0
     assert 0.3 < s["sharpness"] < 1.5 and 0 <= s["warp"] < 0.2 and np.isfinite(s["contrast"])
     assert (tmp_path / "bbaf2n__map__s0.mp4").exists()
-    index = R.write_text_report(run, tmp_path / "report")
+    index = text_report.write_text_report(run, tmp_path / "report")
     assert (tmp_path / "report" / "strip_bbaf2n.png").exists() and (tmp_path / "report" / "gap_bbaf2n.png").exists()
     assert "bilabial" in index.read_text()
 

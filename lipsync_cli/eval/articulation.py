@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lipsync_cli import face, media, phones
+from lipsync_cli.audio import SR
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.phones import SIL, Phone, Word
 
@@ -236,9 +237,9 @@ def measure(
     video = Path(video)
     frames, total = frames_of(video, fps, max_s)
     try:
-        audio = media.read_audio(video, phones.SR)
+        audio = media.read_audio(video, SR)
     except LipsyncError as e:
         raise LipsyncError(f"{video.name}: no audio to align the words to ({e})") from None
     if max_s:
-        audio = audio[: int(max_s * phones.SR)]
+        audio = audio[: int(max_s * SR)]
     return measure_frames(frames, audio, text, fps, total, face_index, video)

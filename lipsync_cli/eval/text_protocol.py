@@ -26,15 +26,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import dub, media, progress, render
+from lipsync_cli import compositing, dub, face, media, progress
+from lipsync_cli.audio import SR
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.eval import articulation as art
-from lipsync_cli.eval import metrics as M
-from lipsync_cli.eval.protocols import VIDEO_EXT, _files, _hush, mouth_crops, sync_expert
+from lipsync_cli.eval import articulation
+from lipsync_cli.eval.metrics import sharpness_ratio
+from lipsync_cli.eval.protocols import files_in, mouth_crops, quiet_bars, sync_expert
+from lipsync_cli.files import VIDEO_EXT
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice import speech as voice_speech
 
-SR = dub.SR
 SENTENCES = (
     "Bob bought a pop album at the mall. Maybe Pam will pay him back by Monday.",
     "My mom baked a big apple pie. The boys ate half of it by the pond.",
@@ -47,7 +49,7 @@ NEURAL_STEPS = 20  # neural rows adapt the renderer for exactly this many steps:
 ROWS: dict[str, tuple[str, dict]] = {
     "lips model": ("retrieval", {"lips": "model"}),
     "map": ("retrieval", {"lips": "map"}),
-    "neural": ("neural", {"adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
+    "neural": ("neural", {"lips": "model", "adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
 }
 DEFAULT_ROWS = ("lips model", "map", REAL)
 MAX_CLIP_S = 20.0  # seconds of each clip analysed (the whole of every shared clip)
@@ -173,8 +175,9 @@ def _mean(dicts: list[dict]) -> dict[str, float]:
 
 def _scale_for_sync(landmarks: np.ndarray) -> float:
     """Frames can shrink by this much and still give the sync expert's SYNC_PX crop without upsampling."""
-    iod = np.nanmedian(M.interocular(landmarks[np.isfinite(landmarks[:, 0, 0])])) if np.isfinite(landmarks).any() else 0
-    crop_px = 2.4 * float(iod)  # face.CROP_SIDE_IOD
+    found = np.isfinite(landmarks[:, 0, 0])
+    iod = float(np.median(face.inter_ocular(landmarks[found]))) if found.any() else 0.0
+    crop_px = face.CROP_SIDE_IOD * iod
     return float(min(1.0, 1.25 * SYNC_PX / crop_px)) if crop_px > 0 else 1.0
 
 
@@ -215,7 +218,7 @@ def warp(out_lm: np.ndarray, in_lm: np.ndarray) -> float:
     """Largest shift of WARP_POINTS between output and input landmarks of the same frames, over the outer-eye
     distance (frames without a face in either left out); NaN when none."""
     a, b = out_lm[:, WARP_POINTS], in_lm[:, WARP_POINTS]
-    eyes = np.linalg.norm(in_lm[:, art.EYE_OUTER[1]] - in_lm[:, art.EYE_OUTER[0]], axis=-1)
+    eyes = np.linalg.norm(in_lm[:, articulation.EYE_OUTER[1]] - in_lm[:, articulation.EYE_OUTER[0]], axis=-1)
     d = np.linalg.norm(a - b, axis=-1).max(-1) / eyes
     d = d[np.isfinite(d)]
     return float(d.max()) if len(d) else float("nan")
@@ -239,7 +242,7 @@ class _Clip:
     path: Path
     source: SourceFaces
     store: np.ndarray | None  # the frames (disk memmap) when a plan needs random access
-    voice: dub.SpeakerVoice | None
+    voice: voice_speech.SpeakerVoice | None
     info: dict
     height: int = 0
     width: int = 0
@@ -251,7 +254,7 @@ def _analyse(path: Path, settings: Settings, workdir: Path, keep_frames: bool) -
     source, store = dub.analyse_video(path, info, settings, workdir, keep_frames=keep_frames)
     facts: dict = {"frames": source.n_frames, "faces": float(source.found.mean())}
     try:
-        voice = dub.speaker_voice(settings, source.audio, path.name)
+        voice = voice_speech.speaker_voice(settings, source.audio, path.name)
     except LipsyncError as e:  # no usable speech: the plain TTS voice, as --voice-fallback would
         voice, facts["voice"] = None, f"tts ({e})"
     facts.setdefault("voice", "tts" if voice is None else "own")
@@ -269,7 +272,7 @@ def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
         if len(tap.small) >= src.n_frames:
             break
     audio = src.audio if src.audio is not None else np.zeros(0, np.float32)
-    res = art.score_landmarks(src.landmarks, audio, text, src.fps, clip.path)
+    res = articulation.score_landmarks(src.landmarks, audio, text, src.fps, clip.path)
     scores = {k: v for k, v in res.scores.items() if k != "phones"}
     scores |= _sync(tap.small, src.landmarks, scale, audio)
     return RowResult(clip.path.stem, REAL, -1, scores, res.gap, res.words, src.fps, res.scores["phones"],
@@ -294,9 +297,9 @@ def _dub_row(
                 vw.write(frame)
     scale = _scale_for_sync(src.landmarks)
     tap = _Tap(scale, src.matrices[plan], src.size)
-    frames, total = art.frames_of(out, src.fps)
+    frames, total = articulation.frames_of(out, src.fps)
     audio = media.read_audio(out, SR, ffmpeg=settings.ffmpeg)
-    res = art.measure_frames(tap(frames), audio, text, src.fps, total, settings.face_index, out)
+    res = articulation.measure_frames(tap(frames), audio, text, src.fps, total, settings.face_index, out)
     scores = {k: v for k, v in res.scores.items() if k != "phones"}
     scores |= _sync(tap.small, res.landmarks, scale, audio)
     n = min(len(tap.mouths), len(plan))
@@ -304,7 +307,7 @@ def _dub_row(
     if ok.any():
         y0, y1, x0, x1 = _mouth_box(src.size)
         real = np.asarray(src.crops[plan[:n][ok]])[:, y0:y1, x0:x1]
-        scores["sharpness"] = M.sharpness_ratio(np.stack(tap.mouths[:n])[ok], real)
+        scores["sharpness"] = sharpness_ratio(np.stack(tap.mouths[:n])[ok], real)
     m = min(len(res.landmarks), len(plan))
     scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]])
     mouths = _strip_mouths(tap.mouths) if keep_mouths else None
@@ -313,9 +316,7 @@ def _dub_row(
 
 
 def _mouth_box(size: int) -> tuple[int, int, int, int]:
-    from lipsync_cli.eval.protocols import MOUTH_BOX
-
-    x0, y0, x1, y1 = (np.array(MOUTH_BOX) * size).round().astype(int)
+    x0, y0, x1, y1 = (np.array(face.MOUTH_BOX) * size).round().astype(int)
     return y0, y1, x0, x1
 
 
@@ -333,25 +334,25 @@ def evaluate_text(
 ) -> TextRun:
     """Every clip of `videos` (default <shared>/media; at most `limit`), every row, every sentence. A clip or row
     that cannot be measured is skipped with its reason. `keep`: write the first sentence's dubs there."""
-    settings = settings.model_copy(update={"smooth": art.SMOOTH})  # the source is tracked as the stick tracks
+    settings = settings.model_copy(update={"smooth": articulation.SMOOTH})  # the source is tracked as the stick tracks
     rows = parse_rows(rows)
     sentences = list(sentences)
     videos = videos if videos is not None else settings.shared_dir / "media"
     if not videos.exists():
         raise LipsyncError(f"no such folder: {videos}")
-    clips = _files(videos, VIDEO_EXT)[: limit or None]
+    clips = files_in(videos, VIDEO_EXT)[: limit or None]
     if not clips:
         raise LipsyncError(f"no videos in {videos}")
     run = TextRun(rows, sentences, [], [])
     dubbed = [r for r in rows if r != REAL]
-    with _hush():
-        tts = [dub.load_speech(s, None, settings) for s in sentences] if dubbed else []  # once for every clip
+    with quiet_bars():
+        tts = [voice_speech.load_speech(s, None, settings) for s in sentences] if dubbed else []  # once for every clip
     n_steps = len(clips) * (1 + len(dubbed) * len(sentences) + (REAL in rows))
     with progress.task("eval text", n_steps) as advance:
         for path in clips:
             t_clip = time.perf_counter()
             try:
-                with _hush(), tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
+                with quiet_bars(), tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
                     n_src = min(media.probe(path).n_frames(settings.fps), int(MAX_CLIP_S * settings.fps))
                     longest = max((int(round(len(s) / SR * settings.fps)) for s, _ in tts), default=0)
                     clip = _analyse(path, settings, Path(tmp), keep_frames=longest > n_src)
@@ -380,9 +381,9 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
             _add(run, _real_row(clip, text, settings), on_row)
         advance(1)
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
-        speech = dub.match_video_loudness(dub.apply_voice(tts_speech, clip.voice), src.audio)
+        speech = voice_speech.match_video_loudness(voice_speech.apply_voice(tts_speech, clip.voice), src.audio)
         n_out = max(1, int(round(len(speech) / SR * fps)))
-        plan = np.minimum(render.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
+        plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
         speech = speech[: int(round(len(plan) / fps * SR))]
         close = dub.mouth_must_close(speech, len(plan), fps, text, spoken)
         for row in rows:

@@ -3,7 +3,6 @@ phone on screen, the mouth-gap curves with p/b/m and open vowels marked, and met
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
 import json
@@ -15,9 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync_cli import progress
-from lipsync_cli.eval import articulation as art
-from lipsync_cli.eval import text_protocol as T
-from lipsync_cli.eval.report import _clean, _plt, _slug
+from lipsync_cli.eval import articulation, text_protocol
+from lipsync_cli.eval.report import img_tag, json_safe, pyplot, slug
 
 ARROW = {"high": "↑", "low": "↓", "one": "→1", "": ""}
 STRIP_FRAMES = 20  # consecutive frames in a strip (0.8 s at 25 fps): long enough to see closures open and shut
@@ -28,7 +26,7 @@ def _fmt(v: float, fmt: str) -> str:
     return "–" if v is None or not np.isfinite(v) else fmt.format(v)
 
 
-def print_text_report(run: T.TextRun, console: Console | None = None) -> None:
+def print_text_report(run: text_protocol.TextRun, console: Console | None = None) -> None:
     console = console or progress.console
     if not run.results:
         console.print("[yellow]nothing measured[/]")
@@ -36,11 +34,11 @@ def print_text_report(run: T.TextRun, console: Console | None = None) -> None:
         means = run.means() if clips is None else run.clip_means(clips)
         table = Table(title=f"articulation · {title}", title_justify="left")
         table.add_column("row")
-        for _k, label, better, _f in T.COLUMNS:
+        for _k, label, better, _f in text_protocol.COLUMNS:
             table.add_column(f"{label} {ARROW[better]}".strip(), justify="right")
         for row in run.rows:
             if means.get(row):
-                table.add_row(row, *[_fmt(means[row].get(k, np.nan), f) for k, _l, _b, f in T.COLUMNS])
+                table.add_row(row, *[_fmt(means[row].get(k, np.nan), f) for k, _l, _b, f in text_protocol.COLUMNS])
         console.print(table)
     for what, why in run.skipped:
         console.print(f"[yellow]skipped[/] {what}: {why}")
@@ -49,27 +47,29 @@ def print_text_report(run: T.TextRun, console: Console | None = None) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
-def _strip_start(res: T.RowResult, n: int = STRIP_FRAMES) -> int:
+def _strip_start(res: text_protocol.RowResult, n: int = STRIP_FRAMES) -> int:
     """First frame of the strip: where the n-frame window holds the most p/b/m and open-vowel phones."""
     kinds = np.zeros(len(res.gap))
     for d in res.phones:
         if d["kind"] in ("bilabial", "open"):
-            kinds[art.phone_frames(art.Phone(d["label"], d["start"], d["end"]), len(res.gap), res.fps)] += 1
+            kinds[
+                articulation.phone_frames(articulation.Phone(d["label"], d["start"], d["end"]), len(res.gap), res.fps)
+            ] += 1
     if len(kinds) <= n:
         return 0
     return int(np.argmax(np.convolve(kinds, np.ones(n), "valid")))
 
 
-def _labels(res: T.RowResult) -> list[tuple[str, str]]:
+def _labels(res: text_protocol.RowResult) -> list[tuple[str, str]]:
     out = [("", "")] * len(res.gap)
     for w in res.words:
         for p in w.phones:
-            for i in art.phone_frames(p, len(res.gap), res.fps):
-                out[i] = ("" if w.word == art.SIL else w.word, "" if p.label == art.SIL else p.label)
+            for i in articulation.phone_frames(p, len(res.gap), res.fps):
+                out[i] = ("" if w.word == articulation.SIL else w.word, "" if p.label == articulation.SIL else p.label)
     return out
 
 
-def frame_strip(res: T.RowResult, n: int = STRIP_FRAMES) -> np.ndarray | None:
+def frame_strip(res: text_protocol.RowResult, n: int = STRIP_FRAMES) -> np.ndarray | None:
     """One row of n consecutive output mouths, each captioned with its phone and gap (the word above its first
     frame). A p/b/m frame is framed green when the lips are shut (gap < CLOSED), red when not."""
     if res.mouths is None or not len(res.mouths):
@@ -84,8 +84,8 @@ def frame_strip(res: T.RowResult, n: int = STRIP_FRAMES) -> np.ndarray | None:
         tile[20 : 20 + h] = m
         word, ph = labels[i]
         g = res.gap[i]
-        if ph in art.BILABIALS:
-            colour = GREEN if np.isfinite(g) and g < art.CLOSED else RED
+        if ph in articulation.BILABIALS:
+            colour = GREEN if np.isfinite(g) and g < articulation.CLOSED else RED
             cv2.rectangle(tile, (0, 20), (w - 1, 19 + h), colour, 3)
         if word and (i == a or labels[i - 1][0] != word):
             cv2.putText(tile, word[:9], (2, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
@@ -96,7 +96,7 @@ def frame_strip(res: T.RowResult, n: int = STRIP_FRAMES) -> np.ndarray | None:
     return np.concatenate(tiles, axis=1) if tiles else None
 
 
-def clip_strips(run: T.TextRun, clip: str) -> np.ndarray | None:
+def clip_strips(run: text_protocol.TextRun, clip: str) -> np.ndarray | None:
     """The clip's strips stacked: one per row (first sentence; real: its own speech), each titled."""
     parts = []
     for row in run.rows:
@@ -126,13 +126,13 @@ def save_image(img: np.ndarray, path: Path, quality: int = 85) -> Path:
     return path
 
 
-def plot_gaps(run: T.TextRun, clip: str, path: Path) -> Path | None:
+def plot_gaps(run: text_protocol.TextRun, clip: str, path: Path) -> Path | None:
     """Mouth gap over time per row (first sentence; real: own speech): p/b/m spans red, open vowels green, the
     closed and at-rest thresholds dashed, each p/b/m phone's smallest gap (+-1 frame) dotted."""
     results = [r for row in run.rows for r in run.results if r.clip == clip and r.row == row and r.sentence <= 0]
     if not results:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 1.9 * len(results) + 0.4), squeeze=False)
     for ax, res in zip(axes[:, 0], results, strict=True):
         t = np.arange(len(res.gap)) / res.fps
@@ -145,10 +145,10 @@ def plot_gaps(run: T.TextRun, clip: str, path: Path) -> Path | None:
             elif d["kind"] == "open":
                 ax.axvspan(d["start"], d["end"], color="tab:green", alpha=0.15, lw=0)
         ax.plot(t, res.gap, color="black", lw=1)
-        ax.axhline(art.CLOSED, color="tab:red", ls="--", lw=0.8)
-        ax.axhline(art.SILENT_OPEN, color="tab:gray", ls=":", lw=0.8)
+        ax.axhline(articulation.CLOSED, color="tab:red", ls="--", lw=0.8)
+        ax.axhline(articulation.SILENT_OPEN, color="tab:gray", ls=":", lw=0.8)
         for w in res.words:
-            if w.word and w.word != art.SIL:
+            if w.word and w.word != articulation.SIL:
                 ax.text((w.start + w.end) / 2, 1.0, w.word, transform=ax.get_xaxis_transform(), ha="center",
                         va="bottom", fontsize=7)  # fmt: skip
         s = res.scores
@@ -171,10 +171,15 @@ def plot_gaps(run: T.TextRun, clip: str, path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- files
 
 
-def to_json(run: T.TextRun) -> dict:
-    return _clean(
+def to_json(run: text_protocol.TextRun) -> dict:
+    return json_safe(
         {
-            "rows": {r: {"engine": T.ROWS[r][0], **T.ROWS[r][1]} if r in T.ROWS else "own footage" for r in run.rows},
+            "rows": {
+                r: {"engine": text_protocol.ROWS[r][0], **text_protocol.ROWS[r][1]}
+                if r in text_protocol.ROWS
+                else "own footage"
+                for r in run.rows
+            },
             "sentences": run.sentences,
             "means": run.means(),
             "clips": {c: run.clip_means(c) for c in run.clips},
@@ -195,16 +200,11 @@ def to_json(run: T.TextRun) -> dict:
     )
 
 
-def _img(path: Path) -> str:
-    kind = "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png"
-    return f"<img src='data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}' alt='{path.name}'>"
-
-
-def _html_table(run: T.TextRun, means: dict) -> str:
-    head = "".join(f"<th>{html.escape(label)} {ARROW[b]}</th>" for _k, label, b, _f in T.COLUMNS)
+def _html_table(run: text_protocol.TextRun, means: dict) -> str:
+    head = "".join(f"<th>{html.escape(label)} {ARROW[b]}</th>" for _k, label, b, _f in text_protocol.COLUMNS)
     body = "".join(
         f"<tr><th>{html.escape(row)}</th>"
-        + "".join(f"<td>{_fmt(means[row].get(k, np.nan), f)}</td>" for k, _l, _b, f in T.COLUMNS)
+        + "".join(f"<td>{_fmt(means[row].get(k, np.nan), f)}</td>" for k, _l, _b, f in text_protocol.COLUMNS)
         + "</tr>"
         for row in run.rows
         if means.get(row)
@@ -217,36 +217,47 @@ table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px sol
 text-align:right}th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}.note{color:#666;font-size:13px}"""
 
 
-def write_text_report(run: T.TextRun, out_dir: Path) -> Path:
+def _method() -> str:
+    a, w = articulation, ", ".join(map(str, text_protocol.WARP_POINTS))
+    return (
+        "Measured on the output video: re-tracked with the face mesh, the sentence force-aligned to its audio. "
+        f"bilabial: p/b/m with gap < {a.CLOSED} within ±1 frame; contrast: (open-vowel gap + {a.EPS}) / (p/b/m "
+        f"smallest gap + {a.EPS}); silence: pause frames (≥ {a.PAUSE_S} s, {a.EDGE} trimmed each end) with gap < "
+        f"{a.SILENT_OPEN}; warp: largest shift of nose and cheek points (mesh {w}) over the outer-eye distance."
+    )
+
+
+def write_text_report(run: text_protocol.TextRun, out_dir: Path) -> Path:
     """metrics.json, per clip a frame strip (JPEG) and gap plot (PNG), and index.html in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(to_json(run), indent=1))
-    rows = ", ".join(f"{r} = {T.ROWS[r][0]} {T.ROWS[r][1]}" if r in T.ROWS else f"{r} = own footage" for r in run.rows)
+    rows = ", ".join(
+        f"{r} = {text_protocol.ROWS[r][0]} {text_protocol.ROWS[r][1]}"
+        if r in text_protocol.ROWS
+        else f"{r} = own footage"
+        for r in run.rows
+    )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>lipsync eval: articulation</title>",
         f"<style>{CSS}</style></head><body><h1>lipsync eval: articulation (text protocol)</h1>",
         f"<p class='note'>{datetime.datetime.now():%Y-%m-%d %H:%M} · rows: {html.escape(rows)} · "
         "<a href='metrics.json'>metrics.json</a></p>",
-        "<p class='note'>Measured on the output video: re-tracked with the face mesh, the sentence force-aligned to "
-        f"its audio. bilabial: p/b/m with gap &lt; {art.CLOSED} within ±1 frame; contrast: (open-vowel gap + "
-        f"{art.EPS}) / (p/b/m smallest gap + {art.EPS}); silence: pause frames (≥ {art.PAUSE_S} s, {art.EDGE} "
-        f"trimmed each end) with gap &lt; {art.SILENT_OPEN}; warp: largest shift of nose and cheek points (mesh "
-        f"{', '.join(map(str, T.WARP_POINTS))}) over the outer-eye distance. Sentences: "
+        f"<p class='note'>{html.escape(_method())} Sentences: "
         + " · ".join(html.escape(s) for s in run.sentences) + "</p>",
         "<h2>mean over clips</h2>", _html_table(run, run.means()),
     ]  # fmt: skip
     for clip in run.clips:
-        slug = _slug(clip)
+        name = slug(clip)
         parts.append(f"<h2>{html.escape(clip)}</h2>")
         parts.append(f"<p class='note'>{html.escape(json.dumps(run.info.get(clip, {})))}</p>")
         parts.append(_html_table(run, run.clip_means(clip)))
         strip = clip_strips(run, clip)
         if strip is not None:
-            parts.append(_img(save_image(strip, out_dir / f"strip_{slug}.png")))
-        png = plot_gaps(run, clip, out_dir / f"gap_{slug}.png")
+            parts.append(img_tag(save_image(strip, out_dir / f"strip_{name}.png")))
+        png = plot_gaps(run, clip, out_dir / f"gap_{name}.png")
         if png is not None:
-            parts.append(_img(png))
+            parts.append(img_tag(png))
     parts.append("<h2>notes</h2><ul>")
     parts += [f"<li>skipped {html.escape(w)}: {html.escape(y)}</li>" for w, y in run.skipped]
     parts.append("</ul></body></html>")
