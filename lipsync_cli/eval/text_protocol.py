@@ -14,6 +14,7 @@ are done once and shared by every row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -268,9 +269,10 @@ def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
     t0 = time.perf_counter()
     scale = _scale_for_sync(src.landmarks)
     tap = _Tap(scale, src.matrices, src.size)
-    for _ in tap(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)):
-        if len(tap.small) >= src.n_frames:
-            break
+    with contextlib.closing(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)) as frames:
+        for _ in tap(frames):
+            if len(tap.small) >= src.n_frames:
+                break
     audio = src.audio if src.audio is not None else np.zeros(0, np.float32)
     res = articulation.score_landmarks(src.landmarks, audio, text, src.fps, clip.path)
     scores = {k: v for k, v in res.scores.items() if k != "phones"}
