@@ -177,7 +177,10 @@ def test_text_protocol_on_a_grid_clip(tmp_path):
 
 
 def test_cli_rejects_unknown_row_before_any_work():
-    from tests.conftest import run_cli
+    from typer.testing import CliRunner
 
-    r = run_cli("eval", "--metric", "articulation", "--rows", "map,bogus")
-    assert r.returncode == 1 and "unknown row 'bogus'" in r.stderr and "Traceback" not in r.stderr
+    from lipsync_cli.cli import app
+    from lipsync_cli.errors import LipsyncError
+
+    r = CliRunner().invoke(app, ["--quiet", "eval", "--metric", "articulation", "--rows", "map,bogus"])
+    assert isinstance(r.exception, LipsyncError) and "unknown row 'bogus'" in str(r.exception)
