@@ -240,7 +240,7 @@ def eval_(
     grid: Annotated[Path | None, typer.Option(help="GRID speaker folder (video/, align/). Default: found.")] = None,
     limit: Annotated[
         int | None,
-        typer.Option(help="At most this many clips per protocol and corpus (0: all; default 8, voice: all)."),
+        typer.Option(help="Clips per protocol and corpus at most (0: all; default 8; voice, articulation: all)."),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
     rows: Annotated[
