@@ -321,19 +321,36 @@ def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarr
     return A.match_loudness(speech, SR, target)
 
 
-def mouth_must_close(
-    speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
-) -> np.ndarray:
-    """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
-    close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
-    try:
-        from lipsync_cli import phones
+def speech_phones(
+    speech: np.ndarray, text: str | None, spoken: list | None = None, transcript: str | None = None
+) -> list | None:
+    """The phones of the new speech, with their timings: what the mouth must show (visemes.py). Piper's own phone
+    timings when it spoke (exact); else forced alignment of the known words (`text` for other TTS, `transcript` for
+    an audio file); else phone recognition. None when none of these finds anything to go by."""
+    if spoken is not None:
+        return spoken
+    from lipsync_cli import phones
 
-        ph = spoken if spoken is not None else phones.align_phones(speech, text)
-        close |= phones.bilabial_frames(ph, n_frames, fps)
+    try:
+        found = phones.align_phones(speech, transcript if transcript is not None else text)
     except LipsyncError:
-        pass  # alignment is a refinement; pauses alone still close the mouth
-    return close
+        return None
+    return found if any(p.label != phones.SIL for p in found) else None
+
+
+def read_transcript(transcript: str | None) -> str | None:
+    """--transcript: the words themselves, or a text file holding them."""
+    if transcript is None:
+        return None
+    path = Path(transcript)
+    try:
+        if len(transcript) < 4096 and path.is_file():
+            transcript = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise LipsyncError(f"--transcript {path}: {e.strerror}") from None
+    if not transcript.strip():
+        raise LipsyncError("--transcript is empty")
+    return transcript
 
 
 def iter_plan_frames(
@@ -382,15 +399,19 @@ def dub(
     output: Path | None,
     settings: Settings,
     force: bool = False,
+    transcript: str | None = None,
 ) -> DubResult:
     """Re-animate the mouth in `video` to new speech (TTS of `text` in the person's voice per settings.voice, or the
-    file `audio` exactly as given) and write the result."""
+    file `audio` exactly as given, whose words `transcript` may tell: text or a file) and write the result."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_output(video)
     check_output(output, video, force)
     check_words(text, audio)
+    if transcript is not None and audio is None:
+        raise LipsyncError("--transcript tells the words of an --audio file; with text to speak it is not needed")
+    transcript = read_transcript(transcript)
     check_voice(audio, settings)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -427,9 +448,11 @@ def dub(
 
         t = time.perf_counter()
         speech = match_video_loudness(speech, source.audio)
-        close = mouth_must_close(speech, len(plan), fps, text if audio is None else None, spoken)
+        ph = speech_phones(speech, text if audio is None else None, spoken, transcript)
+        pauses = ~A.voice_activity(speech, SR, fps=fps, n_frames=len(plan))  # what closes when no phone is found
         animate = get_engine(settings.engine, settings)
-        track = animate(source, speech, plan, close=close)
+        targets = {} if settings.engine == "seed" else {"phones": ph}  # the seed generates from audio alone
+        track = animate(source, speech, plan, close=pauses, **targets)
         timings["engine"] = time.perf_counter() - t
 
         t = time.perf_counter()

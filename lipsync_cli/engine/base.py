@@ -41,12 +41,17 @@ class SourceFaces:
 
 @dataclass
 class MouthTrack:
-    source_index: np.ndarray  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched)
+    source_index: np.ndarray  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched;
+    # T + j for T source frames: the re-shaped mouth bank[j])
     points: np.ndarray  # (N, 478, 2) aligned landmarks of the shown mouth (for masks and measurement)
     crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
     target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)
+    bank: np.ndarray | None = None  # (M, S, S, 3) the person's own mouths re-shaped (shut, opened): engine/warp.py
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         if self.crops is not None:
             return self.crops[i]
-        return np.asarray(source.crops[self.source_index[i]])
+        j = int(self.source_index[i])
+        if j >= source.n_frames:
+            return self.bank[j - source.n_frames]
+        return np.asarray(source.crops[j])

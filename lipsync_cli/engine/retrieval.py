@@ -6,8 +6,10 @@
    video's own audio and lips alone). Both end in the coefficients of the map's PCA basis of the source lips.
 3. Choose, for each output frame, a source mouth by shape match, pose match and temporal smoothness: a Viterbi pass
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
-   would show. Where the target mouth is shut, an open source mouth costs as much as a cut: by nearest shape alone,
-   half-open mouths ran through the pauses the target closes.
+   would show. The viseme targets (visemes.py: p/b/m shut, open vowels open, pauses at rest) are hard: they decide
+   which mouths a frame may show at all, and where a head pose has no such mouth, one of the person's own mouths is
+   re-shaped (engine/warp.py). Soft costs lost: a learned target regresses to the average mouth, and the nearest
+   shape to an average mouth is a half-open one.
 The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
@@ -18,16 +20,23 @@ import functools
 import numpy as np
 
 from lipsync_cli import audio as A
-from lipsync_cli import face
-from lipsync_cli.engine import lipmap
+from lipsync_cli import face, visemes
+from lipsync_cli.engine import lipmap, warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
-from lipsync_cli.eval.metrics import closed_threshold
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
+POSE_TOL = 1.5  # candidates further than this (in median pose deviations) are dropped while nearer ones qualify
 JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
 HOLD_COST = 0.3  # showing the same frame twice looks frozen
-OPEN_COST = JUMP_COST  # an open mouth on a frame that must be shut is as visible as a cut
+GAP_WEIGHT = 8.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
+SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does the job
+# inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
+CLOSED_GAP = 0.007  # a shut mouth, with a margin for re-tracking
+REST_GAP = 0.025  # a mouth at rest in a pause
+MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
+OPEN_MIN = 0.7  # an open vowel shows at least this share of its target gap
+POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
 
 
 def animate(
@@ -37,12 +46,18 @@ def animate(
     close: np.ndarray | None = None,
     sr: int = A.SR,
     lips: str | None = None,
+    phones: list | None = None,
 ) -> MouthTrack:
-    """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
-    `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
-    (None: the `lips` setting)."""
-    aligned, shapes, lm, target = shape_targets(source, speech, len(background), close, sr, lips)
-    return choose(source, aligned, shapes, lm, target, background)
+    """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i.
+    `phones` (Phone list, seconds from the speech's start) give the viseme targets; without them, `close` marks the
+    frames that must shut. `lips`: "model" | "map" (None: the `lips` setting)."""
+    n = len(background)
+    if phones is not None:
+        tg = visemes.targets(phones, n, source.fps)
+    else:
+        tg = visemes.from_close(np.zeros(n, bool) if close is None else np.asarray(close, bool))
+    aligned, shapes, lm, target = shape_targets(source, speech, n, sr, lips)
+    return choose(source, aligned, shapes, lm, target, background, tg)
 
 
 def choose(
@@ -52,32 +67,125 @@ def choose(
     lm: lipmap.LipMap,
     target: np.ndarray,
     background: np.ndarray,
+    tg: visemes.Targets,
 ) -> MouthTrack:
-    """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
-    inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
-    source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
-    and forcing them in selection too overshot real footage's closure on other voices (README "Lips model")."""
-    src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
+    """Step 3: the mouth shown on each output frame. The lips target shapes the motion; the viseme targets are
+    hard: a p/b/m frame may only show a shut mouth, an open vowel only one open at least OPEN_MIN of its target, a
+    pause only a resting one. Where no real mouth of a head pose qualifies, the bank supplies one of the person's
+    own mouths re-shaped (engine/warp.py)."""
+    T = source.n_frames
+    pool = source.pool.copy()
+    gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
+    wide = max(float(np.percentile(gap[pool], 95)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
-    src_gap = inner_gap(np.nan_to_num(shapes))
-    thresh = closed_threshold(src_gap[source.pool])
-    shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
-    index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
+    bank, bank_pts, origin = make_bank(source, aligned, gap, pose, wide)
+    pts = np.concatenate([aligned, bank_pts]) if len(bank) else aligned
+    all_shapes = np.concatenate([np.nan_to_num(shapes), lipmap.shape_vectors(bank_pts[:, face.LIPS], source.size)])
+    src_coef = lipmap.coefficients(lm, all_shapes) / lm.scale
+    gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
+    width = warp.mouth_width(np.nan_to_num(pts))
+    pose = np.concatenate([pose, pose[origin]])
+    valid = np.concatenate([pool, np.ones(len(bank), bool)])
+
+    want = tg.openness * wide  # the gap each frame aims at
+    resting = gap[:T][pool & (gap[:T] < REST_GAP)]
+    want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
+    rules, sets = allowed_sets(tg, want, gap, width, valid)
+    weight = np.where(tg.kind == visemes.FREE, 0.0, GAP_WEIGHT / wide**2)
+    extra = SYNTH_COST * (np.arange(len(gap)) >= T)
+    index = select_mouths(
+        src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
+    )
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
-    points = aligned[np.maximum(index, 0)]
-    return MouthTrack(source_index=index, points=points, target=target)
+    used = np.unique(index[index >= T]) - T
+    keep = np.zeros(len(bank), np.int64)
+    keep[used] = np.arange(len(used))
+    index = np.where(index >= T, T + keep[np.maximum(index - T, 0)], index)  # only the bank mouths shown travel on
+    points = np.concatenate([aligned, bank_pts[used]])[np.maximum(index, 0)]
+    return MouthTrack(source_index=index, points=points, target=target, bank=bank[used] if len(used) else None)
+
+
+def allowed_sets(
+    tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show."""
+    narrow = width <= np.median(width[valid])
+    rows, keys = [], {}
+    rules = np.empty(len(tg.kind), np.int64)
+    for i, (k, w) in enumerate(zip(tg.kind, want, strict=True)):
+        key = (int(k), round(float(w), 4))
+        if key not in keys:
+            if k == visemes.CLOSED:
+                ok = gap <= CLOSED_GAP
+            elif k == visemes.REST:
+                ok = gap <= REST_GAP
+            elif k == visemes.OPEN:
+                ok = gap >= OPEN_MIN * w
+            elif k == visemes.LABIODENTAL:
+                ok = gap <= max(w, REST_GAP)
+            elif k == visemes.ROUND:
+                ok = narrow & (gap <= max(2 * w, REST_GAP))
+            else:
+                ok = np.ones(len(gap), bool)
+            ok &= valid
+            keys[key] = len(rows)
+            rows.append(ok if ok.any() else valid)  # nothing qualifies (a round mouth nowhere): free
+        rules[i] = keys[key]
+    return rules, np.array(rows)
+
+
+def make_bank(
+    source: SourceFaces, aligned: np.ndarray, gap: np.ndarray, pose: np.ndarray, wide: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-shaped mouths for head poses the video never shows shut (or wide open): per pose group, the nearest real
+    mouth warped shut, or opened to `wide`. Returns (crops (M, S, S, 3), aligned landmarks (M, 478, 2), origin
+    frame (M,))."""
+    pool = np.flatnonzero(source.pool)
+    groups = _pose_groups(pose[pool], POSE_GROUPS)
+    crops, pts, origin = [], [], []
+    for g in np.unique(groups):
+        members = pool[groups == g]
+        g_gap = gap[members]
+        jobs = []
+        if g_gap.min() > CLOSED_GAP:
+            jobs.append((members[np.argmin(g_gap)], 0.0))
+        if g_gap.max() < OPEN_MIN * wide and g_gap.max() > REST_GAP:
+            t = members[np.argmax(g_gap)]
+            jobs.append((t, min(wide / gap[t], 2.5)))
+        for t, scale in jobs:
+            c, p = warp.reshape(np.asarray(source.crops[t]), aligned[t], scale)
+            crops.append(c)
+            pts.append(p)
+            origin.append(t)
+    if not crops:
+        s = source.size
+        return np.zeros((0, s, s, 3), np.uint8), np.zeros((0, *aligned.shape[1:])), np.zeros(0, np.int64)
+    return np.array(crops), np.array(pts), np.array(origin)
+
+
+def _pose_groups(pose: np.ndarray, k: int) -> np.ndarray:
+    """k-means (a few Lloyd steps from a farthest-point start) on the pose features: which group each frame is in."""
+    k = min(k, len(pose))
+    centres = [pose[0]]
+    for _ in range(1, k):
+        d = np.min([((pose - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(pose[int(d.argmax())])
+    centres = np.array(centres)
+    for _ in range(10):
+        label = ((pose[:, None] - centres[None]) ** 2).sum(2).argmin(1)
+        centres = np.array([pose[label == j].mean(0) if (label == j).any() else centres[j] for j in range(k)])
+    return ((pose[:, None] - centres[None]) ** 2).sum(2).argmin(1)
 
 
 def shape_targets(
     source: SourceFaces,
     speech: np.ndarray,
     n_out: int,
-    close: np.ndarray | None = None,
     sr: int = A.SR,
     lips: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
-    coefficients (n_out, k) in the map's PCA basis) for the new speech."""
+    coefficients (n_out, k) in the map's PCA basis) for the new speech: the motion between the viseme anchors."""
     valid = source.pool
     if valid.sum() < 2:
         raise ValueError("fewer than two usable face frames in the source video")
@@ -90,12 +198,11 @@ def shape_targets(
     lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
     model = lips_model(lips)
     if model is None:
-        target = lipmap.predict(lm, speech, n_out, source.fps, close=close, sr=sr)
+        target = lipmap.predict(lm, speech, n_out, source.fps, sr=sr)
     else:
         from lipsync_cli.models import lips as lips_net
 
-        # `close` is a partial pull here, not the map's override: forcing it costs lip error (models/lips.py)
-        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr, close=close)
+        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
     return aligned, shapes, lm, target
 
 
@@ -138,26 +245,39 @@ def select_mouths(
     valid: np.ndarray,
     target: np.ndarray,
     background: np.ndarray,
-    shut: np.ndarray | None = None,
-    src_open: np.ndarray | None = None,
+    rules: np.ndarray | None = None,
+    sets: np.ndarray | None = None,
+    gaps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    extra: np.ndarray | None = None,
+    phone_id: np.ndarray | None = None,
+    n_real: int | None = None,
 ) -> np.ndarray:
-    """Viterbi over per-frame candidate source frames. src: (T, k) shape coefficients in std units; pose: (T, P);
-    target: (N, k); background: (N,) source frame behind each output frame; shut: (N,) frames whose target mouth is
-    closed, src_open: (T,) open source mouths (these cost OPEN_COST there). Returns (N,) source indices."""
-    cand_pool = np.flatnonzero(valid)
+    """Viterbi over per-frame candidate mouths. src: (T', k) shape coefficients in std units; pose: (T', P);
+    target: (N, k); background: (N,) source frame behind each output frame. Optional: sets[rules[i]] (T',) bool:
+    the only mouths frame i may show (hard); gaps = (gap (T',), wanted gap (N,), weight (N,)): a squared-gap cost;
+    extra (T',): a fixed cost per mouth; phone_id (N,): holding one mouth across two phones costs a cut; n_real:
+    mouths from n_real on are not video frames (nothing follows them). Returns (N,) mouth indices."""
     T = len(src)
-    pose_scale = np.median(np.linalg.norm(pose[cand_pool] - pose[cand_pool].mean(0), axis=1)) + 1e-6
-    nxt = np.minimum(np.arange(T) + 1, T - 1)
+    n_real = T if n_real is None else n_real
+    cand_all = np.flatnonzero(valid)
+    real = cand_all[cand_all < n_real]
+    pose_scale = np.median(np.linalg.norm(pose[real] - pose[real].mean(0), axis=1)) + 1e-6
+    nxt = np.concatenate([np.minimum(np.arange(n_real) + 1, n_real - 1), np.full(T - n_real, -1)])
 
     def unary(i: int) -> tuple[np.ndarray, np.ndarray]:
-        shape_cost = ((src[cand_pool] - target[i]) ** 2).sum(1)
-        pose_cost = ((pose[cand_pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
-        cost = shape_cost + POSE_WEIGHT * pose_cost
-        if shut is not None and src_open is not None and shut[i]:
-            cost = cost + OPEN_COST * src_open[cand_pool]
-        k = min(N_CANDIDATES, len(cand_pool))
+        pool = cand_all if sets is None else np.flatnonzero(sets[rules[i]] & valid)
+        pose_cost = ((pose[pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
+        near = pose_cost <= POSE_TOL**2
+        if near.any():  # a mouth from another head pose only when no near one qualifies
+            pool, pose_cost = pool[near], pose_cost[near]
+        cost = ((src[pool] - target[i]) ** 2).sum(1) + POSE_WEIGHT * pose_cost
+        if gaps is not None:
+            cost = cost + gaps[2][i] * (gaps[0][pool] - gaps[1][i]) ** 2
+        if extra is not None:
+            cost = cost + extra[pool]
+        k = min(N_CANDIDATES, len(pool))
         top = np.argpartition(cost, k - 1)[:k]
-        return cand_pool[top], cost[top]
+        return pool[top], cost[top]
 
     cands, acc = unary(0)
     back: list[np.ndarray] = []
@@ -167,8 +287,11 @@ def select_mouths(
         prev = all_cands[-1]
         follows = c[None, :] == nxt[prev][:, None]
         holds = c[None, :] == prev[:, None]
+        hold = HOLD_COST
+        if phone_id is not None and phone_id[i] != phone_id[i - 1]:
+            hold = JUMP_COST + HOLD_COST  # one mouth across two phones is a frozen mouth
         seam = ((src[nxt[prev]][:, None, :] - src[c][None, :, :]) ** 2).sum(2)
-        trans = np.where(follows, 0.0, np.where(holds, HOLD_COST, JUMP_COST + 0.5 * seam))
+        trans = np.where(follows, 0.0, np.where(holds, hold, JUMP_COST + 0.5 * seam))
         total = acc[:, None] + trans
         arg = total.argmin(0)
         acc = total[arg, np.arange(len(c))] + u
