@@ -67,7 +67,7 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
     openness = np.zeros(n_frames)
     label = [""] * n_frames
     pid = np.full(n_frames, -1, np.int64)
-    t = np.arange(n_frames) / fps + lead  # frame i shows what is heard `lead` later
+    t = np.arange(n_frames) / fps + lead + 1e-9  # frame i shows what is heard `lead` later
     for j, p in enumerate(phones):
         rest = p.label == SIL and p.end - p.start >= MIN_REST_S
         covered = np.flatnonzero((t >= p.start) & (t < p.end))

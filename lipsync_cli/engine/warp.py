@@ -24,7 +24,8 @@ OUTER_CORNERS = np.array([61, 291])
 CHIN = np.array([18, 200, 199, 175, 152, 148, 176, 377, 400, 83, 313, 201, 421, 208, 428])
 # fixed: the nose's base, the cheeks and the jaw's sides stay exactly where they are
 RING = np.array([2, 98, 327, 203, 423, 205, 425, 207, 427, 216, 436, 192, 416, 58, 288, 172, 397, 136, 365, 150, 379])
-SHUT_PX = 0.3  # half the distance left between the lips of a shut mouth (pixels): a seam, not an overlap
+SHUT_PX = 0.1  # half the distance left between the lips of a shut mouth (pixels): a seam, not an overlap
+PRESS = 0.25  # a shut mouth's seam shows lip, from this far into each lip: the dark inner rim disappears
 
 
 def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +53,11 @@ def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray
     new[OUTER_CORNERS] += 0.25 * (d_up.mean(0) + jaw) * [0, 1]
     moved = np.concatenate([INNER_PAIRS.ravel(), INNER_CORNERS, OUTER_UPPER, OUTER_LOWER, OUTER_CORNERS, CHIN])
     ctrl = np.concatenate([moved, RING])
-    return _warp(crop, new[ctrl], pts[ctrl]), new
+    src = pts.copy()
+    if scale <= 0:  # pressed lips: the seam samples the lips' bodies, not their dark inner edges
+        src[INNER_PAIRS[:, 0]] += PRESS * (pts[OUTER_UPPER] - pts[INNER_PAIRS[:, 0]])
+        src[INNER_PAIRS[:, 1]] += PRESS * (pts[OUTER_LOWER] - pts[INNER_PAIRS[:, 1]])
+    return _warp(crop, new[ctrl], src[ctrl]), new
 
 
 def _warp(img: np.ndarray, dst: np.ndarray, src: np.ndarray) -> np.ndarray:
