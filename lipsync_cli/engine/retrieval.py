@@ -21,8 +21,9 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, visemes
-from lipsync_cli.engine import lipmap, warp
+from lipsync_cli.engine import warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
+from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
@@ -229,14 +230,6 @@ def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
     """Where the speech-independent points fall after similarity alignment: what is left encodes yaw/pitch."""
     p = np.nan_to_num(aligned[:, face.STABLE] / size).reshape(len(aligned), -1)
     return p - p.mean(0)
-
-
-def inner_gap(shapes: np.ndarray) -> np.ndarray:
-    """(T, 80) lip shape vectors -> (T,) inner-lip gap: the mean distance over face.INNER_LIP_PAIRS, as
-    face.mouth_opening measures it (here in crop units, not over the inter-ocular distance)."""
-    pts = shapes.reshape(len(shapes), len(face.LIPS), 2)
-    top, bottom = face.INNER_LIP_PAIRS_IN_LIPS.T
-    return np.linalg.norm(pts[:, bottom] - pts[:, top], axis=-1).mean(-1)
 
 
 def select_mouths(
