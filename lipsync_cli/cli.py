@@ -229,10 +229,14 @@ def eval_(
         str,
         typer.Option(
             help="lve, sync, closure, psnr, ssim, sharpness, stability: one, a comma list or all (the video "
-            "metrics); voice: speaker similarity and WER of the cloned voice (alone or in the list)."
+            "metrics); voice: speaker similarity and WER of the cloned voice (alone or in the list); articulation: "
+            "dubs from fixed sentences, re-tracked (the text protocol)."
         ),
     ] = "all",
-    protocol: Annotated[str, typer.Option(help="reconstruct (ground truth) | cross (new speech) | all.")] = "all",
+    protocol: Annotated[
+        str,
+        typer.Option(help="reconstruct (ground truth) | cross (new speech) | all | text (= --metric articulation)."),
+    ] = "all",
     engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval, neural or seed.")] = None,
     adapt_minutes: Annotated[float | None, typer.Option(help=ADAPT_HELP)] = None,
     videos: Annotated[Path | None, typer.Option(help="Video folder (or file). Default: <shared>/media.")] = None,
@@ -244,6 +248,13 @@ def eval_(
         typer.Option(help="At most this many clips per protocol and corpus (0: all; default 8, voice: all)."),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
+    rows: Annotated[
+        str | None,
+        typer.Option(
+            help="articulation: rows, e.g. 'lips model,map,neural,real' or ENGINE:KEY=VALUE;... (default: "
+            "lips model,map,real)."
+        ),
+    ] = None,  # fmt: skip
 ) -> None:
     """Measure an engine against real footage and three baselines (real, frozen mouth, unchanged video)."""
     from lipsync_cli.eval import protocols
@@ -251,6 +262,21 @@ def eval_(
 
     s = _settings(ctx, engine=engine, adapt_minutes=adapt_minutes)
     names = [n.strip().lower() for n in metric.split(",") if n.strip()]
+    if protocol.strip().lower() == "text" and "articulation" not in names:
+        names = ["articulation"]
+    if "articulation" in names:  # the text protocol: its own dubs, rows and table
+        from lipsync_cli.eval import text_protocol as tp
+        from lipsync_cli.eval import text_report as trep
+
+        trun = tp.evaluate_text(s, videos, tp.parse_rows(rows), limit=limit or None,
+                                keep=report / "videos" if report is not None else None)  # fmt: skip
+        trep.print_text_report(trun)
+        if report is not None:
+            progress.log(f"[green]wrote[/] {trep.write_text_report(trun, report)}")
+        names = [n for n in names if n != "articulation"]
+        if not names:
+            return
+        metric = ",".join(names)
     video_metrics = [n for n in names if n != "voice"]
     metrics = protocols.parse_metrics(",".join(video_metrics) or metric) if video_metrics or not names else []
     chosen = protocols.parse_protocols(protocol)

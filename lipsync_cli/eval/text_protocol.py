@@ -1,0 +1,403 @@
+"""The `text` protocol of `lipsync eval --metric articulation`: does the dub say the words, on the video the user gets?
+
+Each clip is dubbed from every sentence of SENTENCES (fixed: rich in p/b/m and open vowels, with sentence breaks
+for pauses) exactly as `lipsync dub` makes it (piper TTS in the person's voice, loudness, timing plan, the engine,
+the compositor, an H.264 file with the speech). The OUTPUT file is then decoded and measured like any video
+(eval/articulation.py: re-tracked, the sentence force-aligned to its audio), never the engine's own targets. Beside
+the articulation scores: the sync expert's |offset| and LSE-C, mouth sharpness against the source frames behind
+it, and `warp`, how far the composite moved points the mouth should never move (WARP_POINTS).
+
+Rows (ROWS, extend freely): one per engine and lips setting, plus `real`, the clip's own footage with its own speech
+and transcript (TRANSCRIPTS, or a GRID id's sentence): the ceiling. The face pass, the voice and each sentence's TTS
+are done once and shared by every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lipsync_cli import dub, media, progress, render
+from lipsync_cli.engine import SourceFaces, get_engine
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.eval import articulation as art
+from lipsync_cli.eval import metrics as M
+from lipsync_cli.eval.protocols import VIDEO_EXT, _files, _hush, mouth_crops, sync_expert
+from lipsync_cli.settings import Settings
+
+SR = dub.SR
+SENTENCES = (
+    "Bob bought a pop album at the mall. Maybe Pam will pay him back by Monday.",
+    "My mom baked a big apple pie. The boys ate half of it by the pond.",
+    "Please pass the map, Tom. The bus stops by the palm park at about five past nine.",
+)
+REAL = "real"
+NEURAL_STEPS = 20  # neural rows adapt the renderer for exactly this many steps: reproducible, and cheap on a CPU
+# row name -> (engine, keyword arguments its animate() takes). The lips choice is passed explicitly, never read
+# from the settings, so a row means the same whatever the environment says.
+ROWS: dict[str, tuple[str, dict]] = {
+    "lips model": ("retrieval", {"lips": "model"}),
+    "map": ("retrieval", {"lips": "map"}),
+    "neural": ("neural", {"adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
+}
+DEFAULT_ROWS = ("lips model", "map", REAL)
+MAX_CLIP_S = 20.0  # seconds of each clip analysed (the whole of every shared clip)
+TRANSCRIPTS = Path(__file__).with_name("media_transcripts.json")
+# Mesh points the composite must not move (inter-ocular units): nose tip 1, nose wings 98 / 327, cheeks beside the
+# nose wings 205 / 425 and on the cheekbones 50 / 280. All lie outside the lips' reach but near the mouth mask's edge.
+WARP_POINTS = np.array([1, 98, 327, 205, 425, 50, 280], dtype=np.int64)
+SYNC_PX = 128  # the sync expert's aligned crop side: frames are kept only as large as that needs
+
+# (key, label, better: high | low | one, format)
+COLUMNS = (
+    ("bilabial", "bilabial", "high", "{:.2f}"),
+    ("contrast", "contrast", "high", "{:.2f}"),
+    ("silence", "silence", "high", "{:.2f}"),
+    ("lse_off", "sync |off|", "low", "{:.1f}"),
+    ("lse_c", "LSE-C", "high", "{:.2f}"),
+    ("sharpness", "sharp", "one", "{:.2f}"),
+    ("warp", "warp", "low", "{:.3f}"),
+    ("n_bilabial", "n p/b/m", "", "{:.0f}"),
+)
+
+
+def parse_rows(spec: str | Iterable[str] | None) -> list[str]:
+    """'lips model,map,real' -> row names; also 'engine:key=value;key=value' for a setting not in ROWS (it is
+    added to ROWS under that name). Unknown names are a clear error."""
+    items = DEFAULT_ROWS if spec is None else spec.split(",") if isinstance(spec, str) else spec
+    out = []
+    for raw in items:
+        name = raw.strip()
+        if not name:
+            continue
+        if name != REAL and name not in ROWS:
+            if ":" not in name:
+                raise LipsyncError(f"unknown row {name!r}; choose from {', '.join([*ROWS, REAL])} or ENGINE:KEY=VALUE")
+            engine, _, opts = name.partition(":")
+            kw = {}
+            for kv in filter(None, opts.split(";")):
+                k, _, v = kv.partition("=")
+                kw[k.strip()] = _value(v.strip())
+            get_engine(engine.strip())  # unknown engines fail before any work
+            ROWS[name] = (engine.strip(), kw)
+        out += [name] if name not in out else []
+    if not out:
+        raise LipsyncError("no rows to evaluate")
+    return out
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+@functools.cache
+def stored_transcripts() -> dict[str, str]:
+    """clip stem -> transcript of its own speech (see the file's _note for how they were made)."""
+    data = json.loads(TRANSCRIPTS.read_text(encoding="utf-8"))
+    return {k: v["text"] for k, v in data.items() if not k.startswith("_")}
+
+
+def transcript(path: Path) -> str | None:
+    """What the clip's own speaker says: the stored transcript, else a GRID id's sentence, else None."""
+    from lipsync_cli.data.grid import grid_sentence
+
+    return stored_transcripts().get(path.stem) or grid_sentence(path.stem)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class RowResult:
+    clip: str
+    row: str
+    sentence: int  # index into the run's sentences; -1: the clip's own speech (real)
+    scores: dict[str, float]
+    gap: np.ndarray  # (T,) re-tracked mouth gap
+    words: list  # phones.Word list: the text aligned to the output audio
+    fps: float
+    phones: list[dict] = field(default_factory=list)  # per-phone detail (articulation.score)
+    mouths: np.ndarray | None = None  # (T, h, w, 3) small mouth crops of the output, for frame strips
+    seconds: float = 0.0  # wall time of this row (engine, render, measuring)
+
+
+@dataclass
+class TextRun:
+    rows: list[str]
+    sentences: list[str]
+    results: list[RowResult]
+    skipped: list[tuple[str, str]]  # (clip / row, why)
+    info: dict = field(default_factory=dict)  # clip -> facts (frames, voice, seconds)
+
+    @property
+    def clips(self) -> list[str]:
+        return list(dict.fromkeys(r.clip for r in self.results))
+
+    def clip_means(self, clip: str) -> dict[str, dict[str, float]]:
+        """row -> column -> mean over the clip's sentences."""
+        return {row: _mean([r.scores for r in self.results if r.clip == clip and r.row == row]) for row in self.rows}
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """row -> column -> mean over clips of each clip's mean (every clip weighs the same)."""
+        per = [self.clip_means(c) for c in self.clips]
+        return {row: _mean([p[row] for p in per if p[row]]) for row in self.rows}
+
+
+def _mean(dicts: list[dict]) -> dict[str, float]:
+    out = {}
+    for key, *_ in COLUMNS:
+        v = np.array([d.get(key, np.nan) for d in dicts], dtype=np.float64)
+        out[key] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+    return out if dicts else {}
+
+
+# ----------------------------------------------------------------------------- measuring one video
+
+
+def _scale_for_sync(landmarks: np.ndarray) -> float:
+    """Frames can shrink by this much and still give the sync expert's SYNC_PX crop without upsampling."""
+    iod = np.nanmedian(M.interocular(landmarks[np.isfinite(landmarks[:, 0, 0])])) if np.isfinite(landmarks).any() else 0
+    crop_px = 2.4 * float(iod)  # face.CROP_SIDE_IOD
+    return float(min(1.0, 1.25 * SYNC_PX / crop_px)) if crop_px > 0 else 1.0
+
+
+class _Tap:
+    """Sees every decoded frame once on its way to the tracker: keeps the frames small (for the sync expert) and the
+    output's mouth crops (for sharpness and the strips), so no video is held in memory at full size."""
+
+    def __init__(self, scale: float, matrices: np.ndarray | None, size: int):
+        self.scale, self.matrices, self.size = scale, matrices, size
+        self.small: list[np.ndarray] = []
+        self.mouths: list[np.ndarray] = []
+
+    def __call__(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for i, f in enumerate(frames):
+            h, w = f.shape[:2]
+            dsize = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+            self.small.append(f if self.scale >= 1 else cv2.resize(f, dsize, interpolation=cv2.INTER_AREA))
+            if self.matrices is not None and i < len(self.matrices):
+                self.mouths.append(mouth_crops(f[None], self.matrices[i : i + 1], self.size)[0][0])
+            yield f
+
+
+def _sync(frames_small: list[np.ndarray], landmarks: np.ndarray, scale: float, audio: np.ndarray) -> dict:
+    expert = sync_expert()
+    if expert is None or not frames_small:
+        return {}
+    from lipsync_cli.models.sync import clip_sync
+
+    n = min(len(frames_small), len(landmarks))
+    try:
+        r = clip_sync(expert, np.stack(frames_small[:n]), landmarks[:n] * scale, audio, max_offset=15)
+    except LipsyncError:
+        return {"lse_off": float("nan"), "lse_c": float("nan")}
+    return {"lse_off": float(abs(r["offset"])), "lse_c": float(r["confidence"])}
+
+
+def warp(out_lm: np.ndarray, in_lm: np.ndarray) -> float:
+    """Largest shift of WARP_POINTS between output and input landmarks of the same frames, over the outer-eye
+    distance (frames without a face in either left out); NaN when none."""
+    a, b = out_lm[:, WARP_POINTS], in_lm[:, WARP_POINTS]
+    eyes = np.linalg.norm(in_lm[:, art.EYE_OUTER[1]] - in_lm[:, art.EYE_OUTER[0]], axis=-1)
+    d = np.linalg.norm(a - b, axis=-1).max(-1) / eyes
+    d = d[np.isfinite(d)]
+    return float(d.max()) if len(d) else float("nan")
+
+
+def _strip_mouths(mouths: list[np.ndarray], px: int = 96) -> np.ndarray | None:
+    if not mouths:
+        return None
+    h, w = mouths[0].shape[:2]
+    size = (px, max(1, round(px * h / w)))
+    return np.stack([cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in mouths])
+
+
+# ----------------------------------------------------------------------------- one clip
+
+
+@dataclass
+class _Clip:
+    """A clip analysed once: what every row and sentence share."""
+
+    path: Path
+    source: SourceFaces
+    store: np.ndarray | None  # the frames (disk memmap) when a plan needs random access
+    voice: dub.SpeakerVoice | None
+    info: dict
+    height: int = 0
+    width: int = 0
+
+
+def _analyse(path: Path, settings: Settings, workdir: Path, keep_frames: bool) -> _Clip:
+    info = media.probe(path)
+    info = dataclasses.replace(info, duration=min(info.duration, MAX_CLIP_S))
+    source, store = dub.analyse_video(path, info, settings, workdir, keep_frames=keep_frames)
+    facts: dict = {"frames": source.n_frames, "faces": float(source.found.mean())}
+    try:
+        voice = dub.speaker_voice(settings, source.audio, path.name)
+    except LipsyncError as e:  # no usable speech: the plain TTS voice, as --voice-fallback would
+        voice, facts["voice"] = None, f"tts ({e})"
+    facts.setdefault("voice", "tts" if voice is None else "own")
+    return _Clip(path, source, store, voice, facts, info.height, info.width)
+
+
+def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
+    """The clip's own footage and speech: its analysis landmarks are what articulation.track gives (same tracker,
+    same smoothing), so only the frames are decoded again, for the sync expert."""
+    src = clip.source
+    t0 = time.perf_counter()
+    scale = _scale_for_sync(src.landmarks)
+    tap = _Tap(scale, src.matrices, src.size)
+    for _ in tap(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)):
+        if len(tap.small) >= src.n_frames:
+            break
+    audio = src.audio if src.audio is not None else np.zeros(0, np.float32)
+    res = art.score_landmarks(src.landmarks, audio, text, src.fps, clip.path)
+    scores = {k: v for k, v in res.scores.items() if k != "phones"}
+    scores |= _sync(tap.small, src.landmarks, scale, audio)
+    return RowResult(clip.path.stem, REAL, -1, scores, res.gap, res.words, src.fps, res.scores["phones"],
+                     _strip_mouths(tap.mouths), time.perf_counter() - t0)  # fmt: skip
+
+
+def _dub_row(
+    clip: _Clip, row: str, k: int, text: str, speech: np.ndarray, plan: np.ndarray, close: np.ndarray,
+    settings: Settings, out: Path, keep_mouths: bool,
+) -> RowResult:  # fmt: skip
+    """Dub sentence k with the row's engine, write it as `lipsync dub` would, measure the file."""
+    t0 = time.perf_counter()
+    src = clip.source
+    engine, kw = ROWS[row]
+    track = get_engine(engine)(src, speech, plan, close=close, **kw)
+    with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
+        wav = Path(tmp) / "speech.wav"
+        media.write_wav(wav, speech, SR)
+        h, w = clip.store.shape[1:3] if clip.store is not None else (clip.height, clip.width)
+        with media.VideoWriter(out, w, h, fps=src.fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg) as vw:
+            for frame in dub.render_frames(clip.path, src, clip.store, plan, track, settings):
+                vw.write(frame)
+    scale = _scale_for_sync(src.landmarks)
+    tap = _Tap(scale, src.matrices[plan], src.size)
+    frames, total = art.frames_of(out, src.fps)
+    audio = media.read_audio(out, SR, ffmpeg=settings.ffmpeg)
+    res = art.measure_frames(tap(frames), audio, text, src.fps, total, settings.face_index, out)
+    scores = {k: v for k, v in res.scores.items() if k != "phones"}
+    scores |= _sync(tap.small, res.landmarks, scale, audio)
+    n = min(len(tap.mouths), len(plan))
+    ok = src.found[plan[:n]]
+    if ok.any():
+        y0, y1, x0, x1 = _mouth_box(src.size)
+        real = np.asarray(src.crops[plan[:n][ok]])[:, y0:y1, x0:x1]
+        scores["sharpness"] = M.sharpness_ratio(np.stack(tap.mouths[:n])[ok], real)
+    m = min(len(res.landmarks), len(plan))
+    scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]])
+    mouths = _strip_mouths(tap.mouths) if keep_mouths else None
+    return RowResult(clip.path.stem, row, k, scores, res.gap, res.words, src.fps, res.scores["phones"], mouths,
+                     time.perf_counter() - t0)  # fmt: skip
+
+
+def _mouth_box(size: int) -> tuple[int, int, int, int]:
+    from lipsync_cli.eval.protocols import MOUTH_BOX
+
+    x0, y0, x1, y1 = (np.array(MOUTH_BOX) * size).round().astype(int)
+    return y0, y1, x0, x1
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def evaluate_text(
+    settings: Settings,
+    videos: Path | None = None,
+    rows: list[str] | None = None,
+    sentences: Iterable[str] = SENTENCES,
+    limit: int | None = None,
+    keep: Path | None = None,
+    on_row: Callable[[RowResult], None] | None = None,
+) -> TextRun:
+    """Every clip of `videos` (default <shared>/media; at most `limit`), every row, every sentence. A clip or row
+    that cannot be measured is skipped with its reason. `keep`: write the first sentence's dubs there."""
+    settings = settings.model_copy(update={"smooth": art.SMOOTH})  # the source is tracked as the stick tracks
+    rows = parse_rows(rows)
+    sentences = list(sentences)
+    videos = videos if videos is not None else settings.shared_dir / "media"
+    if not videos.exists():
+        raise LipsyncError(f"no such folder: {videos}")
+    clips = _files(videos, VIDEO_EXT)[: limit or None]
+    if not clips:
+        raise LipsyncError(f"no videos in {videos}")
+    run = TextRun(rows, sentences, [], [])
+    dubbed = [r for r in rows if r != REAL]
+    with _hush():
+        tts = [dub.load_speech(s, None, settings) for s in sentences] if dubbed else []  # once for every clip
+    n_steps = len(clips) * (1 + len(dubbed) * len(sentences) + (REAL in rows))
+    with progress.task("eval text", n_steps) as advance:
+        for path in clips:
+            t_clip = time.perf_counter()
+            try:
+                with _hush(), tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
+                    n_src = min(media.probe(path).n_frames(settings.fps), int(MAX_CLIP_S * settings.fps))
+                    longest = max((int(round(len(s) / SR * settings.fps)) for s, _ in tts), default=0)
+                    clip = _analyse(path, settings, Path(tmp), keep_frames=longest > n_src)
+                    advance(1)
+                    _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
+            except (LipsyncError, ValueError) as e:
+                run.skipped.append((path.stem, str(e)))
+                continue
+            run.info[path.stem] = {**clip.info, "seconds": round(time.perf_counter() - t_clip, 1)}
+    for what, why in run.skipped:
+        progress.log(f"[yellow]skipped[/] {what}: {why}")
+    return run
+
+
+def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance) -> None:
+    src, fps, name = clip.source, clip.source.fps, clip.path.stem
+    for row in rows:
+        if row != REAL:
+            continue
+        text = transcript(clip.path)
+        if text is None:
+            run.skipped.append((f"{name} / real", "no transcript (add it to eval/media_transcripts.json)"))
+        elif src.audio is None:
+            run.skipped.append((f"{name} / real", "no audio track"))
+        else:
+            _add(run, _real_row(clip, text, settings), on_row)
+        advance(1)
+    for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
+        speech = dub.match_video_loudness(dub.apply_voice(tts_speech, clip.voice), src.audio)
+        n_out = max(1, int(round(len(speech) / SR * fps)))
+        plan = np.minimum(render.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
+        speech = speech[: int(round(len(plan) / fps * SR))]
+        close = dub.mouth_must_close(speech, len(plan), fps, text, spoken)
+        for row in rows:
+            if row == REAL:
+                continue
+            folder = keep if keep is not None and k == 0 else None
+            with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
+                out = (folder or Path(tmp)) / f"{name}__{row.replace(' ', '_').replace(':', '_')}__s{k}.mp4"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    res = _dub_row(clip, row, k, text, speech, plan, close, settings, out, keep_mouths=k == 0)
+                    _add(run, res, on_row)
+                except (LipsyncError, ValueError) as e:
+                    run.skipped.append((f"{name} / {row} / sentence {k}", str(e)))
+            advance(1)
+
+
+def _add(run: TextRun, res: RowResult, on_row) -> None:
+    run.results.append(res)
+    if on_row is not None:
+        on_row(res)
