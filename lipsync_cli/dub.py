@@ -338,6 +338,20 @@ def speech_phones(
     return found if any(p.label != phones.SIL for p in found) else None
 
 
+def mouth_must_close(
+    speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
+) -> np.ndarray:
+    """Frames where the mouth has to be shut: pauses, and bilabials p/b/m (what eval's closure metric checks, and
+    what an engine without phone targets is told)."""
+    close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
+    ph = speech_phones(speech, text, spoken)
+    if ph is not None:
+        from lipsync_cli import phones
+
+        close |= phones.bilabial_frames(ph, n_frames, fps)
+    return close
+
+
 def read_transcript(transcript: str | None) -> str | None:
     """--transcript: the words themselves, or a text file holding them."""
     if transcript is None:

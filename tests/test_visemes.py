@@ -13,8 +13,9 @@ def test_bilabials_always_shut_even_between_frames_and_are_never_overwritten():
     fps = 25.0
     ph = [Phone("AA", 0.0, 0.205), Phone("P", 0.205, 0.225), Phone("AA", 0.225, 0.6), Phone("M", 0.6, 0.7)]
     tg = visemes.targets(ph, 20, fps, lead=0.0)
-    # the 20 ms P holds no frame time (0.2, 0.24): its nearest frame shuts anyway
-    assert tg.kind[5] == visemes.CLOSED and tg.openness[5] == 0.0
+    # the 20 ms P holds no frame time (0.2, 0.24): the MIN_CLOSED frames around its middle shut anyway
+    assert (tg.kind[4:6] == visemes.CLOSED).all() and (tg.openness[4:6] == 0.0).all()
+    assert tg.openness[3] <= visemes.APPROACH and tg.cap[6] == visemes.APPROACH  # on their way in and out
     assert (tg.kind[15:18] == visemes.CLOSED).all()
     assert tg.kind[3] == visemes.OPEN and tg.kind[8] == visemes.OPEN
     assert tg.kind[19] == visemes.REST  # after the last phone: rest
@@ -86,9 +87,9 @@ def test_retrieval_shows_only_allowed_mouths_on_anchored_frames():
     kind = np.full(N, visemes.FREE)
     kind[5:8] = visemes.CLOSED
     kind[20:24] = visemes.OPEN
-    tg = visemes.Targets(kind, np.where(kind == visemes.OPEN, 0.8, 0.25), [""] * N, np.arange(N))
+    tg = visemes.Targets(kind, np.where(kind == visemes.OPEN, 0.8, 0.25), np.ones(N), [""] * N, np.arange(N))
     want = tg.openness * 0.15
-    rules, sets = retrieval.allowed_sets(tg, want, gap, np.ones(T), np.ones(T, bool))
+    rules, sets = retrieval.allowed_sets(tg, want, gap, np.ones(T), np.ones(T, bool), 0.15)
     target = np.full((N, 2), 1.0)  # a half-open average mouth everywhere: the soft target alone never shuts
     kw = dict(pose=np.zeros((T, 2)), valid=np.ones(T, bool), target=target, background=np.arange(N))
     path = retrieval.select_mouths(src, **kw, rules=rules, sets=sets, phone_id=tg.phone_id)

@@ -46,12 +46,17 @@ class MouthTrack:
     points: np.ndarray  # (N, 478, 2) aligned landmarks of the shown mouth (for masks and measurement)
     crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
     target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)
-    bank: np.ndarray | None = None  # (M, S, S, 3) the person's own mouths re-shaped (shut, opened): engine/warp.py
+    bank: np.ndarray | None = None  # (M, 2) (source frame, gap scale): its mouth re-shaped (engine/warp.py)
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         if self.crops is not None:
             return self.crops[i]
         j = int(self.source_index[i])
-        if j >= source.n_frames:
-            return self.bank[j - source.n_frames]
-        return np.asarray(source.crops[j])
+        if j < source.n_frames:
+            return np.asarray(source.crops[j])
+        from lipsync_cli.engine import warp
+
+        t, scale = int(self.bank[j - source.n_frames][0]), float(self.bank[j - source.n_frames][1])
+        M = source.matrices[t]
+        pts = source.landmarks[t].astype(np.float64) @ M[:, :2].T + M[:, 2]
+        return warp.reshape(np.asarray(source.crops[t]), pts, scale)[0]  # made when shown: no memory held

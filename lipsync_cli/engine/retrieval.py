@@ -30,13 +30,14 @@ POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch c
 POSE_TOL = 1.5  # candidates further than this (in median pose deviations) are dropped while nearer ones qualify
 JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
 HOLD_COST = 0.3  # showing the same frame twice looks frozen
-GAP_WEIGHT = 8.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
+GAP_WEIGHT = 16.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
 SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does the job
 # inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
-CLOSED_GAP = 0.007  # a shut mouth, with a margin for re-tracking
+CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
 REST_GAP = 0.025  # a mouth at rest in a pause
 MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
-OPEN_MIN = 0.7  # an open vowel shows at least this share of its target gap
+WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
+OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
 
 
@@ -77,44 +78,51 @@ def choose(
     T = source.n_frames
     pool = source.pool.copy()
     gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
-    wide = max(float(np.percentile(gap[pool], 95)), MIN_WIDE)
+    wide = max(float(np.percentile(gap[pool], WIDE_PCT)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
-    bank, bank_pts, origin = make_bank(source, aligned, gap, pose, wide)
-    pts = np.concatenate([aligned, bank_pts]) if len(bank) else aligned
-    all_shapes = np.concatenate([np.nan_to_num(shapes), lipmap.shape_vectors(bank_pts[:, face.LIPS], source.size)])
-    src_coef = lipmap.coefficients(lm, all_shapes) / lm.scale
+    # the closures no real shut mouth of that head pose can show: the background frame's own mouth, shut
+    shut_real = pool & (gap <= CLOSED_GAP)
+    scale = _pose_scale(pose, pool)
+    lonely = [
+        int(b)
+        for b in np.unique(background[tg.kind == visemes.CLOSED])
+        if source.found[b] and not (((pose[shut_real] - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2).any()
+    ]
+    bank = make_bank(gap, pose, pool, wide, lonely)
+    bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
+    pts = np.concatenate([aligned, bank_pts])
+    bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
+    src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
     gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
     width = warp.mouth_width(np.nan_to_num(pts))
-    pose = np.concatenate([pose, pose[origin]])
+    pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
     valid = np.concatenate([pool, np.ones(len(bank), bool)])
 
     want = tg.openness * wide  # the gap each frame aims at
     resting = gap[:T][pool & (gap[:T] < REST_GAP)]
     want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
-    rules, sets = allowed_sets(tg, want, gap, width, valid)
+    rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
     weight = np.where(tg.kind == visemes.FREE, 0.0, GAP_WEIGHT / wide**2)
     extra = SYNTH_COST * (np.arange(len(gap)) >= T)
     index = select_mouths(
         src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
     )
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
-    used = np.unique(index[index >= T]) - T
-    keep = np.zeros(len(bank), np.int64)
-    keep[used] = np.arange(len(used))
-    index = np.where(index >= T, T + keep[np.maximum(index - T, 0)], index)  # only the bank mouths shown travel on
-    points = np.concatenate([aligned, bank_pts[used]])[np.maximum(index, 0)]
+    points = pts[np.maximum(index, 0)]
+    used = np.unique(index[index >= T]) - T  # only the bank mouths shown travel on, renumbered
+    index[index >= T] = T + np.searchsorted(used, index[index >= T] - T)
     return MouthTrack(source_index=index, points=points, target=target, bank=bank[used] if len(used) else None)
 
 
 def allowed_sets(
-    tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray
+    tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray, wide: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show."""
     narrow = width <= np.median(width[valid])
     rows, keys = [], {}
     rules = np.empty(len(tg.kind), np.int64)
-    for i, (k, w) in enumerate(zip(tg.kind, want, strict=True)):
-        key = (int(k), round(float(w), 4))
+    for i, (k, w, top) in enumerate(zip(tg.kind, want, tg.cap * wide, strict=True)):
+        key = (int(k), round(float(w), 4), round(float(top), 4))
         if key not in keys:
             if k == visemes.CLOSED:
                 ok = gap <= CLOSED_GAP
@@ -128,40 +136,35 @@ def allowed_sets(
                 ok = narrow & (gap <= max(2 * w, REST_GAP))
             else:
                 ok = np.ones(len(gap), bool)
-            ok &= valid
+            ok &= valid & (gap <= max(top, REST_GAP))
             keys[key] = len(rows)
             rows.append(ok if ok.any() else valid)  # nothing qualifies (a round mouth nowhere): free
         rules[i] = keys[key]
     return rules, np.array(rows)
 
 
-def make_bank(
-    source: SourceFaces, aligned: np.ndarray, gap: np.ndarray, pose: np.ndarray, wide: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-shaped mouths for head poses the video never shows shut (or wide open): per pose group, the nearest real
-    mouth warped shut, or opened to `wide`. Returns (crops (M, S, S, 3), aligned landmarks (M, 478, 2), origin
-    frame (M,))."""
-    pool = np.flatnonzero(source.pool)
-    groups = _pose_groups(pose[pool], POSE_GROUPS)
-    crops, pts, origin = [], [], []
+def make_bank(gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, shut: list[int]) -> np.ndarray:
+    """The person's own mouths to re-shape, as (source frame, gap scale) rows (M, 2): each frame in `shut` shut,
+    and per head-pose group that never shows a shut (or a wide-open) mouth its nearest one shut (or opened to
+    `wide`). Only their landmarks are computed here; the pixels are warped when a mouth is shown."""
+    frames = np.flatnonzero(pool)
+    groups = _pose_groups(pose[frames], POSE_GROUPS)
+    jobs = [(t, 0.0) for t in shut]
     for g in np.unique(groups):
-        members = pool[groups == g]
+        members = frames[groups == g]
         g_gap = gap[members]
-        jobs = []
         if g_gap.min() > CLOSED_GAP:
             jobs.append((members[np.argmin(g_gap)], 0.0))
-        if g_gap.max() < OPEN_MIN * wide and g_gap.max() > REST_GAP:
+        if REST_GAP < g_gap.max() < OPEN_MIN * wide:
             t = members[np.argmax(g_gap)]
             jobs.append((t, min(wide / gap[t], 2.5)))
-        for t, scale in jobs:
-            c, p = warp.reshape(np.asarray(source.crops[t]), aligned[t], scale)
-            crops.append(c)
-            pts.append(p)
-            origin.append(t)
-    if not crops:
-        s = source.size
-        return np.zeros((0, s, s, 3), np.uint8), np.zeros((0, *aligned.shape[1:])), np.zeros(0, np.int64)
-    return np.array(crops), np.array(pts), np.array(origin)
+    return np.array(jobs, np.float64).reshape(-1, 2)
+
+
+def _pose_scale(pose: np.ndarray, pool: np.ndarray) -> float:
+    """Median distance of the pool's poses from their mean: the unit of pose mismatch."""
+    p = pose[pool]
+    return float(np.median(np.linalg.norm(p - p.mean(0), axis=1))) + 1e-6
 
 
 def _pose_groups(pose: np.ndarray, k: int) -> np.ndarray:
@@ -254,7 +257,7 @@ def select_mouths(
     n_real = T if n_real is None else n_real
     cand_all = np.flatnonzero(valid)
     real = cand_all[cand_all < n_real]
-    pose_scale = np.median(np.linalg.norm(pose[real] - pose[real].mean(0), axis=1)) + 1e-6
+    pose_scale = _pose_scale(pose, real)
     nxt = np.concatenate([np.minimum(np.arange(n_real) + 1, n_real - 1), np.full(T - n_real, -1)])
 
     def unary(i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,15 +28,14 @@ SHUT_PX = 0.1  # half the distance left between the lips of a shut mouth (pixels
 PRESS = 0.25  # a shut mouth's seam shows lip, from this far into each lip: the dark inner rim disappears
 
 
-def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(crop, aligned landmarks (478, 2)) -> the same mouth with its inner-lip gap times `scale` (0: shut), and its
-    moved landmarks. Closing lowers the upper lip a little and raises the jaw more; opening mostly drops the jaw."""
+def reshaped(pts: np.ndarray, scale: float) -> np.ndarray:
+    """Aligned landmarks (478, 2) of the same mouth with its inner-lip gap times `scale` (0: shut). Closing lowers
+    the upper lip a little and raises the jaw more; opening mostly drops the jaw."""
     pts = np.asarray(pts, np.float64)
     new = pts.copy()
     up, lo = pts[INNER_PAIRS[:, 0]], pts[INNER_PAIRS[:, 1]]
-    gap = lo - up
     share_up = 0.4 if scale < 1 else 0.2  # of the change taken by the upper lip; the jaw takes the rest
-    change = (scale - 1.0) * gap  # lower minus upper grows by this
+    change = (scale - 1.0) * (lo - up)  # lower minus upper grows by this
     new_up = up - share_up * change
     new_lo = lo + (1 - share_up) * change
     if scale <= 0:
@@ -51,6 +50,14 @@ def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray
     new[CHIN] += 0.8 * jaw
     new[INNER_CORNERS] += 0.5 * (d_up.mean(0) + jaw) * [0, 1]
     new[OUTER_CORNERS] += 0.25 * (d_up.mean(0) + jaw) * [0, 1]
+    return new
+
+
+def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(aligned crop, its landmarks (478, 2)) -> the crop with the mouth's inner-lip gap times `scale` (0: shut),
+    and the moved landmarks (`reshaped`)."""
+    pts = np.asarray(pts, np.float64)
+    new = reshaped(pts, scale)
     moved = np.concatenate([INNER_PAIRS.ravel(), INNER_CORNERS, OUTER_UPPER, OUTER_LOWER, OUTER_CORNERS, CHIN])
     ctrl = np.concatenate([moved, RING])
     src = pts.copy()
