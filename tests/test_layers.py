@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "lipsync_cli"
 # after it. A stage is the first name under lipsync_cli (a module or a subpackage).
 LAYERS = (
     "errors",  # the one exception type
+    "files",  # file kinds, atomic writes
     "progress",  # logging and progress bars
     "settings",  # the settings object (read by the CLI only; everything else receives it or its values)
     "audio",  # signal processing on speech
@@ -26,7 +27,7 @@ LAYERS = (
     "phones",  # forced alignment / phone recognition (pocketsphinx)
     "visemes",  # phones -> what the mouth must show per frame
     "voice",  # TTS, speaker embeddings, voice conversion and cloning
-    "render",  # timing plan and compositing
+    "compositing",  # timing plan and compositing
     "data",  # corpora, import, prep, shards, datasets
     "models",  # the learned models (and the self-fitted map) with their training tasks
     "train",  # the training loop

@@ -1,13 +1,14 @@
 """The small interface every mouth engine speaks.
 
-An engine receives `SourceFaces` (the input video's tracked face: aligned lower-face crops, landmarks, the video's
-own speech) and returns a `MouthTrack`: for every output frame, an aligned lower-face image carrying the new mouth
-plus the aligned landmarks of that mouth and jaw (the compositor needs them to shape its mask).
+An engine (`Engine`) receives `SourceFaces` (the input video's tracked face: aligned lower-face crops, landmarks,
+the video's own speech) and returns a `MouthTrack`: for every output frame, an aligned lower-face image carrying the
+new mouth plus the aligned landmarks of that mouth and jaw (the compositor needs them to shape its mask).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -60,3 +61,20 @@ class MouthTrack:
         M = source.matrices[t]
         pts = source.landmarks[t].astype(np.float64) @ M[:, :2].T + M[:, 2]
         return warp.reshape(np.asarray(source.crops[t]), pts, scale)[0]  # made when shown: no memory held
+
+
+class Engine(Protocol):
+    """What `get_engine` returns: the mouths for len(background) output frames. background[i] is the source frame
+    behind output frame i; `phones` (timed Phones of the speech) give the viseme targets (visemes.py), `close`
+    marks output frames where the mouth must be shut when there are none (pauses, bilabials). Everything
+    else an engine needs (lips choice, adaptation budget) is bound in from the caller's settings, never re-read."""
+
+    def __call__(
+        self,
+        source: SourceFaces,
+        speech: np.ndarray,
+        background: np.ndarray,
+        close: np.ndarray | None = None,
+        sr: int = ...,
+        phones: list | None = None,
+    ) -> MouthTrack: ...

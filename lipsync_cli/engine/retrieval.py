@@ -10,7 +10,7 @@
    which mouths a frame may show at all, and where a head pose has no such mouth, one of the person's own mouths is
    re-shaped (engine/warp.py). Soft costs lost: a learned target regresses to the average mouth, and the nearest
    shape to an average mouth is a half-open one.
-The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
+The compositor (`compositing.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import functools
 
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, visemes
+from lipsync_cli import audio, face, visemes
 from lipsync_cli.engine import warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.models import lipmap
@@ -46,13 +45,13 @@ def animate(
     speech: np.ndarray,
     background: np.ndarray,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
-    lips: str | None = None,
+    sr: int = audio.SR,
+    lips: str = "model",
     phones: list | None = None,
 ) -> MouthTrack:
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i.
     `phones` (Phone list, seconds from the speech's start) give the viseme targets; without them, `close` marks the
-    frames that must shut. `lips`: "model" | "map" (None: the `lips` setting)."""
+    frames that must shut. `lips`: "model" | "map" (the `lips` setting, bound by get_engine)."""
     n = len(background)
     if phones is not None:
         tg = visemes.targets(phones, n, source.fps)
@@ -185,8 +184,8 @@ def shape_targets(
     source: SourceFaces,
     speech: np.ndarray,
     n_out: int,
-    sr: int = A.SR,
-    lips: str | None = None,
+    sr: int = audio.SR,
+    lips: str = "model",
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
     coefficients (n_out, k) in the map's PCA basis) for the new speech: the motion between the viseme anchors."""
@@ -210,12 +209,8 @@ def shape_targets(
     return aligned, shapes, lm, target
 
 
-def lips_model(choice: str | None = None):
+def lips_model(choice: str = "model"):
     """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
-    if choice is None:
-        from lipsync_cli.settings import load_settings
-
-        choice = load_settings().lips
     if choice not in ("model", "map"):
         raise ValueError(f"unknown lips choice {choice!r} (model or map)")
     return _default_lips() if choice == "model" else None

@@ -26,13 +26,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import dub, media, progress, render
+from lipsync_cli import compositing, dub, media, progress
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import articulation as art
 from lipsync_cli.eval import metrics as M
 from lipsync_cli.eval.protocols import VIDEO_EXT, _files, _hush, mouth_crops, sync_expert
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speech import SpeakerVoice
 
 SR = dub.SR
 SENTENCES = (
@@ -236,7 +237,7 @@ class _Clip:
     path: Path
     source: SourceFaces
     store: np.ndarray | None  # the frames (disk memmap) when a plan needs random access
-    voice: dub.SpeakerVoice | None
+    voice: SpeakerVoice | None
     info: dict
     height: int = 0
     width: int = 0
@@ -380,7 +381,7 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
         speech = dub.match_video_loudness(dub.apply_voice(tts_speech, clip.voice), src.audio)
         n_out = max(1, int(round(len(speech) / SR * fps)))
-        plan = np.minimum(render.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
+        plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
         speech = speech[: int(round(len(plan) / fps * SR))]
         close = dub.mouth_must_close(speech, len(plan), fps, text, spoken)
         for row in rows:

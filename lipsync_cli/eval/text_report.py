@@ -17,7 +17,7 @@ from rich.table import Table
 from lipsync_cli import progress
 from lipsync_cli.eval import articulation as art
 from lipsync_cli.eval import text_protocol as T
-from lipsync_cli.eval.report import _plt, _slug
+from lipsync_cli.eval.report import _slug, pyplot
 
 ARROW = {"high": "↑", "low": "↓", "one": "→1", "": ""}
 STRIP_FRAMES = 20  # consecutive frames in a strip (0.8 s at 25 fps): long enough to see closures open and shut
@@ -132,7 +132,7 @@ def plot_gaps(run: T.TextRun, clip: str, path: Path) -> Path | None:
     results = [r for row in run.rows for r in run.results if r.clip == clip and r.row == row and r.sentence <= 0]
     if not results:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 1.9 * len(results) + 0.4), squeeze=False)
     for ax, res in zip(axes[:, 0], results, strict=True):
         t = np.arange(len(res.gap)) / res.fps
