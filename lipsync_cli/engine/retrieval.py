@@ -37,6 +37,9 @@ REST_GAP = 0.025  # a mouth at rest in a pause
 MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
 WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
 OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
+APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, however wide the person opens: a
+# 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
+# wide-open frames as half open
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
 
 
@@ -120,8 +123,9 @@ def allowed_sets(
     narrow = width <= np.median(width[valid])
     rows, keys = [], {}
     rules = np.empty(len(tg.kind), np.int64)
-    for i, (k, w, top) in enumerate(zip(tg.kind, want, tg.cap * wide, strict=True)):
-        key = (int(k), round(float(w), 4), round(float(top), 4))
+    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
+    for i, (k, w, top) in enumerate(zip(tg.kind, want, tops, strict=True)):
+        key = (int(k), round(float(w), 4), float(top))
         if key not in keys:
             if k == visemes.CLOSED:
                 ok = gap <= CLOSED_GAP
@@ -135,7 +139,7 @@ def allowed_sets(
                 ok = narrow & (gap <= max(2 * w, REST_GAP))
             else:
                 ok = np.ones(len(gap), bool)
-            ok &= valid & (gap <= max(top, REST_GAP))
+            ok &= valid & (gap <= top)
             keys[key] = len(rows)
             rows.append(ok if ok.any() else valid)  # nothing qualifies (a round mouth nowhere): free
         rules[i] = keys[key]
