@@ -37,6 +37,7 @@ REST_GAP = 0.025  # a mouth at rest in a pause
 MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
 WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
 OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
+VOWEL_MIN = 0.4  # the other vowels show at least this share of their target gap
 APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, however wide the person opens: a
 # 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
 # wide-open frames as half open
@@ -119,29 +120,37 @@ def choose(
 def allowed_sets(
     tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray, wide: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show."""
+    """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show, as a gap range
+    per viseme kind (and narrow mouths for rounded ones). Where no mouth falls in the range, the N_CANDIDATES
+    nearest to it."""
     narrow = width <= np.median(width[valid])
+    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
     rows, keys = [], {}
     rules = np.empty(len(tg.kind), np.int64)
-    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
     for i, (k, w, top) in enumerate(zip(tg.kind, want, tops, strict=True)):
         key = (int(k), round(float(w), 4), float(top))
         if key not in keys:
+            lo, hi, shape = 0.0, np.inf, valid
             if k == visemes.CLOSED:
-                ok = gap <= CLOSED_GAP
+                hi = CLOSED_GAP
             elif k == visemes.REST:
-                ok = gap <= REST_GAP
+                hi = REST_GAP
             elif k == visemes.OPEN:
-                ok = gap >= OPEN_MIN * w
+                lo = OPEN_MIN * w
             elif k == visemes.LABIODENTAL:
-                ok = gap <= max(w, REST_GAP)
+                hi = max(w, REST_GAP)
             elif k == visemes.ROUND:
-                ok = narrow & (gap <= max(2 * w, REST_GAP))
-            else:
-                ok = np.ones(len(gap), bool)
-            ok &= valid & (gap <= top)
+                hi, shape = max(2 * w, REST_GAP), valid & narrow
+            if k in (visemes.FREE, visemes.ROUND) and w > visemes.CONSONANT_OPENNESS * wide:
+                lo = VOWEL_MIN * w  # a vowel (ih, iy, ow...) never shows a shut mouth
+            hi = min(hi, top)
+            lo = min(lo, 0.5 * hi)  # an open vowel squeezed between closures opens as far as they allow
+            ok = shape & (gap >= lo) & (gap <= hi)
+            if not ok.any():
+                miss = np.where(valid, np.maximum(lo - gap, 0) + np.maximum(gap - hi, 0), np.inf)
+                ok = valid & (miss <= np.sort(miss)[min(N_CANDIDATES, int(valid.sum())) - 1])
             keys[key] = len(rows)
-            rows.append(ok if ok.any() else valid)  # nothing qualifies (a round mouth nowhere): free
+            rows.append(ok)
         rules[i] = keys[key]
     return rules, np.array(rows)
 

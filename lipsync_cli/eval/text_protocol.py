@@ -312,7 +312,7 @@ def _dub_row(
 
 
 def _mouth_box(size: int) -> tuple[int, int, int, int]:
-    from lipsync_cli.eval.protocols import MOUTH_BOX
+    from lipsync_cli.face import MOUTH_BOX
 
     x0, y0, x1, y1 = (np.array(MOUTH_BOX) * size).round().astype(int)
     return y0, y1, x0, x1
