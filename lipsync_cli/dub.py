@@ -107,10 +107,9 @@ def analyse_video(
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed = face.smooth_landmarks(raw[:n], found, settings.smooth)
-    matrices = np.full((n, 2, 3), np.nan)
+    smoothed, matrices = face.align_track(raw[:n], found, size, settings.smooth)
+    matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
     for t in np.flatnonzero(found):
-        matrices[t] = face.align_matrix(smoothed[t], size)
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
         fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
         crops[t] = cv2.warpAffine(

@@ -617,6 +617,14 @@ def smooth_landmarks(
 # --- whole clip ----------------------------------------------------------------------------------------
 
 
+def align_track(raw: np.ndarray, found: np.ndarray, size: int, smooth: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's raw mesh landmarks (T, 478, 2; NaN where no face) -> (smoothed landmarks, (T, 2, 3) frame -> aligned
+    crop matrices at `size`). Frames without a face borrow the nearest found frame's matrix; needs one at least.
+    The one smooth -> align step behind prep's shards, the sync expert's inputs and dub's crops."""
+    lm = smooth_landmarks(np.asarray(raw, dtype=np.float32), found, smooth)
+    return lm, align_matrix(lm[nearest_found(found)], size)
+
+
 @dataclass
 class FaceTrack:
     landmarks: np.ndarray  # (T, 478, 2) float32 full-frame pixels, temporally smoothed; NaN where no face

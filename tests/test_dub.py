@@ -23,10 +23,7 @@ def sha(p: Path) -> str:
 
 def track(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
     frames = list(media.iter_frames(path))
-    with face.FaceTracker() as tr:
-        lms = [tr.update(f) for f in frames]
-    lm = np.array([x if x is not None else np.full((478, 2), np.nan) for x in lms])
-    return frames, lm
+    return frames, face.track_faces(frames, progress=False).raw.astype(np.float64)
 
 
 def opening_series(lm: np.ndarray) -> np.ndarray:

@@ -245,9 +245,7 @@ def prep_clip(
         raise LipsyncError(f"no face found in {T} frames")
     lm_raw = np.full((T, face.N_LANDMARKS, 2), np.nan, np.float32)
     lm_raw[found] = np.stack([lm for lm in raw if lm is not None])
-    lm = face.smooth_landmarks(lm_raw, found, smooth)
-    # (T, 2, 3); frames without a face borrow the nearest one's
-    M = face.align_matrix(lm[face.nearest_found(found)], size)
+    lm, M = face.align_track(lm_raw, found, size, smooth)  # frames without a face borrow the nearest one's matrix
     lips = np.full((T, len(face.LIPS), 2), np.nan, np.float32)
     for i in np.flatnonzero(found):
         lips[i] = face.lip_shape(lm[i], M[i])

@@ -422,13 +422,8 @@ def floor_frames(frames: np.ndarray, fps: float) -> np.ndarray:
 
 def track_landmarks(frames: np.ndarray, face_index: int = 0) -> np.ndarray:
     """(T, 478, 2) raw mesh landmarks of output frames (NaN where no face): every system is measured alike."""
-    out = np.full((len(frames), face.N_LANDMARKS, 2), np.nan)
-    with face.FaceTracker(face_index=face_index) as tracker:
-        for t, f in enumerate(frames):
-            lm = tracker.update(np.ascontiguousarray(f))
-            if lm is not None:
-                out[t] = lm
-    return out
+    track = face.track_faces((np.ascontiguousarray(f) for f in frames), face_index, progress=False)
+    return track.raw.astype(np.float64).reshape(len(frames), face.N_LANDMARKS, 2)
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -113,8 +113,7 @@ def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth
     found = np.isfinite(landmarks[:, 0, 0])
     if not found.any():
         raise LipsyncError("no face in any frame: nothing to measure sync on")
-    lm = face.smooth_landmarks(landmarks.astype(np.float32), found, smooth)
-    mats = face.align_matrix(lm[face.nearest_found(found)], 128)
+    _, mats = face.align_track(landmarks, found, 128, smooth)
     crops = np.stack([face.warp_to_aligned(np.ascontiguousarray(f), m, 128) for f, m in zip(frames, mats, strict=True)])
     x = match_loudness(np.asarray(audio, np.float32), shard.SR, shard.TARGET_DB)
     x = np.pad(x, (0, max(0, n * shard.SR // shard.FPS - len(x))))[: n * shard.SR // shard.FPS]
