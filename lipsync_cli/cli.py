@@ -92,13 +92,17 @@ def dub(
     voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
     crf: Annotated[int | None, typer.Option(help="x264 quality, lower is better (default 18).")] = None,
+    transcript: Annotated[
+        str | None,
+        typer.Option(help="The words spoken in --audio (text, or a text file): p/b/m and vowels timed exactly."),
+    ] = None,
 ) -> None:
     """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
     from lipsync_cli.dub import dub as run_dub
 
     s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes)
     s = _voice_settings(s, tts, voice, voice_ref, voice_fallback, tts_model_dir)
-    result = run_dub(video, text, audio, output, s, force=force)
+    result = run_dub(video, text, audio, output, s, force=force, transcript=transcript)
     progress.log(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"

@@ -14,9 +14,11 @@ import numpy as np
 
 from lipsync_cli import face
 
-# lower face outline: jaw from one mouth-level cheek to the other through the chin, then up under the nose
+# lower face outline: jaw from one mouth-level cheek to the other through the chin, then across the lower cheeks
+# and the philtrum, well under the nose: a mouth borrowed from another frame never brings its nostrils or upper
+# cheeks along (they showed stretched when the head had turned between the two frames)
 MASK_OUTLINE = np.array(
-    [58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 425, 327, 2, 98, 205]
+    [58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 436, 391, 393, 164, 167, 165, 216]
 )
 
 

@@ -3,7 +3,7 @@
 text --voice.tts--> speech                                        (or --audio FILE, used exactly as given)
 video --media.iter_frames--> frames --face.FaceTracker--> landmarks + aligned lower-face crops   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
-speech (loudness matched to the video's own) + crops --engine.animate--> a mouth per output frame
+speech (loudness matched to the video's own) + its phones (visemes) + crops --engine.animate--> a mouth per frame
 frames (again, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter (+ speech) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
@@ -131,19 +131,50 @@ def analyse_video(
     return source, (frames_store[:n] if frames_store is not None else None)
 
 
+def speech_phones(
+    speech: np.ndarray, text: str | None, spoken: list | None = None, transcript: str | None = None
+) -> list | None:
+    """The phones of the new speech, with their timings: what the mouth must show (visemes.py). Piper's own phone
+    timings when it spoke (exact); else forced alignment of the known words (`text` for other TTS, `transcript` for
+    an audio file); else phone recognition. None when none of these finds anything to go by."""
+    if spoken is not None:
+        return spoken
+    from lipsync_cli import phones
+
+    try:
+        found = phones.align_phones(speech, transcript if transcript is not None else text)
+    except LipsyncError:
+        return None
+    return found if any(p.label != phones.SIL for p in found) else None
+
+
 def mouth_must_close(
     speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
 ) -> np.ndarray:
-    """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
+    """Frames where the mouth has to be shut: pauses, and bilabials p/b/m (what eval's closure metric checks, and
+    what an engine without phone targets is told)."""
     close = ~voice_activity(speech, SR, fps=fps, n_frames=n_frames)
-    try:
+    ph = speech_phones(speech, text, spoken)
+    if ph is not None:
         from lipsync_cli import phones
 
-        ph = spoken if spoken is not None else phones.align_phones(speech, text)
         close |= phones.bilabial_frames(ph, n_frames, fps)
-    except LipsyncError:
-        pass  # alignment is a refinement; pauses alone still close the mouth
     return close
+
+
+def read_transcript(transcript: str | None) -> str | None:
+    """--transcript: the words themselves, or a text file holding them."""
+    if transcript is None:
+        return None
+    path = Path(transcript)
+    try:
+        if len(transcript) < 4096 and path.is_file():
+            transcript = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise LipsyncError(f"--transcript {path}: {e.strerror}") from None
+    if not transcript.strip():
+        raise LipsyncError("--transcript is empty")
+    return transcript
 
 
 def iter_plan_frames(
@@ -192,15 +223,19 @@ def dub(
     output: Path | None,
     settings: Settings,
     force: bool = False,
+    transcript: str | None = None,
 ) -> DubResult:
     """Re-animate the mouth in `video` to new speech (TTS of `text` in the person's voice per settings.voice, or the
-    file `audio` exactly as given) and write the result."""
+    file `audio` exactly as given, whose words `transcript` may tell: text or a file) and write the result."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_output(video)
     media.check_output(output, video, force)
     check_words(text, audio)
+    if transcript is not None and audio is None:
+        raise LipsyncError("--transcript tells the words of an --audio file; with text to speak it is not needed")
+    transcript = read_transcript(transcript)
     check_voice(audio, settings)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -237,9 +272,11 @@ def dub(
 
         t = time.perf_counter()
         speech = match_video_loudness(speech, source.audio)
-        close = mouth_must_close(speech, len(plan), fps, text if audio is None else None, spoken)
+        ph = speech_phones(speech, text if audio is None else None, spoken, transcript)
+        pauses = ~voice_activity(speech, SR, fps=fps, n_frames=len(plan))  # what shuts when no phone is found
         animate = get_engine(settings.engine, settings)
-        track = animate(source, speech, plan, close=close)
+        targets = {} if settings.engine == "seed" else {"phones": ph}  # the seed generates from audio alone
+        track = animate(source, speech, plan, close=pauses, **targets)
         timings["engine"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -161,3 +161,50 @@ def test_timing_plan_modes():
     assert timing_plan(4, 9, "bounce").tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
     assert timing_plan(4, 6, "loop").tolist() == [0, 1, 2, 3, 0, 1]
     assert timing_plan(4, 6, "cut").tolist() == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- articulation (issue 11)
+
+PBM_SENTENCE = "Maybe Bob can bring the map back by Monday. Palm trees sway above my big barn."  # not the eval's
+
+
+def test_dub_shuts_the_mouth_on_bilabials_and_opens_it_on_vowels(tmp_path):
+    """Re-tracked on the OUTPUT video, with the sentence force-aligned to the output's audio."""
+    from lipsync_cli.eval import articulation
+
+    video = shared_file("media/pcavs_741400104.mp4")
+    out = tmp_path / "out.mp4"
+    r = run_cli("dub", video, PBM_SENTENCE, "-o", out)
+    assert r.returncode == 0, r.stderr
+    s = articulation.measure(out, PBM_SENTENCE).scores
+    assert s["n_bilabial"] >= 10
+    assert s["bilabial"] >= 0.85, s
+    assert s["contrast"] >= 3.0, s
+
+
+def test_a_face_that_never_shuts_its_mouth_still_closes_on_bilabials(tmp_path):
+    """A clip made of only the open-mouthed frames of a real one: the closures are the person's mouth re-shaped."""
+    from lipsync_cli.eval import articulation
+
+    src = shared_file("media/retalking_face2.mp4")
+    frames = [f[:-4:2, :-4:2] for f in media.iter_frames(src, fps=25.0)]  # 422 px: a quick test
+    gap = articulation.mouth_gap(articulation.track(frames).landmarks)
+    keep = [f for f, g in zip(frames, gap, strict=True) if g > 0.03]
+    assert len(keep) >= 50
+    clip = tmp_path / "open.mp4"
+    with media.VideoWriter(clip, keep[0].shape[1], keep[0].shape[0], fps=25.0) as w:
+        for f in keep:
+            w.write(np.ascontiguousarray(f))
+    out = tmp_path / "out.mp4"
+    r = run_cli("dub", clip, PBM_SENTENCE, "-o", out, "--voice", "tts")
+    assert r.returncode == 0, r.stderr
+    s = articulation.measure(out, PBM_SENTENCE).scores
+    assert s["bilabial"] >= 0.85, s
+    assert s["contrast"] >= 3.0, s
+
+
+def test_transcript_goes_with_an_audio_file(tmp_path):
+    video = shared_file("media/retalking_face2.mp4")
+    r = run_cli("dub", video, "Hello there.", "--transcript", "Hello there.", "-o", tmp_path / "o.mp4")
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "--audio" in r.stderr
+    assert not (tmp_path / "o.mp4").exists()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipsync_cli import face
 from lipsync_cli.compositing import colour_match, lower_face_mask
-from lipsync_cli.engine.retrieval import inner_gap, select_mouths
+from lipsync_cli.engine.retrieval import select_mouths
 from lipsync_cli.models import lipmap
 
 
@@ -35,20 +34,6 @@ def test_viterbi_never_picks_invalid_frames_and_prefers_matching_pose():
     path = select_mouths(src, pose, valid, target, background=np.full(40, 0))  # background pose: frontal (even)
     assert (path >= 20).all()
     assert np.mean(path % 2 == 0) > 0.8
-
-
-def test_viterbi_shows_a_closed_mouth_where_the_frame_must_be_shut():
-    rng = np.random.default_rng(2)
-    src = np.r_[np.zeros(60), np.ones(60)][:, None] + rng.normal(scale=0.02, size=(120, 1))  # closed, then open
-    pts = np.zeros((120, len(face.LIPS), 2))
-    bottom = np.isin(face.LIPS, face.INNER_LIP_PAIRS[:, 1])
-    pts[:, bottom, 1] = src  # the inner-lip gap follows the coefficient
-    src_open = inner_gap(pts.reshape(120, -1)) > 0.5
-    assert src_open.tolist() == [False] * 60 + [True] * 60
-    target = np.full((30, 1), 0.6)  # half-open: an open source mouth is the nearer shape
-    kw = dict(pose=np.zeros((120, 2)), valid=np.ones(120, bool), target=target, background=np.arange(30))
-    assert (select_mouths(src, **kw) >= 60).all()
-    assert (select_mouths(src, **kw, shut=np.ones(30, bool), src_open=src_open) < 60).all()
 
 
 def test_lipmap_closes_the_mouth_where_told_and_opens_with_loudness():

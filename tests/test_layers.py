@@ -25,6 +25,7 @@ LAYERS = (
     "media",  # decode / encode (PyAV, ffmpeg)
     "face",  # detection, mesh, tracking, alignment, mouth geometry
     "phones",  # forced alignment / phone recognition (pocketsphinx)
+    "visemes",  # phones -> what the mouth must show per frame
     "voice",  # TTS, speaker embeddings, voice conversion and cloning
     "compositing",  # timing plan and compositing
     "data",  # corpora, import, prep, shards, datasets

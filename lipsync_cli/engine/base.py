@@ -42,20 +42,31 @@ class SourceFaces:
 
 @dataclass
 class MouthTrack:
-    source_index: np.ndarray  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched)
+    source_index: np.ndarray  # (N,) source frame whose mouth is shown (-1: leave the background frame untouched;
+    # T + j for T source frames: the re-shaped mouth bank[j])
     points: np.ndarray  # (N, 478, 2) aligned landmarks of the shown mouth (for masks and measurement)
     crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
     target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)
+    bank: np.ndarray | None = None  # (M, 2) (source frame, gap scale): its mouth re-shaped (engine/warp.py)
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         if self.crops is not None:
             return self.crops[i]
-        return np.asarray(source.crops[self.source_index[i]])
+        j = int(self.source_index[i])
+        if j < source.n_frames:
+            return np.asarray(source.crops[j])
+        from lipsync_cli.engine import warp
+
+        t, scale = int(self.bank[j - source.n_frames][0]), float(self.bank[j - source.n_frames][1])
+        M = source.matrices[t]
+        pts = source.landmarks[t].astype(np.float64) @ M[:, :2].T + M[:, 2]
+        return warp.reshape(np.asarray(source.crops[t]), pts, scale)[0]  # made when shown: no memory held
 
 
 class Engine(Protocol):
     """What `get_engine` returns: the mouths for len(background) output frames. background[i] is the source frame
-    behind output frame i; `close` marks output frames where the mouth must be shut (pauses, bilabials). Everything
+    behind output frame i; `phones` (timed Phones of the speech) give the viseme targets (visemes.py), `close`
+    marks output frames where the mouth must be shut when there are none (pauses, bilabials). Everything
     else an engine needs (lips choice, adaptation budget) is bound in from the caller's settings, never re-read."""
 
     def __call__(
@@ -65,4 +76,5 @@ class Engine(Protocol):
         background: np.ndarray,
         close: np.ndarray | None = None,
         sr: int = ...,
+        phones: list | None = None,
     ) -> MouthTrack: ...

@@ -1,7 +1,7 @@
 """The neural engine: retrieval's plan, painted by the neural renderer (models/render.py).
 
-1. The lip shape each output frame should show (the lips model adapted to this video, as retrieval uses it) and the
-   source mouth retrieval would show for it (shape and pose matched, temporally smooth).
+1. The mouth retrieval would show on each output frame (its viseme targets: p/b/m shut, open vowels open; shape
+   and pose matched, temporally smooth) and that mouth's lip shape, which the renderer paints.
 2. Optionally, `adapt_minutes` of fine-tuning on the video's own frames (`source.pool`): the renderer learns this
    person's teeth, lips and lighting.
 3. Per output frame the renderer paints the mouth and chin of the background frame's box from the retrieved
@@ -26,7 +26,7 @@ from lipsync_cli import audio, face, models, progress
 from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models import lipmap, render
+from lipsync_cli.models import render
 
 ADAPT_FRAMES = 3000  # at most this many of the video's frames are held for adaptation (spread evenly)
 _cache: dict[str, torch.nn.Module] = {}
@@ -102,16 +102,18 @@ def animate(
     adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
+    phones: list | None = None,
 ) -> MouthTrack:
     """A painted mouth on every output frame whose background frame has a face. `lips`, `adapt_minutes`,
     `adapt_steps`: the settings of those names (bound by get_engine); `adapt_steps` overrides the minutes."""
     model = load(checkpoint)
-    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr, lips)
-    track = retrieval.choose(source, aligned, shapes, lm, target, background)
+    track = retrieval.animate(source, speech, background, close, sr, lips=lips, phones=phones)
+    aligned = source.aligned_landmarks()
     model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 
     img = model.cfg.img
-    lips = render.to_box(lipmap.lip_shapes(lm, target).reshape(-1, 40, 2) * source.size, source.size, img)
+    # the shape to paint is the shape of the mouth retrieval chose: shut on p/b/m, open on open vowels
+    shown = render.to_box(np.nan_to_num(track.points[:, face.LIPS]), source.size, img)
     hole = render.hole_mask(img)
     show = np.flatnonzero(track.source_index >= 0)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
@@ -121,9 +123,9 @@ def animate(
         for s in range(0, len(show), batch):
             idx = show[s : s + batch]
             bg_crops = np.asarray(source.crops[background[idx]])
-            refs = source_boxes(source, track.source_index[idx], img)
-            painted = render.paint(model, render.cut_boxes(bg_crops, img), refs, lips[idx])
+            refs = render.cut_boxes(np.array([track.crop(i, source) for i in idx]), img)
+            painted = render.paint(model, render.cut_boxes(bg_crops, img), refs, shown[idx])
             for j, i in enumerate(idx):
                 crops[i] = paste(bg_crops[j], painted[j], hole)
             advance(len(idx))
-    return MouthTrack(source_index=track.source_index, points=track.points, crops=crops, target=target)
+    return MouthTrack(source_index=track.source_index, points=track.points, crops=crops, target=track.target)

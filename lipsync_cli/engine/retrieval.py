@@ -6,8 +6,10 @@
    video's own audio and lips alone). Both end in the coefficients of the map's PCA basis of the source lips.
 3. Choose, for each output frame, a source mouth by shape match, pose match and temporal smoothness: a Viterbi pass
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
-   would show. Where the target mouth is shut, an open source mouth costs as much as a cut: by nearest shape alone,
-   half-open mouths ran through the pauses the target closes.
+   would show. The viseme targets (visemes.py: p/b/m shut, open vowels open, pauses at rest) are hard: they decide
+   which mouths a frame may show at all, and where a head pose has no such mouth, one of the person's own mouths is
+   re-shaped (engine/warp.py). Soft costs lost: a learned target regresses to the average mouth, and the nearest
+   shape to an average mouth is a half-open one.
 The compositor (`compositing.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
@@ -17,15 +19,29 @@ import functools
 
 import numpy as np
 
-from lipsync_cli import audio, face
+from lipsync_cli import audio, face, visemes
+from lipsync_cli.engine import warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
+POSE_TOL = 1.5  # candidates further than this (in median pose deviations) are dropped while nearer ones qualify
 JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
 HOLD_COST = 0.3  # showing the same frame twice looks frozen
-OPEN_COST = JUMP_COST  # an open mouth on a frame that must be shut is as visible as a cut
+GAP_WEIGHT = 16.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
+SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does the job
+# inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
+CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
+REST_GAP = 0.025  # a mouth at rest in a pause
+MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
+WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
+OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
+VOWEL_MIN = 0.4  # the other vowels show at least this share of their target gap
+APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, however wide the person opens: a
+# 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
+# wide-open frames as half open
+POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
 
 
 def animate(
@@ -35,12 +51,18 @@ def animate(
     close: np.ndarray | None = None,
     sr: int = audio.SR,
     lips: str = "model",
+    phones: list | None = None,
 ) -> MouthTrack:
-    """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
-    `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
-    (the `lips` setting, bound by get_engine)."""
-    aligned, shapes, lm, target = shape_targets(source, speech, len(background), close, sr, lips)
-    return choose(source, aligned, shapes, lm, target, background)
+    """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i.
+    `phones` (Phone list, seconds from the speech's start) give the viseme targets; without them, `close` marks the
+    frames that must shut. `lips`: "model" | "map" (the `lips` setting, bound by get_engine)."""
+    n = len(background)
+    if phones is not None:
+        tg = visemes.targets(phones, n, source.fps)
+    else:
+        tg = visemes.from_close(np.zeros(n, bool) if close is None else np.asarray(close, bool))
+    aligned, shapes, lm, target = shape_targets(source, speech, n, sr, lips)
+    return choose(source, aligned, shapes, lm, target, background, tg)
 
 
 def choose(
@@ -50,32 +72,136 @@ def choose(
     lm: lipmap.LipMap,
     target: np.ndarray,
     background: np.ndarray,
+    tg: visemes.Targets,
 ) -> MouthTrack:
-    """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
-    inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
-    source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
-    and forcing them in selection too overshot real footage's closure on other voices (docs/lips.md)."""
-    src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
+    """Step 3: the mouth shown on each output frame. The lips target shapes the motion; the viseme targets are
+    hard: a p/b/m frame may only show a shut mouth, an open vowel only one open at least OPEN_MIN of its target, a
+    pause only a resting one. Where no real mouth of a head pose qualifies, the bank supplies one of the person's
+    own mouths re-shaped (engine/warp.py)."""
+    T = source.n_frames
+    pool = source.pool.copy()
+    gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
+    wide = max(float(np.percentile(gap[pool], WIDE_PCT)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
-    src_gap = inner_gap(np.nan_to_num(shapes))
-    thresh = face.closed_threshold(src_gap[source.pool])
-    shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
-    index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
+    # the closures no real shut mouth of that head pose can show: the background frame's own mouth, shut
+    shut_real = pool & (gap <= CLOSED_GAP)
+    scale = _pose_scale(pose, pool)
+    lonely = [
+        int(b)
+        for b in np.unique(background[tg.kind == visemes.CLOSED])
+        if source.found[b] and not (((pose[shut_real] - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2).any()
+    ]
+    bank = make_bank(gap, pose, pool, wide, lonely)
+    bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
+    pts = np.concatenate([aligned, bank_pts])
+    bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
+    src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
+    gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
+    width = warp.mouth_width(np.nan_to_num(pts))
+    pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
+    valid = np.concatenate([pool, np.ones(len(bank), bool)])
+
+    want = tg.openness * wide  # the gap each frame aims at
+    resting = gap[:T][pool & (gap[:T] < REST_GAP)]
+    want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
+    rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
+    weight = np.where(tg.kind == visemes.FREE, 0.0, GAP_WEIGHT / wide**2)
+    extra = SYNTH_COST * (np.arange(len(gap)) >= T)
+    index = select_mouths(
+        src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
+    )
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
-    points = aligned[np.maximum(index, 0)]
-    return MouthTrack(source_index=index, points=points, target=target)
+    points = pts[np.maximum(index, 0)]
+    used = np.unique(index[index >= T]) - T  # only the bank mouths shown travel on, renumbered
+    index[index >= T] = T + np.searchsorted(used, index[index >= T] - T)
+    return MouthTrack(source_index=index, points=points, target=target, bank=bank[used] if len(used) else None)
+
+
+def allowed_sets(
+    tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray, wide: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show, as a gap range
+    per viseme kind (and narrow mouths for rounded ones). Where no mouth falls in the range, the N_CANDIDATES
+    nearest to it."""
+    narrow = width <= np.median(width[valid])
+    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
+    rows, keys = [], {}
+    rules = np.empty(len(tg.kind), np.int64)
+    for i, (k, w, top) in enumerate(zip(tg.kind, want, tops, strict=True)):
+        key = (int(k), round(float(w), 4), float(top))
+        if key not in keys:
+            lo, hi, shape = 0.0, np.inf, valid
+            if k == visemes.CLOSED:
+                hi = CLOSED_GAP
+            elif k == visemes.REST:
+                hi = REST_GAP
+            elif k == visemes.OPEN:
+                lo = OPEN_MIN * w
+            elif k == visemes.LABIODENTAL:
+                hi = max(w, REST_GAP)
+            elif k == visemes.ROUND:
+                hi, shape = max(2 * w, REST_GAP), valid & narrow
+            if k in (visemes.FREE, visemes.ROUND) and w > visemes.CONSONANT_OPENNESS * wide:
+                lo = VOWEL_MIN * w  # a vowel (ih, iy, ow...) never shows a shut mouth
+            hi = min(hi, top)
+            lo = min(lo, 0.5 * hi)  # an open vowel squeezed between closures opens as far as they allow
+            ok = shape & (gap >= lo) & (gap <= hi)
+            if not ok.any():
+                miss = np.where(valid, np.maximum(lo - gap, 0) + np.maximum(gap - hi, 0), np.inf)
+                ok = valid & (miss <= np.sort(miss)[min(N_CANDIDATES, int(valid.sum())) - 1])
+            keys[key] = len(rows)
+            rows.append(ok)
+        rules[i] = keys[key]
+    return rules, np.array(rows)
+
+
+def make_bank(gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, shut: list[int]) -> np.ndarray:
+    """The person's own mouths to re-shape, as (source frame, gap scale) rows (M, 2): each frame in `shut` shut,
+    and per head-pose group that never shows a shut (or a wide-open) mouth its nearest one shut (or opened to
+    `wide`). Only their landmarks are computed here; the pixels are warped when a mouth is shown."""
+    frames = np.flatnonzero(pool)
+    groups = _pose_groups(pose[frames], POSE_GROUPS)
+    jobs = [(t, 0.0) for t in shut]
+    for g in np.unique(groups):
+        members = frames[groups == g]
+        g_gap = gap[members]
+        if g_gap.min() > CLOSED_GAP:
+            jobs.append((members[np.argmin(g_gap)], 0.0))
+        if REST_GAP < g_gap.max() < OPEN_MIN * wide:
+            t = members[np.argmax(g_gap)]
+            jobs.append((t, min(wide / gap[t], 2.5)))
+    return np.array(jobs, np.float64).reshape(-1, 2)
+
+
+def _pose_scale(pose: np.ndarray, pool: np.ndarray) -> float:
+    """Median distance of the pool's poses from their mean: the unit of pose mismatch."""
+    p = pose[pool]
+    return float(np.median(np.linalg.norm(p - p.mean(0), axis=1))) + 1e-6
+
+
+def _pose_groups(pose: np.ndarray, k: int) -> np.ndarray:
+    """k-means (a few Lloyd steps from a farthest-point start) on the pose features: which group each frame is in."""
+    k = min(k, len(pose))
+    centres = [pose[0]]
+    for _ in range(1, k):
+        d = np.min([((pose - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(pose[int(d.argmax())])
+    centres = np.array(centres)
+    for _ in range(10):
+        label = ((pose[:, None] - centres[None]) ** 2).sum(2).argmin(1)
+        centres = np.array([pose[label == j].mean(0) if (label == j).any() else centres[j] for j in range(k)])
+    return ((pose[:, None] - centres[None]) ** 2).sum(2).argmin(1)
 
 
 def shape_targets(
     source: SourceFaces,
     speech: np.ndarray,
     n_out: int,
-    close: np.ndarray | None = None,
     sr: int = audio.SR,
     lips: str = "model",
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
-    coefficients (n_out, k) in the map's PCA basis) for the new speech."""
+    coefficients (n_out, k) in the map's PCA basis) for the new speech: the motion between the viseme anchors."""
     valid = source.pool
     if valid.sum() < 2:
         raise ValueError("fewer than two usable face frames in the source video")
@@ -88,12 +214,11 @@ def shape_targets(
     lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
     model = lips_model(lips)
     if model is None:
-        target = lipmap.predict(lm, speech, n_out, source.fps, close=close, sr=sr)
+        target = lipmap.predict(lm, speech, n_out, source.fps, sr=sr)
     else:
         from lipsync_cli.models import lips as lips_net
 
-        # `close` is a partial pull here, not the map's override: forcing it costs lip error (models/lips.py)
-        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr, close=close)
+        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
     return aligned, shapes, lm, target
 
 
@@ -118,40 +243,45 @@ def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:
     return p - p.mean(0)
 
 
-def inner_gap(shapes: np.ndarray) -> np.ndarray:
-    """(T, 80) lip shape vectors -> (T,) inner-lip gap: the mean distance over face.INNER_LIP_PAIRS, as
-    face.mouth_opening measures it (here in crop units, not over the inter-ocular distance)."""
-    pts = shapes.reshape(len(shapes), len(face.LIPS), 2)
-    top, bottom = face.INNER_LIP_PAIRS_IN_LIPS.T
-    return np.linalg.norm(pts[:, bottom] - pts[:, top], axis=-1).mean(-1)
-
-
 def select_mouths(
     src: np.ndarray,
     pose: np.ndarray,
     valid: np.ndarray,
     target: np.ndarray,
     background: np.ndarray,
-    shut: np.ndarray | None = None,
-    src_open: np.ndarray | None = None,
+    rules: np.ndarray | None = None,
+    sets: np.ndarray | None = None,
+    gaps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    extra: np.ndarray | None = None,
+    phone_id: np.ndarray | None = None,
+    n_real: int | None = None,
 ) -> np.ndarray:
-    """Viterbi over per-frame candidate source frames. src: (T, k) shape coefficients in std units; pose: (T, P);
-    target: (N, k); background: (N,) source frame behind each output frame; shut: (N,) frames whose target mouth is
-    closed, src_open: (T,) open source mouths (these cost OPEN_COST there). Returns (N,) source indices."""
-    cand_pool = np.flatnonzero(valid)
+    """Viterbi over per-frame candidate mouths. src: (T', k) shape coefficients in std units; pose: (T', P);
+    target: (N, k); background: (N,) source frame behind each output frame. Optional: sets[rules[i]] (T',) bool:
+    the only mouths frame i may show (hard); gaps = (gap (T',), wanted gap (N,), weight (N,)): a squared-gap cost;
+    extra (T',): a fixed cost per mouth; phone_id (N,): holding one mouth across two phones costs a cut; n_real:
+    mouths from n_real on are not video frames (nothing follows them). Returns (N,) mouth indices."""
     T = len(src)
-    pose_scale = np.median(np.linalg.norm(pose[cand_pool] - pose[cand_pool].mean(0), axis=1)) + 1e-6
-    nxt = np.minimum(np.arange(T) + 1, T - 1)
+    n_real = T if n_real is None else n_real
+    cand_all = np.flatnonzero(valid)
+    real = cand_all[cand_all < n_real]
+    pose_scale = _pose_scale(pose, real)
+    nxt = np.concatenate([np.minimum(np.arange(n_real) + 1, n_real - 1), np.full(T - n_real, -1)])
 
     def unary(i: int) -> tuple[np.ndarray, np.ndarray]:
-        shape_cost = ((src[cand_pool] - target[i]) ** 2).sum(1)
-        pose_cost = ((pose[cand_pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
-        cost = shape_cost + POSE_WEIGHT * pose_cost
-        if shut is not None and src_open is not None and shut[i]:
-            cost = cost + OPEN_COST * src_open[cand_pool]
-        k = min(N_CANDIDATES, len(cand_pool))
+        pool = cand_all if sets is None else np.flatnonzero(sets[rules[i]] & valid)
+        pose_cost = ((pose[pool] - pose[background[i]]) ** 2).sum(1) / pose_scale**2
+        near = pose_cost <= POSE_TOL**2
+        if near.any():  # a mouth from another head pose only when no near one qualifies
+            pool, pose_cost = pool[near], pose_cost[near]
+        cost = ((src[pool] - target[i]) ** 2).sum(1) + POSE_WEIGHT * pose_cost
+        if gaps is not None:
+            cost = cost + gaps[2][i] * (gaps[0][pool] - gaps[1][i]) ** 2
+        if extra is not None:
+            cost = cost + extra[pool]
+        k = min(N_CANDIDATES, len(pool))
         top = np.argpartition(cost, k - 1)[:k]
-        return cand_pool[top], cost[top]
+        return pool[top], cost[top]
 
     cands, acc = unary(0)
     back: list[np.ndarray] = []
@@ -161,8 +291,11 @@ def select_mouths(
         prev = all_cands[-1]
         follows = c[None, :] == nxt[prev][:, None]
         holds = c[None, :] == prev[:, None]
+        hold = HOLD_COST
+        if phone_id is not None and phone_id[i] != phone_id[i - 1]:
+            hold = JUMP_COST + HOLD_COST  # one mouth across two phones is a frozen mouth
         seam = ((src[nxt[prev]][:, None, :] - src[c][None, :, :]) ** 2).sum(2)
-        trans = np.where(follows, 0.0, np.where(holds, HOLD_COST, JUMP_COST + 0.5 * seam))
+        trans = np.where(follows, 0.0, np.where(holds, hold, JUMP_COST + 0.5 * seam))
         total = acc[:, None] + trans
         arg = total.argmin(0)
         acc = total[arg, np.arange(len(c))] + u

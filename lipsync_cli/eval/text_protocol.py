@@ -283,13 +283,14 @@ def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
 
 def _dub_row(
     clip: _Clip, row: str, k: int, text: str, speech: np.ndarray, plan: np.ndarray, close: np.ndarray,
-    settings: Settings, out: Path, keep_mouths: bool,
+    settings: Settings, out: Path, keep_mouths: bool, spoken: list | None = None,
 ) -> RowResult:  # fmt: skip
     """Dub sentence k with the row's engine, write it as `lipsync dub` would, measure the file."""
     t0 = time.perf_counter()
     src = clip.source
     engine, kw = ROWS[row]
-    track = get_engine(engine)(src, speech, plan, close=close, **kw)
+    targets = {} if engine == "seed" else {"phones": dub.speech_phones(speech, text, spoken)}  # as `lipsync dub`
+    track = get_engine(engine)(src, speech, plan, close=close, **targets, **kw)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
         wav = Path(tmp) / "speech.wav"
         media.write_wav(wav, speech, SR)
@@ -396,7 +397,7 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
                 out = (folder or Path(tmp)) / f"{name}__{row.replace(' ', '_').replace(':', '_')}__s{k}.mp4"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    res = _dub_row(clip, row, k, text, speech, plan, close, settings, out, keep_mouths=k == 0)
+                    res = _dub_row(clip, row, k, text, speech, plan, close, settings, out, k == 0, spoken)
                     _add(run, res, on_row)
                 except (LipsyncError, ValueError) as e:
                     run.skipped.append((f"{name} / {row} / sentence {k}", str(e)))

@@ -7,7 +7,7 @@ and a 4-layer transformer (d 128, 4 heads, ff 512) attends within +-BAND frames 
 may lead the sound). Output: the 40 lip points of every frame, speaker-normalised: (shape - speaker mean shape) /
 speaker motion scale, in aligned-crop units. At dub time the input video's own mean shape and scale put them back
 (`predict`), an optional per-video calibration on the video's own audio adapts the motion to that mouth, and
-the target eases to the video's closed mouth where the speech falls silent (and partly on p/b/m).
+the target eases to the video's closed mouth where the speech falls silent.
 
 Losses: landmark L1 and velocity L1 (frame-to-frame motion, against jitter and lag); optionally L1 on the inner-lip
 gap (`w_gap`, off in the committed weights: it made the target close more but not the shown mouth). The sync expert
@@ -37,7 +37,6 @@ from lipsync_cli.models import lipmap
 N_MELS = 80
 ROWS = 4  # feature rows per video frame (100 Hz / 25 fps)
 REST_LEAD, REST_LAG = 2, 2  # frames: the silence gate opens this early and closes this late
-CLOSE_WEIGHT = 0.3  # how far `close` frames (pauses, p/b/m) are pulled to the closed mouth: a hint, not an override
 
 
 @dataclass
@@ -183,17 +182,14 @@ def predict(
     fps: float,
     sr: int = audio.SR,
     adapt: bool = True,
-    close: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_frames, k) target coefficients in the map's basis: the generalist's motion de-normalised with the video's
     own mean shape and scale; with `adapt`, calibrated per coefficient on the video's own audio and lips; then
-    eased towards the source's closed mouth where the speech is quiet (`rest_in_silence`) and, by CLOSE_WEIGHT, on
-    the `close` frames (pauses, p/b/m).
+    eased towards the source's closed mouth where the speech is quiet (`rest_in_silence`).
 
     Why the easing: the model is trained with L1, so where it is unsure (a voice it never heard, a pause) it
-    predicts a mouth near the speaker's mean, and retrieval then shows half-open mouths through pauses: driven by
-    other voices the shown opening followed their loudness far less than the map's (energy AV r 0.35 vs 0.49).
-    A full closed-shape override costs lip error even on the closed frames (docs/lips.md): a partial one."""
+    predicts a mouth near the speaker's mean. It shapes the motion between the viseme anchors (visemes.py); the
+    anchors themselves (p/b/m shut, open vowels open) are enforced by the engine, never by this target."""
     mean, scale = speaker_stats(shapes, valid)
     to_coef = lambda y: lipmap.coefficients(lm, denormalise(y, mean, scale))  # noqa: E731
     coef = to_coef(run(model, speech, n_frames, sr))
@@ -205,10 +201,7 @@ def predict(
             real = lipmap.coefficients(lm, shapes[usable])
             coef = _calibrate(own, real, coef)
     drive = lipmap.loudness_drive(speech, n_frames, fps, sr)
-    coef = rest_in_silence(coef, lm.closed, _spread(drive, REST_LEAD, REST_LAG))
-    if close is not None and close.any():
-        coef = ease_closed(coef, lm.closed, close, CLOSE_WEIGHT)
-    return coef
+    return rest_in_silence(coef, lm.closed, _spread(drive, REST_LEAD, REST_LAG))
 
 
 def rest_in_silence(coef: np.ndarray, closed: np.ndarray, drive: np.ndarray, gain: float = 4.0) -> np.ndarray:
@@ -223,14 +216,6 @@ def _spread(x: np.ndarray, lead: int, lag: int) -> np.ndarray:
         return x
     p = np.pad(x, (lag, lead), mode="edge")
     return np.max([p[i : i + len(x)] for i in range(lead + lag + 1)], axis=0)
-
-
-def ease_closed(coef: np.ndarray, closed: np.ndarray, close: np.ndarray, weight: float) -> np.ndarray:
-    """Pull the `close` frames `weight` of the way to the closed mouth, eased in and out over ~2 frames (as the map
-    does at full weight) so that selection does not snap."""
-    kernel = np.array([0.25, 0.5, 1.0, 0.5, 0.25])
-    c = weight * np.clip(np.convolve(close.astype(np.float64), kernel, mode="same"), 0.0, 1.0)
-    return coef + c[:, None] * (closed - coef)
 
 
 def _calibrate(pred: np.ndarray, real: np.ndarray, target: np.ndarray, prior: float = 200.0) -> np.ndarray:

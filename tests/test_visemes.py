@@ -1,0 +1,101 @@
+"""Phones -> viseme targets, the mouth re-shaping warp, and retrieval honouring the targets (constructed inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lipsync_cli import face, visemes
+from lipsync_cli.engine import retrieval, warp
+from lipsync_cli.phones import Phone
+
+
+def test_bilabials_always_shut_even_between_frames_and_are_never_overwritten():
+    fps = 25.0
+    ph = [Phone("AA", 0.0, 0.205), Phone("P", 0.205, 0.225), Phone("AA", 0.225, 0.6), Phone("M", 0.6, 0.7)]
+    tg = visemes.targets(ph, 20, fps, lead=0.0)
+    # the 20 ms P holds no frame time (0.2, 0.24): the MIN_CLOSED frames around its middle shut anyway
+    assert (tg.kind[4:6] == visemes.CLOSED).all() and (tg.openness[4:6] == 0.0).all()
+    assert tg.openness[3] <= visemes.APPROACH and tg.cap[6] == visemes.APPROACH  # on their way in and out
+    assert (tg.kind[15:18] == visemes.CLOSED).all()
+    assert tg.kind[3] == visemes.OPEN and tg.kind[8] == visemes.OPEN
+    assert tg.kind[19] == visemes.REST  # after the last phone: rest
+    assert tg.phone[5] == "P" and tg.phone_id[5] == 1
+
+
+def test_open_vowels_open_by_vowel_and_rounded_ones_round():
+    o = visemes.OPENNESS
+    assert o["AA"] > o["AE"] == o["AH"] == o["AY"] == o["AW"] > o["EH"] > o["IH"] > o["IY"]
+    for p in ("W", "UW", "OW", "OY"):
+        assert visemes.kind_of(p) == visemes.ROUND
+    assert visemes.kind_of("F") == visemes.LABIODENTAL and visemes.kind_of("V") == visemes.LABIODENTAL
+    for p in ("AA", "AE", "AH", "AO", "AW", "AY"):
+        assert visemes.kind_of(p) == visemes.OPEN
+
+
+def test_targets_lead_the_sound_and_pauses_rest_but_breaths_do_not():
+    ph = [Phone("SIL", 0.0, 0.4), Phone("M", 0.4, 0.5), Phone("SIL", 0.5, 0.55), Phone("AA", 0.55, 1.0)]
+    no_lead = visemes.targets(ph, 25, 25.0, lead=0.0)
+    led = visemes.targets(ph, 25, 25.0, lead=0.04)
+    assert no_lead.kind[9] == visemes.REST and no_lead.kind[10] == visemes.CLOSED
+    assert led.kind[9] == visemes.CLOSED  # frame 9 (0.36 s) shows what is heard 40 ms later: the M
+    assert no_lead.kind[13] == visemes.FREE  # a 50 ms gap between words is no pause
+    assert 0.0 <= visemes.LEAD_S <= 0.08
+
+
+def _open_mouth(size: int = 128, gap_px: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """A drawn face crop (skin, red lips, dark mouth) and its landmarks: the template face, mouth open by gap_px."""
+    pts = np.zeros((face.N_LANDMARKS, 2))
+    stable = face.TEMPLATE * size
+    pts[face.STABLE] = stable
+    cx, cy = 0.5 * size, 0.45 * size
+    rng = np.random.default_rng(0)
+    for idx in range(face.N_LANDMARKS):
+        if idx not in face.STABLE:
+            pts[idx] = [cx + rng.uniform(-30, 30), cy + rng.uniform(15, 40)]  # the rest of the lower face
+    for row, y0 in ((warp.OUTER_UPPER, -8 - gap_px / 2), (warp.OUTER_LOWER, 8 + gap_px / 2)):
+        pts[row] = np.c_[np.linspace(cx - 20, cx + 20, 9), np.full(9, cy + y0)]
+    pts[warp.INNER_PAIRS[:, 0]] = np.c_[np.linspace(cx - 16, cx + 16, 9), np.full(9, cy - gap_px / 2)]
+    pts[warp.INNER_PAIRS[:, 1]] = np.c_[np.linspace(cx - 16, cx + 16, 9), np.full(9, cy + gap_px / 2)]
+    pts[warp.OUTER_CORNERS] = [[cx - 24, cy], [cx + 24, cy]]
+    pts[warp.INNER_CORNERS] = [[cx - 19, cy], [cx + 19, cy]]
+    a = np.linspace(0, 2 * np.pi, len(warp.RING), endpoint=False)
+    pts[warp.RING] = np.c_[cx + 40 * np.cos(a), cy + 40 * np.sin(a)]
+    pts[warp.CHIN] = np.c_[np.linspace(cx - 10, cx + 10, len(warp.CHIN)), np.full(len(warp.CHIN), cy + 30)]
+    img = np.full((size, size, 3), (200, 160, 140), np.uint8)
+    img[int(cy - gap_px / 2 - 8) : int(cy + gap_px / 2 + 8), int(cx - 20) : int(cx + 20)] = (150, 40, 50)
+    img[int(cy - gap_px / 2) : int(cy + gap_px / 2), int(cx - 16) : int(cx + 16)] = (20, 10, 10)
+    return img, pts
+
+
+def test_warp_shuts_a_mouth_and_leaves_everything_outside_the_ring_alone():
+    img, pts = _open_mouth()
+    shut, new = warp.reshape(img, pts, 0.0)
+    assert warp.eval_gap(new) < retrieval.CLOSED_GAP < warp.eval_gap(pts)
+    cx, cy = 64, int(0.45 * 128)
+    assert (shut[cy - 2 : cy + 3, cx - 10 : cx + 10, 0] > 60).all()  # the dark mouth is gone: lips meet
+    assert np.array_equal(shut[:10], img[:10]) and np.array_equal(shut[:, :5], img[:, :5])  # nose, cheeks: exact
+    opened, wider = warp.reshape(img, pts, 1.8)
+    assert warp.eval_gap(wider) > 1.7 * warp.eval_gap(pts)
+    assert (opened[cy - 5 : cy + 10, cx - 5 : cx + 5, 0] < 60).all()  # more dark mouth
+
+
+def test_retrieval_shows_only_allowed_mouths_on_anchored_frames():
+    rng = np.random.default_rng(3)
+    T, N = 200, 40
+    gap = np.abs(np.sin(np.arange(T) / 6.0)) * 0.15  # the source opens and shuts
+    src = np.c_[gap / 0.05, rng.normal(0, 0.1, T)]
+    kind = np.full(N, visemes.FREE)
+    kind[5:8] = visemes.CLOSED
+    kind[20:24] = visemes.OPEN
+    tg = visemes.Targets(kind, np.where(kind == visemes.OPEN, 0.8, 0.25), np.ones(N), [""] * N, np.arange(N))
+    want = tg.openness * 0.15
+    rules, sets = retrieval.allowed_sets(tg, want, gap, np.ones(T), np.ones(T, bool), 0.15)
+    target = np.full((N, 2), 1.0)  # a half-open average mouth everywhere: the soft target alone never shuts
+    kw = dict(pose=np.zeros((T, 2)), valid=np.ones(T, bool), target=target, background=np.arange(N))
+    path = retrieval.select_mouths(src, **kw, rules=rules, sets=sets, phone_id=tg.phone_id)
+    assert (gap[path[5:8]] <= retrieval.CLOSED_GAP).all()
+    assert (gap[path[20:24]] >= retrieval.OPEN_MIN * 0.8 * 0.15).all()
+    free = retrieval.select_mouths(src, **kw)
+    assert (gap[free[5:8]] > retrieval.CLOSED_GAP).any()
+    # every frame its own phone: no mouth is held from one phone into the next
+    assert (np.diff(path) != 0).all()
