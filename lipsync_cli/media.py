@@ -25,10 +25,14 @@ import contextlib
 import functools
 import math
 import os
+import queue
+import re
 import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,8 +194,11 @@ def _has_audio(path: Path) -> bool | None:
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-def iter_frames(path: str | Path, fps: float = 25.0, ffmpeg: str | None = None) -> Iterator[np.ndarray]:
-    """Stream RGB frames at a constant `fps`, displayed orientation, exactly `probe(path).n_frames(fps)` of them.
+def iter_frames(
+    path: str | Path, fps: float = 25.0, ffmpeg: str | None = None, start: int = 0, count: int | None = None
+) -> Iterator[np.ndarray]:
+    """Stream RGB frames at a constant `fps`, displayed orientation, exactly `probe(path).n_frames(fps)` of them
+    (or frames `start` .. `start + count` of that sequence, found by seeking: random access without storing frames).
 
     Frames come through an ffmpeg rawvideo pipe one at a time, so memory stays flat however long the video is.
     The file is probed now (errors surface at the call); ffmpeg starts at the first `next()` and is killed if the
@@ -201,12 +208,24 @@ def iter_frames(path: str | Path, fps: float = 25.0, ffmpeg: str | None = None) 
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     info = probe(path)
+    total = info.n_frames(fps)
+    start = min(max(int(start), 0), total - 1)
+    count = total - start if count is None else max(0, min(int(count), total - start))
     exe = ffmpeg_exe(ffmpeg)
-    src = ffmpeg_python.input(str(Path(path).absolute()))[str(info.stream_index)]
-    video = src.filter("fps", fps=_rate(fps)).filter("scale", info.width, info.height)
-    out = ffmpeg_python.output(video, "pipe:", format="rawvideo", pix_fmt="rgb24")
+    args: dict = {}
+    if start > 0:
+        # seek a second early (to a keyframe before that, decoding from there), keep the file's own timestamps
+        # (t = 0 at its start, as without seeking) so the fps filter's grid is the same as a full decode's, and cut
+        # on that grid: frame `start` is bit-identical to the one a decode from the beginning yields
+        args = dict(ss=f"{max(0.0, start / fps - 1.0):.6f}", copyts=None, start_at_zero=None)
+    src = ffmpeg_python.input(str(Path(path).absolute()), **args)[str(info.stream_index)]
+    video = src.filter("fps", fps=_rate(fps))
+    if start > 0:
+        video = video.filter("trim", start_pts=start)
+    video = video.filter("scale", info.width, info.height)
+    out = ffmpeg_python.output(video, "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count)
     cmd = out.compile(cmd=[exe, *_QUIET])
-    return _frames(cmd, info, info.n_frames(fps))
+    return _frames(cmd, info, count)
 
 
 def _frames(cmd: list[str], info: VideoInfo, total: int) -> Iterator[np.ndarray]:
@@ -290,34 +309,110 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
     if a.ndim != 2:
         raise ValueError(f"audio must be (n,) or (n, channels), got shape {a.shape}")
     pcm = np.round(np.clip(a, -1.0, 1.0) * 32767).astype("<i2")
-    with _atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
+    with Publish(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(a.shape[1])
         w.setsampwidth(2)
         w.setframerate(int(sr))
         w.writeframes(pcm.tobytes())
 
 
-class _atomic:
-    """`with _atomic(path) as tmp:` write tmp (hidden, same directory); it replaces `path` only on success."""
+TEMP_TAG = "lipsync"  # every temp name we create carries f"{TEMP_TAG}-{pid}-": how sweep_stale knows its own
 
-    def __init__(self, path: Path, suffix: str = ""):
+
+def temp_name(stem: str = "", suffix: str = "") -> str:
+    """A fresh temp name that says which process made it (see sweep_stale)."""
+    return f"{stem}{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+_STALE = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
+    """Delete what a killed run left in `folder`: only names we make (temp_name), only when the process that made
+    them is gone and they are older than `min_age_s` (a pid from another host or container sharing the folder could
+    look dead: the age keeps a live run's fresh files safe). Returns how many entries were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    now = time.time()
+    for e in entries:
+        m = _STALE.search(e.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                os.unlink(e.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class Publish:
+    """`with Publish(path) as tmp:` write tmp (hidden, same folder); it becomes `path` only on success.
+
+    The temp file is created at once (exclusively), so an unwritable folder is found before any work is done.
+    Without `force` the publish is a hard link, which fails if `path` exists by then: of two runs racing for one
+    output exactly one wins, and nothing is ever overwritten (no check-then-rename window).
+    """
+
+    def __init__(self, path: Path, suffix: str = "", force: bool = True):
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh name rather than mkstemp: the writer creates it, so it gets the umask's mode, not 0600
-        self.path, self.tmp = path, path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        self.path, self.force = path, force
+        self.tmp = path.with_name(temp_name(f".{path.name}.", f".tmp{suffix}"))
+        try:
+            # 0o666 & ~umask (mkstemp would make it 0600)
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:
+            raise LipsyncError(f"cannot write to {path.parent}: {e.strerror or e}") from None
 
     def __enter__(self) -> Path:
         return self.tmp
 
     def commit(self) -> None:
-        os.replace(self.tmp, self.path)
+        if self.force:
+            if self.path.is_dir():
+                raise LipsyncError(f"{self.path} is a folder; give a file name")
+            os.replace(self.tmp, self.path)
+            return
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+        except OSError:  # no hard links on this file system: claim the name exclusively, then fill it
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+            os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
             self.discard()
 
 
@@ -344,6 +439,7 @@ class VideoWriter:
         crf: int = 18,
         ffmpeg: str | None = None,
         preset: str = "veryfast",
+        publish: Publish | None = None,
     ):
         if width <= 0 or height <= 0 or fps <= 0:
             raise ValueError(f"bad video size/rate: {width}x{height} at {fps} fps")
@@ -361,7 +457,7 @@ class VideoWriter:
         fmt = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(suffix)
         if fmt is None:
             raise LipsyncError(f"cannot write {self.path}: use .mp4, .mov or .mkv for H.264 video")
-        self._file = _atomic(self.path, suffix)
+        self._file = publish if publish is not None else Publish(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
             cmd = self._command(exe, fmt, audio, crf, preset)
@@ -374,6 +470,34 @@ class VideoWriter:
             raise
         _grow_pipe(self._proc.stdin)
         self._open = True
+        # frames go to ffmpeg from a thread through a short queue: the caller composites the next frame while a
+        # pipe write waits for x264 (pipe writes release the GIL)
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._failed: BaseException | None = None
+        self._feeder = threading.Thread(target=self._feed, name="encoder-feed", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            if self._failed is not None:
+                continue  # drain, so a blocked put never waits forever
+            try:
+                self._proc.stdin.write(memoryview(frame).cast("B"))
+            except BaseException as e:  # BrokenPipeError: ffmpeg died (bad audio, disk full, ...)
+                self._failed = e
+
+    def _drain(self) -> None:
+        """Stop the feeding thread after what is queued (reap it before touching the pipe)."""
+        if self._feeder.is_alive():
+            self._queue.put(None)
+            self._feeder.join()
+
+    def _raise_failed(self) -> None:
+        _stop(self._proc, grace=5.0)
+        msg = _ffmpeg_error(self._err, self._proc.returncode)
+        e = self._failed
+        self.abort()
+        raise LipsyncError(f"ffmpeg failed writing {self.path}: {msg}") from e
 
     def _command(self, exe: str, fmt: str, audio: Path | None, crf: int, preset: str) -> list[str]:
         src = ffmpeg_python.input(
@@ -417,19 +541,20 @@ class VideoWriter:
             raise ValueError(
                 f"frame must be uint8 ({self.height}, {self.width}, 3), got {frame.dtype} {tuple(frame.shape)}"
             )
-        try:
-            self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
-        except OSError as e:  # BrokenPipeError: ffmpeg died (bad audio, disk full, ...)
-            _stop(self._proc, grace=5.0)
-            msg = _ffmpeg_error(self._err, self._proc.returncode)
-            self.abort()
-            raise LipsyncError(f"ffmpeg failed writing {self.path}: {msg}") from e
+        if self._failed is not None:
+            self._drain()
+            self._raise_failed()
+        self._queue.put(np.ascontiguousarray(frame))
         self.frames += 1
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises LipsyncError (leaving nothing) if ffmpeg failed."""
         if not self._open:
             return
+        self._drain()
+        if self._failed is not None:
+            self._open = True
+            self._raise_failed()
         self._open = False
         with contextlib.suppress(OSError):  # ffmpeg already gone; its exit code tells
             self._proc.stdin.close()
@@ -453,9 +578,47 @@ class VideoWriter:
         if not self._open:
             return
         self._open = False
+        self._failed = self._failed or LipsyncError("aborted")
+        with contextlib.suppress(OSError):
+            self._proc.kill()  # first: a feeder blocked in a pipe write gets EPIPE and drains the queue
+        self._drain()
         _stop(self._proc)
         self._file.discard()
         self._err.close()
+
+
+def mux(video: Path, audio: Path, publish: Publish, ffmpeg: str | None = None) -> None:
+    """`video`'s picture (stream copy) with `audio` as AAC, as long as the picture, into `publish`'s temp file,
+    then published."""
+    src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]
+    snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"].filter("apad")
+    fmt = "mov" if publish.path.suffix.lower() == ".mov" else "mp4"
+    out = ffmpeg_python.output(
+        src,
+        snd,
+        str(publish.tmp.absolute()),
+        format=fmt,
+        vcodec="copy",
+        acodec="aac",
+        audio_bitrate="160k",
+        shortest=None,
+        movflags="+faststart",
+    )
+    proc = subprocess.run(
+        out.compile(cmd=[ffmpeg_exe(ffmpeg), *_QUIET, "-y"]), stdin=subprocess.DEVNULL, capture_output=True
+    )
+    if proc.returncode != 0:
+        raise LipsyncError(f"ffmpeg failed writing {publish.path}: {_last_line(proc.stderr, proc.returncode)}")
+    publish.commit()
+
+
+def audio_rate(path: str | Path) -> int | None:
+    """The sample rate of a file's first audio stream (None when PyAV cannot tell)."""
+    try:
+        with av.open(str(path)) as c:
+            return int(c.streams.audio[0].sample_rate) if c.streams.audio else None
+    except (av.FFmpegError, OSError, UnicodeDecodeError, IndexError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
