@@ -197,3 +197,34 @@ def test_sample_frames_bounds_the_pool():
     ranges, pool = sample_frames(130, 40)  # a short clip: all of it
     assert ranges == [(0, 130)] and pool.all()
     assert np.all(np.diff([a for a, _ in ranges]) > 0) if len(ranges) > 1 else True
+
+
+def peak_rss_mb(*args) -> float:
+    """Run a dub; the peak resident memory of its Python process (ffmpeg children are separate and fixed-size)."""
+    p = start_dub(*args)
+    _, status, usage = os.wait4(p.pid, 0)
+    err = p.stderr.read()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_bounce_memory_flat_in_video_length(tmp_path):
+    """The same 130 s of speech bounced over a 20 s and a 2-minute input: the long input costs no more memory beyond
+    its per-frame landmarks (~0.03 MB a frame; storing frames cost 0.22 MB a frame and more)."""
+    src = shared_file("media/pcavs_00086.mp4")  # 224 px: small frames keep this quick
+    exe = media.ffmpeg_exe()
+    clips = {}
+    for seconds in (20, 120):
+        clips[seconds] = tmp_path / f"in{seconds}.mp4"
+        loops = str(int(np.ceil(seconds / media.probe(src).duration)) - 1)
+        cmd = [exe, "-loglevel", "error", "-stream_loop", loops, "-i", str(src), "-t", str(seconds), "-c", "copy"]
+        subprocess.run([*cmd, str(clips[seconds])], check=True)
+    x = media.read_audio(shared_file("speech/musetalk_eng.wav"), SR)
+    speech = tmp_path / "speech.wav"
+    media.write_wav(speech, np.concatenate([x, x, x[: 10 * SR]]), SR)
+    short = peak_rss_mb(clips[20], "--audio", speech, "-o", tmp_path / "a.mp4", "--sync-mode", "bounce")
+    long = peak_rss_mb(clips[120], "--audio", speech, "-o", tmp_path / "b.mp4", "--sync-mode", "bounce")
+    extra_frames = (120 - 20) * 25
+    assert long - short < 0.06 * extra_frames, (short, long)
+    assert media.probe(tmp_path / "b.mp4").duration == pytest.approx(130, abs=0.1)
