@@ -26,13 +26,10 @@ import functools
 import math
 import os
 import queue
-import re
-import secrets
 import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +43,7 @@ import numpy as np
 from rich.markup import escape
 
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import atomic
 from lipsync_cli.progress import log
 
 PIPE_SIZE = 1 << 20  # Linux default max for F_SETPIPE_SZ; bigger pipes mean fewer context switches per frame
@@ -309,111 +307,32 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
     if a.ndim != 2:
         raise ValueError(f"audio must be (n,) or (n, channels), got shape {a.shape}")
     pcm = np.round(np.clip(a, -1.0, 1.0) * 32767).astype("<i2")
-    with Publish(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
+    with atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(a.shape[1])
         w.setsampwidth(2)
         w.setframerate(int(sr))
         w.writeframes(pcm.tobytes())
 
 
-TEMP_TAG = "lipsync"  # every temp name we create carries f"{TEMP_TAG}-{pid}-": how sweep_stale knows its own
+VIDEO_OUT = (".mp4", ".m4v", ".mov")  # containers the writer produces
 
 
-def temp_name(stem: str = "", suffix: str = "") -> str:
-    """A fresh temp name that says which process made it (see sweep_stale)."""
-    return f"{stem}{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-
-
-_STALE = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
-
-
-def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
-    """Delete what a killed run left in `folder`: only names we make (temp_name), only when the process that made
-    them is gone and they are older than `min_age_s` (a pid from another host or container sharing the folder could
-    look dead: the age keeps a live run's fresh files safe). Returns how many entries were removed."""
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    now = time.time()
-    for e in entries:
-        m = _STALE.search(e.name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        try:
-            if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
-                continue
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
-            else:
-                os.unlink(e.path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-class Publish:
-    """`with Publish(path) as tmp:` write tmp (hidden, same folder); it becomes `path` only on success.
-
-    The temp file is created at once (exclusively), so an unwritable folder is found before any work is done.
-    Without `force` the publish is a hard link, which fails if `path` exists by then: of two runs racing for one
-    output exactly one wins, and nothing is ever overwritten (no check-then-rename window).
-    """
-
-    def __init__(self, path: Path, suffix: str = "", force: bool = True):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.force = path, force
-        self.tmp = path.with_name(temp_name(f".{path.name}.", f".tmp{suffix}"))
-        try:
-            # 0o666 & ~umask (mkstemp would make it 0600)
-            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except OSError as e:
-            raise LipsyncError(f"cannot write to {path.parent}: {e.strerror or e}") from None
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def commit(self) -> None:
-        if self.force:
-            if self.path.is_dir():
-                raise LipsyncError(f"{self.path} is a folder; give a file name")
-            os.replace(self.tmp, self.path)
-            return
-        try:
-            os.link(self.tmp, self.path)
-        except FileExistsError:
-            raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
-        except OSError:  # no hard links on this file system: claim the name exclusively, then fill it
-            try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except FileExistsError:
-                raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
-            os.replace(self.tmp, self.path)
-            return
-        self.tmp.unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.commit()
-        finally:
-            self.discard()
+def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
+    """Refuse before any work is done: overwriting without --force, writing over the input, unwritable folder."""
+    if output.resolve() == video.resolve():
+        raise LipsyncError(f"refusing to write the output over the input {video}")
+    if output.suffix.lower() not in suffixes:
+        kind = "an .mp4 (or .mov)" if suffixes == VIDEO_OUT else " or ".join(suffixes)
+        raise LipsyncError(f"output must be {kind} file, got {output.name}")
+    if output.is_dir():
+        raise LipsyncError(f"{output} is a folder; give the output a file name")
+    if output.exists() and not force:  # early, to save the work; the publish itself is what makes it safe
+        raise LipsyncError(f"{output} exists; use --force to overwrite it")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise LipsyncError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise LipsyncError(f"output folder {folder} is not writable")
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -439,7 +358,7 @@ class VideoWriter:
         crf: int = 18,
         ffmpeg: str | None = None,
         preset: str = "veryfast",
-        publish: Publish | None = None,
+        publish: atomic | None = None,
     ):
         if width <= 0 or height <= 0 or fps <= 0:
             raise ValueError(f"bad video size/rate: {width}x{height} at {fps} fps")
@@ -457,7 +376,7 @@ class VideoWriter:
         fmt = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(suffix)
         if fmt is None:
             raise LipsyncError(f"cannot write {self.path}: use .mp4, .mov or .mkv for H.264 video")
-        self._file = publish if publish is not None else Publish(self.path, suffix)
+        self._file = publish if publish is not None else atomic(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
             cmd = self._command(exe, fmt, audio, crf, preset)
@@ -587,7 +506,7 @@ class VideoWriter:
         self._err.close()
 
 
-def mux(video: Path, audio: Path, publish: Publish, ffmpeg: str | None = None) -> None:
+def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) -> None:
     """`video`'s picture (stream copy) with `audio` as AAC, as long as the picture, into `publish`'s temp file,
     then published."""
     src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]

@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_cli import media
+from lipsync_cli import files, media
+from lipsync_cli.errors import LipsyncError
 from tests.conftest import shared_file
 
 SR = 16000
 
 
 def ours(folder: Path) -> list[str]:
-    """Temp names a dub makes (media.temp_name), anywhere under `folder`."""
-    return [str(p) for p in folder.rglob("*") if media.TEMP_TAG + "-" in p.name]
+    """Temp names a dub makes (files.temp_name), anywhere under `folder`."""
+    return [str(p) for p in folder.rglob("*") if files.TEMP_TAG + "-" in p.name]
 
 
 @pytest.fixture
@@ -63,11 +64,11 @@ def test_output_folder_is_an_error_before_any_work(tmp_path, speech):
 
 def test_publish_without_force_never_overwrites(tmp_path):
     out = tmp_path / "o.wav"
-    a, b = media.Publish(out, ".wav", force=False), media.Publish(out, ".wav", force=False)
+    a, b = files.atomic(out, ".wav", force=False), files.atomic(out, ".wav", force=False)
     a.tmp.write_bytes(b"first")
     b.tmp.write_bytes(b"second")
     a.commit()
-    with pytest.raises(media.LipsyncError, match="exists; use --force"):
+    with pytest.raises(LipsyncError, match="exists; use --force"):
         b.commit()
     b.discard()
     assert out.read_bytes() == b"first"
@@ -80,8 +81,8 @@ def test_unwritable_folder_found_at_once(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    with pytest.raises(media.LipsyncError, match="cannot write"):
-        media.Publish(ro / "o.mp4")
+    with pytest.raises(LipsyncError, match="cannot write"):
+        files.atomic(ro / "o.mp4")
 
 
 def test_sweep_removes_only_our_stale_names(tmp_path):
@@ -100,7 +101,7 @@ def test_sweep_removes_only_our_stale_names(tmp_path):
     old = time.time() - 3600
     for p in (stale, stale_file, alive, other):
         os.utime(p, (old, old))
-    assert media.sweep_stale(tmp_path) == 2
+    assert files.sweep_stale(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, alive.name, other.name])
 
 
@@ -148,7 +149,7 @@ def test_temp_folder_too_small_is_one_clear_error(tmp_path, speech, monkeypatch)
         monkeypatch.setenv("TMPDIR", str(small))
         monkeypatch.setattr("tempfile.tempdir", None)
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=256 << 10))
-        with pytest.raises(media.LipsyncError) as e:
+        with pytest.raises(LipsyncError) as e:
             dub.dub(video, None, speech, out, Settings(quiet=True))
         err, left = f"error: {e.value}", list(small.iterdir())
     line = err.strip()

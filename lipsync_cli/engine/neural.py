@@ -24,9 +24,10 @@ import torch
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, models, progress
-from lipsync_cli.engine import lipmap, retrieval
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.models import lipmap
 from lipsync_cli.models import render as R
 
 ADAPT_FRAMES = 3000  # at most this many of the video's frames are held for adaptation (spread evenly)
@@ -98,20 +99,16 @@ def animate(
     background: np.ndarray,
     close: np.ndarray | None = None,
     sr: int = A.SR,
-    adapt_minutes: float | None = None,
+    lips: str = "model",
+    adapt_minutes: float = 2.0,
     adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
 ) -> MouthTrack:
-    """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
-    `adapt_minutes` / `adapt_steps` settings."""
-    if adapt_minutes is None:
-        from lipsync_cli.settings import load_settings
-
-        s = load_settings()
-        adapt_minutes, adapt_steps = s.adapt_minutes, s.adapt_steps if adapt_steps is None else adapt_steps
+    """A painted mouth on every output frame whose background frame has a face. `lips`, `adapt_minutes`,
+    `adapt_steps`: the settings of those names (bound by get_engine); `adapt_steps` overrides the minutes."""
     model = load(checkpoint)
-    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr)
+    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr, lips)
     track = retrieval.choose(source, aligned, shapes, lm, target, background)
     model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 

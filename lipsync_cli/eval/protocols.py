@@ -35,10 +35,13 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import dub, face, media, progress, render
+from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import metrics as M
+from lipsync_cli.files import SPEECH_EXT, VIDEO_EXT
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speech import load_speech, match_video_loudness
 
 SR = A.SR
 METRICS = ("lve", "sync", "closure", "psnr", "ssim", "sharpness", "stability")
@@ -47,8 +50,6 @@ RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voic
 PROTOCOLS = ("reconstruct", "cross")
 BASELINES = ("real", "frozen", "floor")
 
-HOLD_OUT = 0.4  # fraction of a media clip re-created (the end); the rest is the reference
-MAX_CLIP_S = 8.0  # seconds of each video analysed: eval stays fast, a few seconds per clip
 MAX_SPEECH_S = 8.0  # cross: driving speech is cut to this
 FLOOR_SHIFT_S = 1.0  # reconstruct floor: real frames this late, beyond sync_energy's +-15 frame search
 SYNC_TOL = 2  # frames of lag still counted as in sync (the mouth leads the sound by up to ~80 ms)
@@ -57,8 +58,6 @@ GRID_REFS = 4  # GRID: other clips of the speaker concatenated as the reference 
 GRID_TEST_MOD = 10  # GRID: crc32(id) % 10 == 0 is the held-out split when there is no prep manifest
 FACE_PX = 256  # whole-face metrics: the face box is resized to at most this (long side)
 MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # x0, y0, x1, y1 in the aligned crop (mouth at 0.5, 0.45): lips, teeth, chin
-VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m4v")
-SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")
 
 # Table columns: key, the metric that computes it, which way is better (low | high | one / zero: closest to it),
 # label (m: mouth region, f: face box). flicker is the excess temporal change outside the lips over the real
@@ -364,7 +363,7 @@ def cross_case(path: Path, speech: np.ndarray, speech_name: str, text: str | Non
     """cross: the video driven by other speech under the dub timing plan (bounce/loop/cut as configured)."""
     src, frames = analyse(path, settings)
     fps = src.fps
-    sp = dub.match_video_loudness(speech, src.audio)
+    sp = match_video_loudness(speech, src.audio)
     n_out = max(1, int(round(len(sp) / SR * fps)))
     plan = render.timing_plan(src.n_frames, n_out, settings.sync_mode)
     sp = _fit_audio(sp, len(plan), fps)
@@ -589,7 +588,7 @@ def evaluate_case(
     # real first: its landmarks are the truth for lve and its opening sets the closed threshold for everyone
     if case.ground_truth:
         real_lm = track_landmarks(case.frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(real_lm))
+        thresh = face.closed_threshold(M.mouth_opening_series(real_lm))
         scores["real"], series["real"] = score_output(
             case.frames, case.speech, ref, metrics, fps, close_speech, thresh, real_lm, lm=real_lm
         )
@@ -597,7 +596,7 @@ def evaluate_case(
         real_lm = None
         own_frames, own_audio = case.own
         own_lm = track_landmarks(own_frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(own_lm))
+        thresh = face.closed_threshold(M.mouth_opening_series(own_lm))
         scores["real"], series["real"] = {}, {"opening": M.mouth_opening_series(own_lm)}
         if own_audio is not None:  # a silent input has no real row to speak of
             own_close = _must_close(own_audio, len(own_frames), fps, None) if "closure" in metrics else None
@@ -692,10 +691,10 @@ def evaluate(
         if not videos.exists():
             raise LipsyncError(f"no videos for the cross protocol: {videos} does not exist")
         if text:
-            drives = [("tts", dub.load_speech(text, None, settings)[0])]
+            drives = [("tts", load_speech(text, None, settings)[0])]
         else:
             folder = speech if speech is not None else settings.shared_dir / "speech"
-            drives = [(p.stem, dub.load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
+            drives = [(p.stem, load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
             if not drives:
                 raise LipsyncError(f"no speech files in {folder} (or give --text)")
         drives = [(name, x[: int(MAX_SPEECH_S * SR)]) for name, x in drives]
