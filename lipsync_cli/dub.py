@@ -1,15 +1,20 @@
 """The dubbing pipeline, as plain functions the CLI (and the benchmark) call.
 
 text --voice.tts--> speech                                        (or --audio FILE, used exactly as given)
-video --media.iter_frames--> frames --face.FaceTracker--> landmarks + aligned lower-face crops   (pass 1)
+video --media.iter_frames (a 25 fps view; the frames the output shows + a mouth pool)--> frames
+      --face.FaceTracker--> landmarks + aligned crops of the pool                                   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
-speech (loudness matched to the video's own) + crops --engine.animate--> a mouth per output frame
-frames (again, in timing-plan order) + mouths --render.composite--> media.VideoWriter (+ speech) -> output.mp4
+       (in its own process, beside pass 1, the engine and the render)
+speech (loudness matched to the video's own) + pool --engine.animate--> a mouth per 25 fps output frame
+frames (again, at the input's own rate, in timing-plan order) + mouths --render.composite--> media.VideoWriter
+       (+ speech at >= 44.1 kHz, muxed at the end when it was converted) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
-close the mouth on p/b/m) decided before it stay valid. It runs after the face pass so that a video without a face
-is reported as such before its soundtrack is judged; a --voice-ref recording (and XTTS, which needs the voice
-before it can speak) is read and checked before any work.
+close the mouth on p/b/m) decided before it stay valid, and the engine can follow the TTS speech while the voice is
+still converted. Its errors are raised after the face pass, so that a video without a face is reported as such
+before its soundtrack is judged; a --voice-ref recording (and XTTS, which needs the voice before it can speak) is
+read and checked before any work. Memory and temp disk stay flat in the video's length: frames are streamed,
+never stored (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from lipsync_cli.voice.speech import (
     apply_voice,
     check_voice,
     check_words,
+    learn_and_convert,
     load_speech_full,
     loudness_target,
     soundtrack,
@@ -233,17 +239,6 @@ def mouth_must_close(
     return close
 
 
-def _voice_job(settings: Settings, video: Path, has_audio: bool, speech: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """In its own process, beside the face pass: learn the person's voice and convert `speech` (16 kHz) into it.
-    (None, "tts") when the plain TTS voice is to be used (--voice-fallback)."""
-    progress.set_quiet(True)  # the parent's bars own the terminal; warnings still print
-    own = soundtrack(video, settings) if has_audio else None
-    voice = speaker_voice(settings, own, video.name)
-    if voice is None:
-        return None, "tts"
-    return apply_voice(speech, voice), voice.source
-
-
 def retime(plan: np.ndarray, rate: float, n_src: int, fps: float) -> np.ndarray:
     """The timing plan at the working rate `fps` for an output planned at the input's `rate` (`plan`: source frame
     at `rate` behind each output frame): the working-rate source frame nearest in time, for each working frame."""
@@ -394,7 +389,7 @@ def dub(
                 f"MB needed, {free / 1e6:.0f} MB free"
             )
         job = (
-            stack.enter_context(background.Job(_voice_job, settings, video, info.has_audio, speech.analysis))
+            stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, speech.analysis))
             if clone
             else None
         )

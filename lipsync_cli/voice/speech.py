@@ -194,6 +194,20 @@ def check_voice(audio: Path | None, settings: Settings) -> None:
             raise LipsyncError(f"--voice-ref {p}: {'not a file' if p.exists() else 'file not found'}")
 
 
+def learn_and_convert(
+    settings: Settings, video: Path, has_audio: bool, speech: np.ndarray
+) -> tuple[np.ndarray | None, str]:
+    """Learn the person's voice (from --voice-ref, else `video`'s soundtrack) and convert `speech` (16 kHz) into it:
+    (converted, where the voice came from), or (None, "tts") for the plain TTS voice (--voice-fallback). `dub` runs
+    this in its own process beside the face pass, so it imports only what the voice needs."""
+    progress.set_quiet(True)  # the parent's bars own the terminal; warnings still print
+    own = soundtrack(video, settings) if has_audio else None
+    voice = speaker_voice(settings, own, video.name)
+    if voice is None:
+        return None, "tts"
+    return apply_voice(speech, voice), voice.source
+
+
 @dataclass
 class SpeechResult:
     output: Path
