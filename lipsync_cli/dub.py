@@ -6,7 +6,7 @@ video --media.iter_frames (a 25 fps view; the frames the output shows + a mouth 
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
        (in its own process, beside pass 1, the engine and the render)
 speech (loudness matched to the video's own) + pool --engine.animate--> a mouth per 25 fps output frame
-frames (again, at the input's own rate, in timing-plan order) + mouths --render.composite--> media.VideoWriter
+frames (again, at the input's own rate, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter
        (+ speech at >= 44.1 kHz, muxed at the end when it was converted) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
@@ -31,8 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import background, face, files, media, progress, render
+from lipsync_cli import background, compositing, face, files, media, progress
+from lipsync_cli.audio import SR, match_loudness, resample, voice_activity
 from lipsync_cli.background import Prefetch
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
@@ -47,8 +47,6 @@ from lipsync_cli.voice.speech import (
     soundtrack,
     speaker_voice,
 )
-
-SR = A.SR
 
 
 @dataclass
@@ -198,9 +196,8 @@ def analyse_video(
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed = face.smooth_landmarks(raw, found, settings.smooth)
-    matrices = np.full((T, 2, 3), np.nan)
-    matrices[found] = face.align_matrix(smoothed[found], size)
+    smoothed, matrices = face.align_track(raw, found, size, settings.smooth)
+    matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
     for t in np.flatnonzero(found & keep):
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
         fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
@@ -228,7 +225,7 @@ def mouth_must_close(
     speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
 ) -> np.ndarray:
     """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
-    close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
+    close = ~voice_activity(speech, SR, fps=fps, n_frames=n_frames)
     try:
         from lipsync_cli import phones
 
@@ -328,7 +325,7 @@ def render_frames(
                     continue
                 M = face.align_matrix(lm, source.size)
                 pts = face.transform_points(lm, M)
-            render.composite(frame, M, track.crop(i, source), track.points[i], pts)
+            compositing.composite(frame, M, track.crop(i, source), track.points[i], pts)
             yield frame
 
 
@@ -373,7 +370,7 @@ def dub(
         speech = load_speech_full(text, audio, settings, voice)
         timings["speech"] = time.perf_counter() - t0
 
-        plan = render.timing_plan(
+        plan = compositing.timing_plan(
             info.n_frames(rate), max(1, int(round(len(speech.analysis) / SR * rate))), settings.sync_mode
         )
         if len(plan) / rate < len(speech.analysis) / SR - 0.5 / rate:  # `cut`: the output ends with the video
@@ -405,7 +402,7 @@ def dub(
         target_db = loudness_target(source.audio)
         if not clone:
             speech.analysis = apply_voice(speech.analysis, voice)  # XTTS / --voice tts / --audio: unchanged
-        mouth_speech = A.match_loudness(speech.analysis, SR, target_db)
+        mouth_speech = match_loudness(speech.analysis, SR, target_db)
         close = mouth_must_close(mouth_speech, len(plan_w), fps, text if audio is None else None, speech.phones)
         animate = get_engine(settings.engine, settings)
         track = animate(source, mouth_speech, plan_w, close=close)
@@ -414,7 +411,7 @@ def dub(
         t = time.perf_counter()
         wav = workdir / "speech.wav"
         if not clone:
-            media.write_wav(wav, A.match_loudness(speech.out, speech.out_sr, target_db), speech.out_sr)
+            media.write_wav(wav, match_loudness(speech.out, speech.out_sr, target_db), speech.out_sr)
         silent = output.with_name(files.temp_name(f".{output.name}.", ".video.mp4")) if clone else None
         if silent is not None:  # the video alone, beside the output (same disk: the mux is a stream copy)
             stack.callback(silent.unlink, missing_ok=True)
@@ -438,8 +435,8 @@ def dub(
         if job is not None:
             t = time.perf_counter()
             converted, _ = job.result()
-            out = speech.out if converted is None else A.resample(converted, SR, speech.out_sr)
-            media.write_wav(wav, A.match_loudness(out, speech.out_sr, target_db), speech.out_sr)
+            out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
+            media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
             media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
             timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
