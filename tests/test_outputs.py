@@ -227,5 +227,6 @@ def test_bounce_memory_flat_in_video_length(tmp_path):
     short = peak_rss_mb(clips[20], "--audio", speech, "-o", tmp_path / "a.mp4", "--sync-mode", "bounce")
     long = peak_rss_mb(clips[120], "--audio", speech, "-o", tmp_path / "b.mp4", "--sync-mode", "bounce")
     extra_frames = (120 - 20) * 25
+    print(f"peak RSS of the dub: 20 s input {short:.0f} MB, 2-minute input {long:.0f} MB")
     assert long - short < 0.06 * extra_frames, (short, long)
     assert media.probe(tmp_path / "b.mp4").duration == pytest.approx(130, abs=0.1)
