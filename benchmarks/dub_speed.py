@@ -1,123 +1,250 @@
-"""Frames per second of each dub stage and end to end, on the shared clips.
+"""The dub's wall time against the codec floor, measured in the same run, per stage and end to end.
 
-    python benchmarks/dub_speed.py [--media ../shared/media] [--speech FILE] [--max-side 1280] [--clips a.mp4 ...]
+    python benchmarks/dub_speed.py [--clip FILE] [--text TEXT | --speech FILE] [--voice clone|tts]
+    python benchmarks/dub_speed.py --long [--minutes 1 5 10] [--long-speech FILE]
 
-Stages are timed in isolation on the same frames (decode, face tracking, engine, blend, encode), then `dub()` end to
-end (driven by an audio file, so TTS time is not counted). The baseline in the same run is a plain decode + encode
-of the same clip through the same ffmpeg (what any pipeline that rewrites the video pays at least): the last column
-is end-to-end fps / transcode fps.
+Short run: one dub of `--clip` (default the 512x512 shared clip of issue 13) from `--text` (TTS + voice clone: the
+whole user path), as a fresh process (start-up and imports counted). The floor: ffmpeg alone decoding the same
+input frames (looped to the output's length) and encoding them with the dub's settings (libx264 veryfast crf 18,
+yuv420p). Stage rows are each stage's time / the floor's: the stages overlap (the voice runs beside the face pass),
+so they do not add up to the total.
+
+Long run: a long 1080p input made by looping a shared clip (stream copy, so no re-encode), dubbed from a 60 s speech
+file; peak RSS (the dub's whole process tree, sampled) and peak temp-disk use (TMPDIR plus temp files beside the
+output), for each input length in `--minutes`. The machine's load average is printed beside every figure: on a
+shared CPU the absolute times are pessimistic, the ratio to the floor measured in the same run less so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from rich.console import Console
-from rich.table import Table
-
-from lipsync_cli import audio, compositing, dub, face, media, progress
-from lipsync_cli.engine import get_engine
-from lipsync_cli.settings import Settings
-
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEXT = (
+    "Thank you all for coming tonight. I have been waiting a long time to say this, and I am very happy to finally "
+    "be here with you. We built this together, one small step at a time, and every one of you made it better. "
+    "Tomorrow we start the next chapter, and I cannot wait to see what we make of it. Please enjoy the evening, "
+    "and thank you again."
+)
+DUB = """
+import json, sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+from lipsync_cli import progress
+from lipsync_cli.dub import dub
+from lipsync_cli.settings import Settings
+progress.set_quiet(True)
+a = json.loads(sys.argv[1])
+s = Settings(quiet=True).with_overrides(voice=a["voice"], sync_mode=a["mode"])
+t1 = time.perf_counter()
+r = dub(Path(a["video"]), a["text"], Path(a["audio"]) if a["audio"] else None, Path(a["out"]), s, force=True)
+r.timings["imports"] = t1 - t0
+print(json.dumps({"timings": r.timings, "frames": r.frames, "duration": r.duration}))
+"""
 
 
-def fps(n: int, seconds: float) -> float:
-    return n / max(seconds, 1e-9)
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def bench_clip(video: Path, speech_path: Path, settings: Settings) -> dict[str, float]:
-    info = media.probe(video)
-    row: dict[str, float] = {"frames": info.n_frames(25)}
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def rss(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def disk(folders: list[Path], tag: str = "lipsync-") -> int:
+    total = 0
+    for f in folders:
+        for p in f.rglob("*"):
+            try:
+                if p.is_file() and (f.name.startswith("bench-tmp") or tag in p.name):
+                    total += p.stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def run_dub(
+    video: Path, text: str | None, audio: Path | None, out: Path, voice: str, mode: str = "bounce", src: Path = ROOT
+) -> dict:
+    """One dub in a fresh interpreter (code from `src`); wall time, stage timings, peak RSS of its process tree and
+    peak temp disk."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tmp"))
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(src))
+    arg = dict(video=str(video), text=text, audio=str(audio) if audio else None, out=str(out), voice=voice, mode=mode)
+    peak = {"rss": 0, "disk": 0}
     t = time.perf_counter()
-    frames = list(media.iter_frames(video))
-    row["decode"] = fps(len(frames), time.perf_counter() - t)
+    proc = subprocess.Popen([sys.executable, "-c", DUB, json.dumps(arg)], env=env, stdout=subprocess.PIPE, text=True)
+    stop = threading.Event()
 
+    def sample() -> None:
+        while not stop.is_set():
+            peak["rss"] = max(peak["rss"], rss(tree(proc.pid)))
+            peak["disk"] = max(peak["disk"], disk([tmp, out.parent]))
+            stop.wait(0.25)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # CPU of the dub and every process it waited for (ffmpeg, voice)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = proc.stdout.read()
+    stop.set()
+    th.join()
+    left = [p.name for p in tmp.rglob("*") if "lipsync-" in p.name]
+    shutil.rmtree(tmp)
+    if left and src == ROOT:
+        raise SystemExit(f"the dub left temp files behind: {left}")
+    if proc.returncode != 0:
+        raise SystemExit(f"dub failed ({proc.returncode})")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res.update(
+        wall=wall, cpu=usage.ru_utime + usage.ru_stime, peak_rss=peak["rss"], peak_disk=peak["disk"], load=load()
+    )
+    return res
+
+
+def codec_floor(video: Path, frames: int, out: Path, crf: int = 18) -> float:
+    """ffmpeg alone: decode `frames` frames of `video` (looped) and encode them as the dub does."""
+    from lipsync_cli import media
+
+    cmd = [media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(video)]
+    cmd += ["-frames:v", str(frames), "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf)]
+    cmd += ["-pix_fmt", "yuv420p", str(out)]
     t = time.perf_counter()
-    with face.FaceTracker() as tr:
-        for f in frames:
-            tr.update(f)
-    row["face"] = fps(len(frames), time.perf_counter() - t)
+    p = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("ffmpeg failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
 
-    speech = media.read_audio(speech_path, audio.SR)[: int(len(frames) / 25 * audio.SR)]
-    with tempfile.TemporaryDirectory() as tmp:
-        source, _ = dub.analyse_video(video, info, settings, Path(tmp), keep_frames=False)
-        plan = np.arange(source.n_frames)
-        t = time.perf_counter()
-        close = dub.mouth_must_close(speech, len(plan), 25.0, None)
-        track = get_engine("retrieval")(source, speech, plan, close=close)
-        row["engine"] = fps(len(plan), time.perf_counter() - t)
 
-        aligned = source.aligned_landmarks()
-        out_frames = []
-        t = time.perf_counter()
-        for i, b in enumerate(plan):
-            f = frames[min(b, len(frames) - 1)].copy()
-            if track.source_index[i] >= 0:
-                compositing.composite(f, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
-            out_frames.append(f)
-        row["blend"] = fps(len(plan), time.perf_counter() - t)
+def short_run(args: argparse.Namespace, work: Path) -> None:
+    from lipsync_cli import media
 
-        h, w = frames[0].shape[:2]
-        t = time.perf_counter()
-        with media.VideoWriter(Path(tmp) / "enc.mp4", w, h) as wr:
-            for f in out_frames:
-                wr.write(f)
-        row["encode"] = fps(len(out_frames), time.perf_counter() - t)
+    info = media.probe(args.clip)
+    text = None if args.speech else args.text
+    res = run_dub(args.clip, text, args.speech, work / "out.mp4", args.voice)
+    floor, floor_cpu = codec_floor(args.clip, res["frames"], work / "floor.mp4")
+    base = (
+        run_dub(args.clip, text, args.speech, work / "base.mp4", args.voice, src=args.compare) if args.compare else None
+    )
+    n = res["frames"]
+    print(f"\n## {args.clip.name} {info.width}x{info.height}, {n} output frames ({res['duration']:.1f} s), "
+          f"{'text, voice ' + args.voice if text else 'audio file'}; load average {res['load']}")  # fmt: skip
+    head = "| stage | seconds | x codec floor |" + (f" {args.compare} s | x floor |" if base else "")
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    print(f"| codec floor (ffmpeg decode+encode) | {floor:.1f} | 1.00 |" + (f" {floor:.1f} | 1.00 |" if base else ""))
+    for k in dict.fromkeys([*res["timings"], *(base["timings"] if base else [])]):
+        if k == "total":
+            continue
+        row = f"| {k} | " + (
+            f"{res['timings'][k]:.1f} | {res['timings'][k] / floor:.2f} |" if k in res["timings"] else " | |"
+        )
+        if base:
+            b = base["timings"].get(k)
+            row += f" {b:.1f} | {b / floor:.2f} |" if b is not None else " | |"
+        print(row)
+    row = f"| **end to end (process start counted)** | {res['wall']:.1f} | **{res['wall'] / floor:.2f}** |"
+    print(row + (f" {base['wall']:.1f} | **{base['wall'] / floor:.2f}** |" if base else ""))
+    cpu = f"CPU seconds: dub {res['cpu']:.0f}, floor {floor_cpu:.0f} (x{res['cpu'] / floor_cpu:.2f})"
+    if base:
+        cpu += f", {args.compare} {base['cpu']:.0f} (x{base['cpu'] / floor_cpu:.2f})"
+    print(cpu)
+    print(f"dub {n / res['wall']:.0f} fps, floor {n / floor:.0f} fps; peak RSS {res['peak_rss'] / 1e9:.2f} GB, "
+          f"peak temp disk {res['peak_disk'] / 1e6:.0f} MB")  # fmt: skip
+    if base:
+        print(f"{args.compare}: {base['frames']} frames, peak RSS {base['peak_rss'] / 1e9:.2f} GB, "
+              f"peak temp disk {base['peak_disk'] / 1e6:.0f} MB, load average {base['load']}")  # fmt: skip
 
-        t = time.perf_counter()
-        with media.VideoWriter(Path(tmp) / "transcode.mp4", w, h) as wr:
-            for f in media.iter_frames(video):
-                wr.write(f)
-        row["transcode"] = fps(len(frames), time.perf_counter() - t)
 
-        clip_wav = Path(tmp) / "speech.wav"
-        media.write_wav(clip_wav, speech, audio.SR)
-        t = time.perf_counter()
-        res = dub.dub(video, None, clip_wav, Path(tmp) / "out.mp4", settings, force=True)
-        row["end_to_end"] = fps(res.frames, time.perf_counter() - t)
-    row["vs_transcode"] = row["end_to_end"] / row["transcode"]
-    return row
+def long_input(src: Path, minutes: float, work: Path) -> Path:
+    from lipsync_cli import media
+
+    out = work / f"long_{minutes:g}min.mp4"
+    if not out.exists():
+        n = max(1, int(round(minutes * 60 / media.probe(src).duration)))
+        cmd = [media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", str(n - 1), "-i", str(src)]
+        subprocess.run([*cmd, "-c", "copy", str(out)], check=True)
+    return out
+
+
+def long_run(args: argparse.Namespace, work: Path) -> None:
+    from lipsync_cli import media
+
+    print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name} ({args.mode})")
+    print("| input | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for m in args.minutes:
+        video = long_input(args.long_clip, m, work)
+        info = media.probe(video)
+        res = run_dub(video, None, args.long_speech, work / "long_out.mp4", "tts", args.mode)
+        floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4")
+        print(f"| {m:g} min {info.width}x{info.height} | {res['frames']} | {res['wall']:.0f} | {floor:.0f} | "
+              f"{res['wall'] / floor:.2f} | {res['cpu'] / floor_cpu:.2f} | {res['peak_rss'] / 1e9:.2f} | "
+              f"{res['peak_disk'] / 1e6:.0f} | {res['load']} |", flush=True)  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--media", type=Path, default=ROOT.parent / "shared" / "media")
-    ap.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech" / "musetalk_eng.wav")
-    ap.add_argument("--max-side", type=int, default=1280, help="skip clips larger than this (720p = 1280)")
-    ap.add_argument("--clips", nargs="*", type=Path)
+    ap.add_argument("--clip", type=Path, default=SHARED / "media" / "sadtalker_WDA_KatieHill_000.mp4")
+    ap.add_argument("--text", default=TEXT)
+    ap.add_argument("--speech", type=Path, help="dub from this audio file instead of --text")
+    ap.add_argument("--voice", default="clone", choices=["clone", "tts"])
+    ap.add_argument("--compare", type=Path, help="also run the dub from this source tree (e.g. ../main), same run")
+    ap.add_argument("--long", action="store_true", help="also the long-input runs")
+    ap.add_argument("--long-only", action="store_true")
+    ap.add_argument("--long-clip", type=Path, default=SHARED / "media" / "latentsync_demo2_video.mp4")
+    ap.add_argument("--long-speech", type=Path, default=SHARED / "speech" / "musetalk_eng.wav")
+    ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5, 10])
+    ap.add_argument("--mode", default="bounce", choices=["bounce", "loop", "cut"])
+    ap.add_argument("--work", type=Path, help="keep the made inputs here (default: a temp folder)")
     args = ap.parse_args()
-    clips = args.clips or sorted(args.media.glob("*.mp4"))
-    if not clips:
-        raise SystemExit(f"no clips found under {args.media}")
-    progress.set_quiet(True)
-    settings = Settings(quiet=True)
-    cols = ["frames", "decode", "face", "engine", "blend", "encode", "end_to_end", "transcode", "vs_transcode"]
-    table = Table(title="dub speed, frames per second (2-core CPU)")
-    table.add_column("clip")
-    table.add_column("size")
-    for c in cols:
-        table.add_column(c, justify="right")
-    rows = []
-    for clip in clips:
-        info = media.probe(clip)
-        if max(info.width, info.height) > args.max_side:
-            continue
-        row = bench_clip(clip, args.speech, settings)
-        rows.append(row)
-        table.add_row(
-            clip.stem,
-            f"{info.width}x{info.height}",
-            *(f"{row[c]:.0f}" if c != "vs_transcode" else f"{row[c]:.2f}" for c in cols),
-        )
-    if rows:
-        mean = {c: float(np.mean([r[c] for r in rows])) for c in cols}
-        table.add_row("[bold]mean", "", *(f"{mean[c]:.0f}" if c != "vs_transcode" else f"{mean[c]:.2f}" for c in cols))
-    Console().print(table)
+    if not args.clip.exists():
+        raise SystemExit(f"shared media absent: {args.clip}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if not args.long_only:
+            short_run(args, work)
+        if args.long or args.long_only:
+            long_run(args, work)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -390,8 +391,14 @@ def config_show(ctx: typer.Context) -> None:
     Console().print(table)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like an error, so every `with`/`finally` removes its temp files and stops its ffmpeg."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and a non-zero exit code, never a traceback."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except LipsyncError as e:

@@ -1,19 +1,28 @@
 """The dubbing pipeline, as plain functions the CLI (and the benchmark) call.
 
 text --voice.tts--> speech                                        (or --audio FILE, used exactly as given)
-video --media.iter_frames--> frames --face.FaceTracker--> landmarks + aligned lower-face crops   (pass 1)
+video --media.iter_frames (a 25 fps view; the frames the output shows + a mouth pool)--> frames
+      --face.FaceTracker--> landmarks + aligned crops of the pool                                   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
-speech (loudness matched to the video's own) + its phones (visemes) + crops --engine.animate--> a mouth per frame
-frames (again, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter (+ speech) -> output.mp4
+       (in its own process, beside pass 1, the engine and the render)
+speech (loudness matched to the video's own) + its phones (visemes) + pool --engine.animate-->
+       a mouth per 25 fps output frame
+frames (again, at the input's own rate, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter
+       (+ speech at >= 44.1 kHz, muxed at the end when it was converted) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
-close the mouth on p/b/m) decided before it stay valid. It runs after the face pass so that a video without a face
-is reported as such before its soundtrack is judged; a --voice-ref recording (and XTTS, which needs the voice
-before it can speak) is read and checked before any work.
+close the mouth on p/b/m) decided before it stay valid, and the engine can follow the TTS speech while the voice is
+still converted. Its errors are raised after the face pass, so that a video without a face is reported as such
+before its soundtrack is judged; a --voice-ref recording (and XTTS, which needs the voice before it can speak) is
+read and checked before any work. Memory and temp disk stay flat in the video's length: frames are streamed,
+never stored (docs/speed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,8 +32,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import compositing, face, media, progress
-from lipsync_cli.audio import SR, voice_activity
+from lipsync_cli import background, compositing, face, files, media, progress
+from lipsync_cli.audio import SR, match_loudness, resample, voice_activity
+from lipsync_cli.background import Prefetch
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
@@ -32,8 +42,9 @@ from lipsync_cli.voice.speech import (
     apply_voice,
     check_voice,
     check_words,
-    load_speech,
-    match_video_loudness,
+    learn_and_convert,
+    load_speech_full,
+    loudness_target,
     soundtrack,
     speaker_voice,
 )
@@ -59,57 +70,136 @@ def crop_size(M: np.ndarray, size: int) -> int:
     return int(np.clip(round(native / 16) * 16, 96, 256))
 
 
+POOL_FRAMES = 1500  # at most 60 s (at 25 fps) of the person's mouths are kept for the engine to show
+POOL_MIN_FRAMES = 500  # and at least 20 s where the video has them, even when the output needs fewer frames
+POOL_BLOCK = 50  # they are sampled in 2 s stretches: retrieval shows source frames in their own order for free
+
+
+def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Which frames (of the working-rate view) to analyse, and which of them form the engine's reference pool.
+
+    Analysed: the frames the output shows (0 .. needed), plus, when those are fewer than POOL_MIN_FRAMES, stretches
+    of POOL_BLOCK frames spread over the rest of the video (a short dub of a long clip still sees the person's
+    mouth at many moments). Pool: all analysed frames when they are at most POOL_FRAMES, else POOL_FRAMES of them
+    in POOL_BLOCK stretches spread evenly: 60 s covers every mouth shape of a speaker many times over, and bounds
+    both memory (a 256 px crop each: <= 300 MB) and the engine's search (linear in the pool's size).
+    Returns ([start, stop) ranges in order, pool mask over 0 .. the last stop)."""
+    needed = min(max(needed, 1), n_src)
+    ranges = [(0, needed)]
+    want = min(n_src, POOL_MIN_FRAMES) - needed
+    if want > 0:
+        if n_src - needed <= want + POOL_BLOCK:
+            ranges = [(0, n_src)]
+        else:
+            k = -(-want // POOL_BLOCK)
+            starts = np.linspace(needed, n_src - POOL_BLOCK, k).round().astype(int)
+            for a in starts:
+                a = max(int(a), ranges[-1][1])
+                if a < n_src:
+                    ranges.append((a, min(a + POOL_BLOCK, n_src)))
+    analysed = np.concatenate([np.arange(a, b) for a, b in ranges])
+    pool = np.zeros(ranges[-1][1], bool)
+    if len(analysed) <= POOL_FRAMES:
+        pool[analysed] = True
+    else:
+        blocks = np.linspace(0, len(analysed) - POOL_BLOCK, POOL_FRAMES // POOL_BLOCK).round().astype(int)
+        for i in blocks:
+            pool[analysed[i : i + POOL_BLOCK]] = True
+    return ranges, pool
+
+
+class PoolCrops:
+    """The aligned crops of the pool frames only, indexed by source frame like the (T, S, S, 3) array it stands for
+    (frames outside the pool read as zeros: engines only show pool mouths, `SourceFaces.usable`)."""
+
+    def __init__(self, keep: np.ndarray, size: int):
+        self.slot = np.full(len(keep), -1, np.int64)
+        self.slot[keep] = np.arange(int(keep.sum()))
+        self.data = np.zeros((int(keep.sum()) + 1, size, size, 3), np.uint8)  # the last row: zeros
+        self.shape = (len(keep), size, size, 3)
+        self.dtype = self.data.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        return self.data[self.slot[idx]]
+
+    def __setitem__(self, idx, value) -> None:
+        self.data[self.slot[idx]] = value
+
+
+def check_temp_space(need: float, what: str) -> None:
+    """A clear error before the work when the temp folder cannot hold `need` bytes."""
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise LipsyncError(
+            f"not enough temp space in {folder} for {what}: needs ~{need / 1e6:.0f} MB, {free / 1e6:.0f} MB free "
+            "(set TMPDIR to a folder with more room)"
+        )
+
+
 def analyse_video(
     video: Path,
     info: media.VideoInfo,
     settings: Settings,
-    workdir: Path,
-    keep_frames: bool,
-) -> tuple[SourceFaces, np.ndarray | None]:
-    """Pass 1: decode, track the face, store aligned crops (and the frames themselves when the timing plan needs
-    random access). Returns the source and the frame store (a disk memmap) or None."""
+    ranges: list[tuple[int, int]],
+    pool: np.ndarray,
+    workdir: Path | None = None,
+) -> SourceFaces:
+    """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
+    keep aligned crops of the `pool` frames (in memory), or of every analysed frame when `workdir` is given (a disk
+    memmap there: the neural and seed engines paint on the crops of the frames they show). Frames are decoded a few
+    ahead in a thread, never stored."""
     fps = settings.fps
-    cap = info.n_frames(fps) + 2
-    raw = np.full((cap, 478, 2), np.nan, np.float32)
-    crops = None
-    raw_M = np.full((cap, 2, 3), np.nan)
-    frames_store = None
-    size = 0
-    n = 0
+    T = ranges[-1][1]
+    raw = np.full((T, 478, 2), np.nan, np.float32)
+    raw_M = np.full((T, 2, 3), np.nan)
+    keep = pool.copy()
+    if workdir is not None:
+        keep[:] = False
+        for a, b in ranges:
+            keep[a:b] = True
+    crops: PoolCrops | np.ndarray | None = None
+    size, n = 0, 0
     with (
         face.FaceTracker(face_index=settings.face_index) as tracker,
-        progress.task("analysing video", cap - 2) as adv,
+        progress.task("analysing video", sum(b - a for a, b in ranges)) as adv,
     ):
-        for frame in media.iter_frames(video, fps=fps, ffmpeg=settings.ffmpeg):
-            if n >= cap:
-                break
-            if keep_frames:
-                if frames_store is None:
-                    frames_store = np.lib.format.open_memmap(
-                        workdir / "frames.npy", mode="w+", dtype=np.uint8, shape=(cap, *frame.shape)
-                    )
-                frames_store[n] = frame
-            lm = tracker.update(frame)
-            if lm is not None:
-                raw[n] = lm
-                if crops is None:
-                    size = crop_size(face.align_matrix(lm, 128), 128)
-                    crops = np.lib.format.open_memmap(
-                        workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(cap, size, size, 3)
-                    )
-                raw_M[n] = face.align_matrix(lm, size)
-                crops[n] = face.warp_to_aligned(frame, raw_M[n], size)
-            n += 1
-            adv(1)
+        for a, b in ranges:
+            if a > 0:
+                tracker.reset()  # a jump in time: find the face afresh
+            make = functools.partial(media.iter_frames, video, fps, settings.ffmpeg, a, b - a)
+            with Prefetch(make, size=4) as frames:
+                for t, frame in zip(range(a, b), frames, strict=False):
+                    n += 1
+                    lm = tracker.update(frame)
+                    adv(1)
+                    if lm is None:
+                        continue
+                    raw[t] = lm
+                    if crops is None:
+                        size = crop_size(face.align_matrix(lm, 128), 128)
+                        if workdir is None:
+                            crops = PoolCrops(keep, size)
+                        else:
+                            check_temp_space(keep.sum() * size * size * 3, "the face crops")
+                            crops = np.lib.format.open_memmap(
+                                workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(T, size, size, 3)
+                            )
+                    if keep[t]:
+                        raw_M[t] = face.align_matrix(lm, size)
+                        crops[t] = face.warp_to_aligned(frame, raw_M[t], size)
     if n == 0:
         raise LipsyncError(f"could not decode any frame from {video}")
-    found = ~np.isnan(raw[:n, 0, 0])
+    found = ~np.isnan(raw[:, 0, 0])
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed, matrices = face.align_track(raw[:n], found, size, settings.smooth)
+    smoothed, matrices = face.align_track(raw, found, size, settings.smooth)
     matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
-    for t in np.flatnonzero(found):
+    for t in np.flatnonzero(found & keep):
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
         fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
         crops[t] = cv2.warpAffine(
@@ -119,16 +209,17 @@ def analyse_video(
             flags=cv2.INTER_CUBIC,
             borderMode=cv2.BORDER_REPLICATE,
         )
-    own = None
-    if info.has_audio:
-        try:
-            own = media.read_audio(video, SR, ffmpeg=settings.ffmpeg)
-        except LipsyncError:
-            own = None
-    source = SourceFaces(
-        crops=crops[:n], landmarks=smoothed, found=found, matrices=matrices, size=size, audio=own, fps=fps
+    own = soundtrack(video, settings) if info.has_audio else None
+    return SourceFaces(
+        crops=crops,
+        landmarks=smoothed,
+        found=found,
+        matrices=matrices,
+        size=size,
+        audio=own,
+        fps=fps,
+        usable=keep if workdir is None else None,
     )
-    return source, (frames_store[:n] if frames_store is not None else None)
 
 
 def speech_phones(
@@ -177,43 +268,97 @@ def read_transcript(transcript: str | None) -> str | None:
     return transcript
 
 
+def retime(plan: np.ndarray, rate: float, n_src: int, fps: float) -> np.ndarray:
+    """The timing plan at the working rate `fps` for an output planned at the input's `rate` (`plan`: source frame
+    at `rate` behind each output frame): the working-rate source frame nearest in time, for each working frame."""
+    n = max(1, int(round(len(plan) / rate * fps)))
+    j = np.minimum(np.round(np.arange(n) / fps * rate).astype(np.int64), len(plan) - 1)
+    return np.minimum(np.round(plan[j] / rate * fps).astype(np.int64), n_src - 1)
+
+
 def iter_plan_frames(
-    video: Path, plan: np.ndarray, store: np.ndarray | None, settings: Settings
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(source index, frame) for every output frame: from the frame store, or re-decoded when the plan only moves
-    forward (then memory stays flat whatever the video's length)."""
-    if store is not None:
-        for b in plan:
-            yield int(b), np.array(store[min(int(b), len(store) - 1)])
-        return
-    last, done = None, 0
-    frames = media.iter_frames(video, fps=settings.fps, ffmpeg=settings.ffmpeg)
-    for i, frame in zip(range(len(plan)), frames, strict=False):
-        last, done = frame, i + 1
-        yield int(plan[i]), frame
-    frames.close()
-    if last is None:
-        raise LipsyncError(f"could not decode {video} a second time")
-    for i in range(done, len(plan)):
-        yield int(plan[i]), last.copy()  # decoding came up a frame short of the probe's count
+    video: Path, plan: np.ndarray, fps: float, ffmpeg: str | None, budget: int = 64
+) -> Iterator[np.ndarray]:
+    """The frame behind every output frame (`plan`: frame indices at `fps`), decoded again rather than stored:
+    forward runs stream from a seek; backward runs (bounce) are decoded forward in chunks of at most `budget`
+    frames and played in reverse. Memory: one chunk, whatever the video's length."""
+    n, k = len(plan), 0
+    last_i, last = -1, None
+    while k < n:
+        a = int(plan[k])
+        if a == last_i:  # a hold (a one-frame video bouncing)
+            yield last.copy()
+            k += 1
+            continue
+        backward = k + 1 < n and plan[k + 1] == a - 1
+        e = k
+        while e + 1 < n and plan[e + 1] == plan[e] + (-1 if backward else 1):
+            e += 1
+        if not backward:
+            for frame in media.iter_frames(video, fps, ffmpeg, start=a, count=e - k + 1):
+                last = frame
+                yield frame
+        else:
+            top, lo = a, int(plan[e])
+            while top >= lo:
+                bottom = max(lo, top - budget + 1)
+                chunk = list(media.iter_frames(video, fps, ffmpeg, start=bottom, count=top - bottom + 1))
+                last = chunk[0]
+                while chunk:
+                    yield chunk.pop()
+                top = bottom - 1
+        last_i, k = int(plan[e]), e + 1
+
+
+def face_at(source: SourceFaces, x: float) -> np.ndarray | None:
+    """Landmarks at fractional working-rate frame `x` (between two tracked frames: interpolated), or None."""
+    i0 = min(int(np.floor(x)), source.n_frames - 1)
+    i1, w = min(i0 + 1, source.n_frames - 1), x - np.floor(x)
+    f0, f1 = source.found[i0], source.found[i1]
+    if f0 and f1:
+        return (1 - w) * source.landmarks[i0] + w * source.landmarks[i1]
+    if f0 or f1:
+        return source.landmarks[i0 if (f0 and (w < 0.5 or not f1)) else i1]
+    return None
 
 
 def render_frames(
     video: Path,
+    info: media.VideoInfo,
     source: SourceFaces,
-    store: np.ndarray | None,
     plan: np.ndarray,
     track: MouthTrack,
     settings: Settings,
 ) -> Iterator[np.ndarray]:
-    """The output frames: each planned input frame with the engine's mouth composited in."""
-    aligned = source.aligned_landmarks()
-    for i, (b, frame) in enumerate(iter_plan_frames(video, plan, store, settings)):
-        s = track.source_index[i]
-        if s >= 0 and source.found[b]:
-            frame = np.ascontiguousarray(frame)
-            compositing.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
-        yield frame
+    """The output frames at the input's own rate: each planned input frame with the engine's mouth composited in.
+    The engine works at settings.fps; at another input rate each output frame shows the mouth of the working frame
+    nearest in time, placed by the face's landmarks interpolated to the frame's own time."""
+    rate, fps = info.fps, source.fps
+    same = abs(rate - fps) < 1e-6
+    aligned = source.aligned_landmarks() if same else None
+    budget = int(np.clip(256e6 // (info.width * info.height * 3), 8, 256))  # <= 256 MB of frames for a bounce
+    make = functools.partial(iter_plan_frames, video, plan, rate, settings.ffmpeg, budget)
+    with Prefetch(make, size=4) as frames:
+        for j, frame in enumerate(frames):
+            i = j if same else min(int(round(j / rate * fps)), len(track.source_index) - 1)
+            if track.source_index[i] < 0:
+                yield frame
+                continue
+            b = int(plan[j])
+            if same:
+                if not source.found[b]:
+                    yield frame
+                    continue
+                M, pts = source.matrices[b], aligned[b]
+            else:
+                lm = face_at(source, b / rate * fps)
+                if lm is None:
+                    yield frame
+                    continue
+                M = face.align_matrix(lm, source.size)
+                pts = face.transform_points(lm, M)
+            compositing.composite(frame, M, track.crop(i, source), track.points[i], pts)
+            yield frame
 
 
 def dub(
@@ -226,7 +371,13 @@ def dub(
     transcript: str | None = None,
 ) -> DubResult:
     """Re-animate the mouth in `video` to new speech (TTS of `text` in the person's voice per settings.voice, or the
-    file `audio` exactly as given, whose words `transcript` may tell: text or a file) and write the result."""
+    file `audio` exactly as given, whose words `transcript` may tell: text or a file) and write the
+    result, at the input's own frame rate.
+
+    Stages run side by side: the voice is learned and converted in its own process while the face is tracked, the
+    mouths chosen and the frames rendered (the engine follows the TTS speech, which the conversion keeps sample-exact
+    in timing); frames are decoded ahead in a thread and encoded by ffmpeg fed from another. With a voice to convert,
+    the video is encoded first and the converted speech muxed in at the end (a stream copy)."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
@@ -237,59 +388,95 @@ def dub(
         raise LipsyncError("--transcript tells the words of an --audio file; with text to speak it is not needed")
     transcript = read_transcript(transcript)
     check_voice(audio, settings)
+    folder = output.parent if str(output.parent) else Path(".")
+    files.sweep_stale(folder)
+    files.sweep_stale(tempfile.gettempdir())
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     info = media.probe(video)
-    fps = settings.fps
+    fps, rate = settings.fps, info.fps
 
-    # the voice is learned after the face pass (from the soundtrack it decodes), unless needed before speaking
-    voice, voice_known = None, audio is not None
-    if not voice_known and (settings.voice_ref is not None or settings.tts == "xtts"):
-        own = soundtrack(video, settings) if info.has_audio else None
-        voice, voice_known = speaker_voice(settings, own, video.name), True
-    speech, spoken = load_speech(text, audio, settings, voice)
-    timings["speech"] = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        publish = files.atomic(output, output.suffix.lower(), force=force)  # proves the folder writable, first
+        stack.callback(publish.discard)
+        # the voice is learned after speaking, beside the face pass, unless needed to speak (XTTS clones itself)
+        voice, voice_known = None, audio is not None
+        if not voice_known and settings.tts == "xtts":
+            voice = speaker_voice(settings, soundtrack(video, settings) if info.has_audio else None, video.name)
+            voice_known = True
+        speech = load_speech_full(text, audio, settings, voice)
+        timings["speech"] = time.perf_counter() - t0
 
-    n_src = info.n_frames(fps)
-    n_out = max(1, int(round(len(speech) / SR * fps)))
-    plan = compositing.timing_plan(n_src, n_out, settings.sync_mode)
-    if len(plan) < n_out:  # `cut`: the output ends with the video
-        speech = speech[: int(len(plan) / fps * SR)]
-    random_access = not np.array_equal(plan, np.arange(len(plan)))
+        plan = compositing.timing_plan(
+            info.n_frames(rate), max(1, int(round(len(speech.analysis) / SR * rate))), settings.sync_mode
+        )
+        if len(plan) / rate < len(speech.analysis) / SR - 0.5 / rate:  # `cut`: the output ends with the video
+            speech.cut(len(plan) / rate)
+        plan_w = retime(plan, rate, info.n_frames(fps), fps)
+        clone = not voice_known and settings.voice == "clone"
+        check_temp_space(2 * len(speech.out) + 16e6, "the speech")
+        est = (info.width * info.height * rate * 0.15 + 20e3) * len(plan) / rate  # ~1.2 bits/pixel at crf 18
+        free = shutil.disk_usage(folder).free
+        if free < est * (2 if clone else 1):
+            raise LipsyncError(
+                f"not enough space in {folder} for the output: ~{est * (2 if clone else 1) / 1e6:.0f} "
+                f"MB needed, {free / 1e6:.0f} MB free"
+            )
+        job = (
+            stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, speech.analysis))
+            if clone
+            else None
+        )
 
-    with tempfile.TemporaryDirectory(prefix="lipsync-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
-        source, store = analyse_video(video, info, settings, workdir, keep_frames=random_access)
-        plan = np.minimum(plan, source.n_frames - 1)
+        ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
+        source = analyse_video(video, info, settings, ranges, pool, None if settings.engine == "retrieval" else workdir)
+        plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if not voice_known:
-            voice = speaker_voice(settings, source.audio, video.name)
-        speech = apply_voice(speech, voice)  # same length: plan and phone timings stay valid
-        timings["voice"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        speech = match_video_loudness(speech, source.audio)
-        ph = speech_phones(speech, text if audio is None else None, spoken, transcript)
-        pauses = ~voice_activity(speech, SR, fps=fps, n_frames=len(plan))  # what shuts when no phone is found
+        target_db = loudness_target(source.audio)
+        if not clone:
+            speech.analysis = apply_voice(speech.analysis, voice)  # XTTS / --voice tts / --audio: unchanged
+        mouth_speech = match_loudness(speech.analysis, SR, target_db)
+        ph = speech_phones(mouth_speech, text if audio is None else None, speech.phones, transcript)
+        pauses = ~voice_activity(mouth_speech, SR, fps=fps, n_frames=len(plan_w))  # what shuts when no phone is found
         animate = get_engine(settings.engine, settings)
         targets = {} if settings.engine == "seed" else {"phones": ph}  # the seed generates from audio alone
-        track = animate(source, speech, plan, close=pauses, **targets)
+        track = animate(source, mouth_speech, plan_w, close=pauses, **targets)
         timings["engine"] = time.perf_counter() - t
 
         t = time.perf_counter()
         wav = workdir / "speech.wav"
-        media.write_wav(wav, speech, SR)
-        h, w = store.shape[1:3] if store is not None else (info.height, info.width)
+        if not clone:
+            media.write_wav(wav, match_loudness(speech.out, speech.out_sr, target_db), speech.out_sr)
+        silent = output.with_name(files.temp_name(f".{output.name}.", ".video.mp4")) if clone else None
+        if silent is not None:  # the video alone, beside the output (same disk: the mux is a stream copy)
+            stack.callback(silent.unlink, missing_ok=True)
         with (
-            media.VideoWriter(output, w, h, fps=fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg) as writer,
+            media.VideoWriter(
+                silent or output,
+                info.width,
+                info.height,
+                fps=rate,
+                audio=None if clone else wav,
+                crf=settings.crf,
+                ffmpeg=settings.ffmpeg,
+                publish=None if clone else publish,
+            ) as writer,
             progress.task("rendering", len(plan)) as adv,
         ):
-            for frame in render_frames(video, source, store, plan, track, settings):
+            for frame in render_frames(video, info, source, plan, track, settings):
                 writer.write(frame)
                 adv(1)
         timings["render"] = time.perf_counter() - t
+        if job is not None:
+            t = time.perf_counter()
+            converted, _ = job.result()
+            out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
+            media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
+            media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
+            timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return DubResult(output, len(plan), len(plan) / fps, float(source.found.mean()), timings)
+    return DubResult(output, len(plan), len(plan) / rate, float(source.found.mean()), timings)

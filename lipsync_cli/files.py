@@ -2,43 +2,121 @@
 
 A reader never sees half a file: every output (videos, wavs, shards, manifests, checkpoints, markers) is written
 to a hidden temp name in the same folder and renamed over its target only once complete; a failure leaves the
-target as it was and no temp file behind.
+target as it was and no temp file behind. Temp names carry the writer's pid, so what a killed run left (no
+`finally` runs on SIGKILL) is recognised and swept at the next start (`sweep_stale`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
+import time
 from pathlib import Path
+
+from lipsync_cli.errors import LipsyncError
 
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m4v")  # video files we look for in folders
 SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")  # speech files we look for in folders
 
 
-class atomic:  # noqa: N801 - used like open()
-    """`with atomic(path) as tmp:` write tmp (hidden, same directory); it replaces `path` only on success.
-    Long-lived writers call commit() / discard() themselves."""
+TEMP_TAG = "lipsync"  # every temp name we create carries f"{TEMP_TAG}-{pid}-": how sweep_stale knows its own
+_STALE = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}")
 
-    def __init__(self, path: Path, suffix: str = ""):
+
+def temp_name(stem: str = "", suffix: str = "") -> str:
+    """A fresh temp name that says which process made it (see sweep_stale)."""
+    return f"{stem}{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
+    """Delete what a killed run left in `folder`: only names we make (temp_name), only when the process that made
+    them is gone and they are older than `min_age_s` (a pid from another host or container sharing the folder could
+    look dead: the age keeps a live run's fresh files safe). Returns how many entries were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    now = time.time()
+    for e in entries:
+        m = _STALE.search(e.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                os.unlink(e.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class atomic:  # noqa: N801 - used like open()
+    """`with atomic(path) as tmp:` write tmp (hidden, same folder); it becomes `path` only on success, and a failure
+    leaves no temp file. Long-lived writers call commit() / discard() themselves.
+
+    The temp file is created at once (exclusively), so an unwritable folder is found before any work is done.
+    Without `force` the publish is a hard link, which fails if `path` exists by then: of two runs racing for one
+    output exactly one wins, and nothing is ever overwritten (no check-then-rename window).
+    """
+
+    def __init__(self, path: Path, suffix: str = "", force: bool = True):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh name rather than mkstemp: the writer creates it, so it gets the umask's mode, not 0600
-        self.path, self.tmp = path, path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        self.path, self.force = path, force
+        self.tmp = path.with_name(temp_name(f".{path.name}.", f".tmp{suffix}"))
+        try:  # 0o666 & ~umask, as the writer would make it (mkstemp: 0600)
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:
+            raise LipsyncError(f"cannot write to {path.parent}: {e.strerror or e}") from None
 
     def __enter__(self) -> Path:
         return self.tmp
 
     def commit(self) -> None:
-        os.replace(self.tmp, self.path)
+        if self.force:
+            if self.path.is_dir():
+                raise LipsyncError(f"{self.path} is a folder; give a file name")
+            os.replace(self.tmp, self.path)
+            return
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+        except OSError:  # no hard links on this file system: claim the name exclusively, then fill it
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+            os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
             self.discard()
 
 

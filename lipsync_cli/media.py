@@ -25,9 +25,11 @@ import contextlib
 import functools
 import math
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,8 +192,11 @@ def _has_audio(path: Path) -> bool | None:
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-def iter_frames(path: str | Path, fps: float = 25.0, ffmpeg: str | None = None) -> Iterator[np.ndarray]:
-    """Stream RGB frames at a constant `fps`, displayed orientation, exactly `probe(path).n_frames(fps)` of them.
+def iter_frames(
+    path: str | Path, fps: float = 25.0, ffmpeg: str | None = None, start: int = 0, count: int | None = None
+) -> Iterator[np.ndarray]:
+    """Stream RGB frames at a constant `fps`, displayed orientation, exactly `probe(path).n_frames(fps)` of them
+    (or frames `start` .. `start + count` of that sequence, found by seeking: random access without storing frames).
 
     Frames come through an ffmpeg rawvideo pipe one at a time, so memory stays flat however long the video is.
     The file is probed now (errors surface at the call); ffmpeg starts at the first `next()` and is killed if the
@@ -201,12 +206,24 @@ def iter_frames(path: str | Path, fps: float = 25.0, ffmpeg: str | None = None) 
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     info = probe(path)
+    total = info.n_frames(fps)
+    start = min(max(int(start), 0), total - 1)
+    count = total - start if count is None else max(0, min(int(count), total - start))
     exe = ffmpeg_exe(ffmpeg)
-    src = ffmpeg_python.input(str(Path(path).absolute()))[str(info.stream_index)]
-    video = src.filter("fps", fps=_rate(fps)).filter("scale", info.width, info.height)
-    out = ffmpeg_python.output(video, "pipe:", format="rawvideo", pix_fmt="rgb24")
+    args: dict = {}
+    if start > 0:
+        # seek a second early (to a keyframe before that, decoding from there), keep the file's own timestamps
+        # (t = 0 at its start, as without seeking) so the fps filter's grid is the same as a full decode's, and cut
+        # on that grid: frame `start` is bit-identical to the one a decode from the beginning yields
+        args = dict(ss=f"{max(0.0, start / fps - 1.0):.6f}", copyts=None, start_at_zero=None)
+    src = ffmpeg_python.input(str(Path(path).absolute()), **args)[str(info.stream_index)]
+    video = src.filter("fps", fps=_rate(fps))
+    if start > 0:
+        video = video.filter("trim", start_pts=start)
+    video = video.filter("scale", info.width, info.height)
+    out = ffmpeg_python.output(video, "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count)
     cmd = out.compile(cmd=[exe, *_QUIET])
-    return _frames(cmd, info, info.n_frames(fps))
+    return _frames(cmd, info, count)
 
 
 def _frames(cmd: list[str], info: VideoInfo, total: int) -> Iterator[np.ndarray]:
@@ -307,7 +324,9 @@ def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ..
     if output.suffix.lower() not in suffixes:
         kind = "an .mp4 (or .mov)" if suffixes == VIDEO_OUT else " or ".join(suffixes)
         raise LipsyncError(f"output must be {kind} file, got {output.name}")
-    if output.exists() and not force:
+    if output.is_dir():
+        raise LipsyncError(f"{output} is a folder; give the output a file name")
+    if output.exists() and not force:  # early, to save the work; the publish itself is what makes it safe
         raise LipsyncError(f"{output} exists; use --force to overwrite it")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
@@ -339,6 +358,7 @@ class VideoWriter:
         crf: int = 18,
         ffmpeg: str | None = None,
         preset: str = "veryfast",
+        publish: atomic | None = None,
     ):
         if width <= 0 or height <= 0 or fps <= 0:
             raise ValueError(f"bad video size/rate: {width}x{height} at {fps} fps")
@@ -356,7 +376,7 @@ class VideoWriter:
         fmt = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(suffix)
         if fmt is None:
             raise LipsyncError(f"cannot write {self.path}: use .mp4, .mov or .mkv for H.264 video")
-        self._file = atomic(self.path, suffix)
+        self._file = publish if publish is not None else atomic(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
             cmd = self._command(exe, fmt, audio, crf, preset)
@@ -369,6 +389,34 @@ class VideoWriter:
             raise
         _grow_pipe(self._proc.stdin)
         self._open = True
+        # frames go to ffmpeg from a thread through a short queue: the caller composites the next frame while a
+        # pipe write waits for x264 (pipe writes release the GIL)
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._failed: BaseException | None = None
+        self._feeder = threading.Thread(target=self._feed, name="encoder-feed", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            if self._failed is not None:
+                continue  # drain, so a blocked put never waits forever
+            try:
+                self._proc.stdin.write(memoryview(frame).cast("B"))
+            except BaseException as e:  # BrokenPipeError: ffmpeg died (bad audio, disk full, ...)
+                self._failed = e
+
+    def _drain(self) -> None:
+        """Stop the feeding thread after what is queued (reap it before touching the pipe)."""
+        if self._feeder.is_alive():
+            self._queue.put(None)
+            self._feeder.join()
+
+    def _raise_failed(self) -> None:
+        _stop(self._proc, grace=5.0)
+        msg = _ffmpeg_error(self._err, self._proc.returncode)
+        e = self._failed
+        self.abort()
+        raise LipsyncError(f"ffmpeg failed writing {self.path}: {msg}") from e
 
     def _command(self, exe: str, fmt: str, audio: Path | None, crf: int, preset: str) -> list[str]:
         src = ffmpeg_python.input(
@@ -412,19 +460,20 @@ class VideoWriter:
             raise ValueError(
                 f"frame must be uint8 ({self.height}, {self.width}, 3), got {frame.dtype} {tuple(frame.shape)}"
             )
-        try:
-            self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
-        except OSError as e:  # BrokenPipeError: ffmpeg died (bad audio, disk full, ...)
-            _stop(self._proc, grace=5.0)
-            msg = _ffmpeg_error(self._err, self._proc.returncode)
-            self.abort()
-            raise LipsyncError(f"ffmpeg failed writing {self.path}: {msg}") from e
+        if self._failed is not None:
+            self._drain()
+            self._raise_failed()
+        self._queue.put(np.ascontiguousarray(frame))
         self.frames += 1
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises LipsyncError (leaving nothing) if ffmpeg failed."""
         if not self._open:
             return
+        self._drain()
+        if self._failed is not None:
+            self._open = True
+            self._raise_failed()
         self._open = False
         with contextlib.suppress(OSError):  # ffmpeg already gone; its exit code tells
             self._proc.stdin.close()
@@ -448,9 +497,47 @@ class VideoWriter:
         if not self._open:
             return
         self._open = False
+        self._failed = self._failed or LipsyncError("aborted")
+        with contextlib.suppress(OSError):
+            self._proc.kill()  # first: a feeder blocked in a pipe write gets EPIPE and drains the queue
+        self._drain()
         _stop(self._proc)
         self._file.discard()
         self._err.close()
+
+
+def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) -> None:
+    """`video`'s picture (stream copy) with `audio` as AAC, as long as the picture, into `publish`'s temp file,
+    then published."""
+    src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]
+    snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"].filter("apad")
+    fmt = "mov" if publish.path.suffix.lower() == ".mov" else "mp4"
+    out = ffmpeg_python.output(
+        src,
+        snd,
+        str(publish.tmp.absolute()),
+        format=fmt,
+        vcodec="copy",
+        acodec="aac",
+        audio_bitrate="160k",
+        shortest=None,
+        movflags="+faststart",
+    )
+    proc = subprocess.run(
+        out.compile(cmd=[ffmpeg_exe(ffmpeg), *_QUIET, "-y"]), stdin=subprocess.DEVNULL, capture_output=True
+    )
+    if proc.returncode != 0:
+        raise LipsyncError(f"ffmpeg failed writing {publish.path}: {_last_line(proc.stderr, proc.returncode)}")
+    publish.commit()
+
+
+def audio_rate(path: str | Path) -> int | None:
+    """The sample rate of a file's first audio stream (None when PyAV cannot tell)."""
+    try:
+        with av.open(str(path)) as c:
+            return int(c.streams.audio[0].sample_rate) if c.streams.audio else None
+    except (av.FFmpegError, OSError, UnicodeDecodeError, IndexError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

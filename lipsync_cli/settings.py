@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     seed: int = 0
 
     # dub
-    fps: float = Field(25.0, description="Working and output frame rate.")
+    fps: float = Field(25.0, description="Frame rate the face models work at (the output keeps the input's own).")
     face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
     sync_mode: Literal["bounce", "loop", "cut"] = "bounce"
     engine: Literal["retrieval", "neural", "seed"] = "retrieval"

@@ -208,3 +208,63 @@ def test_transcript_goes_with_an_audio_file(tmp_path):
     r = run_cli("dub", video, "Hello there.", "--transcript", "Hello there.", "-o", tmp_path / "o.mp4")
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "--audio" in r.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_seek_decoding_matches_a_full_decode(tmp_path):
+    """Random access by seeking (bounce/loop re-decode instead of storing frames) gives the very same frames."""
+    from lipsync_cli.compositing import timing_plan
+    from lipsync_cli.dub import iter_plan_frames
+
+    clip = make_clip(tmp_path / "c.mp4", "testsrc", seconds=3.0, audio=False)
+    for fps in (25.0, 30000 / 1001):
+        full = list(media.iter_frames(clip, fps))
+        for start in (0, 1, 40, len(full) - 3):
+            part = list(media.iter_frames(clip, fps, start=start, count=3))
+            assert all(np.array_equal(a, b) for a, b in zip(part, full[start : start + 3], strict=True)), (fps, start)
+        for mode in ("bounce", "loop"):
+            plan = timing_plan(len(full), 2 * len(full) + 7, mode)
+            got = list(iter_plan_frames(clip, plan, fps, None, budget=8))
+            assert len(got) == len(plan)
+            assert all(np.array_equal(g, full[b]) for g, b in zip(got, plan, strict=True)), (fps, mode)
+
+
+@pytest.mark.slow
+def test_dub_keeps_frame_rate_and_audio_quality(tmp_path):
+    """A 29.97 fps input comes out at 29.97 fps (not 25), its mouth still following the speech; TTS audio comes out
+    at 44.1 kHz, not 16 kHz."""
+    src = shared_file("media/pcavs_00086.mp4")
+    video = tmp_path / "ntsc.mp4"
+    exe = media.ffmpeg_exe()
+    subprocess.run(
+        [exe, "-y", "-loglevel", "error", "-i", str(src), "-vf", "fps=30000/1001", "-c:v", "libx264", "-crf", "16",
+         "-c:a", "aac", str(video)],
+        check=True,
+    )  # fmt: skip
+    text = "Bob made my map by the pool, and I am happy."
+    out = tmp_path / "out.mp4"
+    r = run_cli("dub", video, text, "-o", out, "--voice", "tts")
+    assert r.returncode == 0, r.stderr
+    info = media.probe(out)
+    assert abs(info.fps - 30000 / 1001) < 0.01, info.fps
+    import av
+
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].sample_rate >= 44100
+    speech = media.read_audio(out, SR)
+    frames = list(media.iter_frames(out, info.fps))
+    assert abs(len(frames) - len(speech) / SR * info.fps) <= 2
+    # the mouth follows the speech on the output's own frames
+    with face.FaceTracker() as tr:
+        lm = np.array([x if (x := tr.update(f)) is not None else np.full((478, 2), np.nan) for f in frames])
+    op = opening_series(lm)
+    env = rms_envelope(speech, SR, fps=info.fps, n_frames=len(op))
+    ok = ~np.isnan(op)
+    assert ok.mean() > 0.9
+    assert np.corrcoef(op[ok], env[ok])[0, 1] > 0.3
+    # and outside the lower face the picture is the input's own frame at the same time
+    src_frames = list(media.iter_frames(video, info.fps))
+    t = 20
+    jaw = lm[t][face.JAW]
+    keep = np.ones(frames[t].shape[:2], bool)
+    keep[int(jaw[:, 1].min()) - 10 :, int(jaw[:, 0].min()) - 10 : int(jaw[:, 0].max()) + 10] = False
+    assert np.abs(frames[t].astype(float) - src_frames[t].astype(float))[keep].mean() < 3.0

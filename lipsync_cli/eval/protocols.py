@@ -242,9 +242,8 @@ def analyse(path: Path, settings: Settings, max_s: float | None = MAX_CLIP_S) ->
         info = dataclasses.replace(info, duration=min(info.duration, max_s))
     n = info.n_frames(settings.fps)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
-        src, store = dub.analyse_video(path, info, settings, Path(tmp), keep_frames=True)
-        n = min(n, src.n_frames)
-        frames = np.array(store[:n])
+        src = dub.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), Path(tmp))
+        frames = np.stack(list(media.iter_frames(path, settings.fps, settings.ffmpeg, count=n)))
         src = SourceFaces(
             crops=np.array(src.crops[:n]),
             landmarks=src.landmarks[:n].copy(),

@@ -3,6 +3,7 @@ person's own voice (learned from their speech in the video, or from --voice-ref)
 `lipsync eval --metric voice` all go through these functions.
 
     load_speech(text, audio, settings, voice)  -> 16 kHz speech (+ piper's phones with their timings)
+    load_speech_full(...)                      -> the same, plus the speech at its own rate (>= 44.1 kHz) for output
     speaker_voice(settings, own, where)         -> the person's voice (None: the plain TTS voice)
     apply_voice(speech, voice)                  -> the speech in that voice, sample-exact in length
     speak(video, text, output, settings)        -> `lipsync voice`: the speech alone, as a wav
@@ -19,10 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lipsync_cli import media, progress
-from lipsync_cli.audio import SR, match_loudness, speech_loudness_db, voice_activity
+from lipsync_cli.audio import SR, match_loudness, resample, speech_loudness_db, voice_activity
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import MIN_SPEECH_S, speech_mask
+
+TTS_SR = 22050  # piper's (and espeak's) native rate: synthesised there, resampled for analysis and for the output
 
 if TYPE_CHECKING:
     from lipsync_cli.voice.convert import VoiceProfile
@@ -36,29 +39,60 @@ def check_words(text: str | None, audio: Path | None) -> None:
         raise LipsyncError("no text to speak: give the new words, or --audio FILE")
 
 
+def output_rate(sr: int) -> int:
+    """The output's audio rate for speech at `sr`: its own when that is >= 44.1 kHz, else an easy multiple."""
+    return sr if sr >= 44100 else (48000 if 48000 % sr == 0 else 44100)
+
+
+@dataclass
+class Speech:
+    analysis: np.ndarray  # 16 kHz mono: what the engine, the voice and the aligner work on
+    out: np.ndarray  # the same speech at `out_sr` (>= 44.1 kHz): what the output plays
+    out_sr: int
+    phones: list | None  # piper's own phones with their timings (exact), else None
+
+    def cut(self, seconds: float) -> None:
+        self.analysis = self.analysis[: int(round(seconds * SR))]
+        self.out = self.out[: int(round(seconds * self.out_sr))]
+
+
 def load_speech(
     text: str | None, audio: Path | None, settings: Settings, voice: SpeakerVoice | None = None
 ) -> tuple[np.ndarray, list | None]:
     """The new speech at 16 kHz (an audio file as given, or TTS of the text) and, for piper TTS, the phones it
     spoke with their timings (exact, so no recogniser is needed to find p/b/m). Only XTTS uses `voice` here
     (it speaks in it directly); piper and espeak speak in their own voice, converted later by `apply_voice`."""
+    sp = load_speech_full(text, audio, settings, voice)
+    return sp.analysis, sp.phones
+
+
+def load_speech_full(
+    text: str | None, audio: Path | None, settings: Settings, voice: SpeakerVoice | None = None
+) -> Speech:
+    """`load_speech`, keeping also the speech at its own rate for the output (an audio file's own rate, TTS at its
+    native rate), raised to at least 44.1 kHz."""
     check_words(text, audio)
     if audio is not None:
         speech = media.read_audio(audio, SR, ffmpeg=settings.ffmpeg)
         if len(speech) < SR // settings.fps:
             raise LipsyncError(f"{audio} holds no audio")
-        return speech, None
+        sr = output_rate(media.audio_rate(audio) or SR)
+        return Speech(speech, media.read_audio(audio, sr, ffmpeg=settings.ffmpeg), sr, None)
     from lipsync_cli import phones
     from lipsync_cli.voice import tts
 
+    spoken = None
     if settings.tts == "xtts":
         from lipsync_cli.voice import xtts
 
-        return xtts.synthesize(text, settings.tts_model_dir, None if voice is None else voice.speech, sr=SR), None
-    if settings.tts == "piper":
-        speech, spoken = tts.synthesize_with_phones(text, sr=SR, progress=not progress.is_quiet())
-        return speech, phones.from_ipa(spoken)
-    return tts.synthesize(text, sr=SR, backend=settings.tts, progress=not progress.is_quiet()), None
+        native, rate = xtts.synthesize(text, settings.tts_model_dir, None if voice is None else voice.speech, sr=SR), SR
+    elif settings.tts == "piper":
+        native, ipa = tts.synthesize_with_phones(text, sr=TTS_SR, progress=not progress.is_quiet())
+        rate, spoken = TTS_SR, phones.from_ipa(ipa)
+    else:
+        native, rate = tts.synthesize(text, sr=TTS_SR, backend=settings.tts, progress=not progress.is_quiet()), TTS_SR
+    sr = output_rate(rate)
+    return Speech(resample(native, rate, SR), resample(native, rate, sr), sr, spoken)
 
 
 @dataclass
@@ -160,6 +194,20 @@ def check_voice(audio: Path | None, settings: Settings) -> None:
             raise LipsyncError(f"--voice-ref {p}: {'not a file' if p.exists() else 'file not found'}")
 
 
+def learn_and_convert(
+    settings: Settings, video: Path, has_audio: bool, speech: np.ndarray
+) -> tuple[np.ndarray | None, str]:
+    """Learn the person's voice (from --voice-ref, else `video`'s soundtrack) and convert `speech` (16 kHz) into it:
+    (converted, where the voice came from), or (None, "tts") for the plain TTS voice (--voice-fallback). `dub` runs
+    this in its own process beside the face pass, so it imports only what the voice needs."""
+    progress.set_quiet(True)  # the parent's bars own the terminal; warnings still print
+    own = soundtrack(video, settings) if has_audio else None
+    voice = speaker_voice(settings, own, video.name)
+    if voice is None:
+        return None, "tts"
+    return apply_voice(speech, voice), voice.source
+
+
 @dataclass
 class SpeechResult:
     output: Path
@@ -191,9 +239,13 @@ def speak(video: Path, text: str, output: Path | None, settings: Settings, force
     return SpeechResult(output, len(speech), n_tts, voice.source if voice is not None else "tts")
 
 
-def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarray:
-    """The new speech as loud as the video's own speech (or a sensible level when the video is silent)."""
-    target = -20.0
+def loudness_target(own: np.ndarray | None) -> float:
+    """The loudness (dB) of the video's own speech, or a sensible level when the video is silent."""
     if own is not None and voice_activity(own, SR).mean() > 0.05:
-        target = speech_loudness_db(own, SR)
-    return match_loudness(speech, SR, target)
+        return speech_loudness_db(own, SR)
+    return -20.0
+
+
+def match_video_loudness(speech: np.ndarray, own: np.ndarray | None, sr: int = SR) -> np.ndarray:
+    """The new speech (at `sr`) as loud as the video's own speech (or a sensible level when the video is silent)."""
+    return match_loudness(speech, sr, loudness_target(own))

@@ -1,0 +1,130 @@
+"""Running stages side by side: a decoder thread ahead of its consumer, and a job in its own process.
+
+Threads serve work that waits on pipes or runs in C code that releases the GIL (ffmpeg pipes, OpenCV, mediapipe);
+a process serves pure-CPU Python/C work that holds the GIL (pyworld's voice analysis), so it gets the other core.
+Both stop cleanly when their consumer stops early or fails: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+class Prefetch(Generic[T]):
+    """`with Prefetch(lambda: iter_frames(...), size) as frames: for f in frames: ...` - the source runs in a thread
+    at most `size` items ahead (memory bounded); its errors are raised in the consumer; leaving the block stops it
+    (a generator source is closed in its own thread, so an ffmpeg it started is killed)."""
+
+    def __init__(self, make: Callable[[], Iterator[T]], size: int = 8):
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make,), name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[], Iterator[T]]) -> None:
+        try:
+            it = make()
+            try:
+                for x in it:
+                    if not self._put((x, None)):
+                        return
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            self._put((_END, None))
+        except BaseException as e:  # handed to the consumer
+            self._put((_END, e))
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            x, err = self._q.get()
+            if x is _END:
+                if err is not None:
+                    raise err
+                return
+            yield x
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch[T]:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _child(conn, fn: Callable, args: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides and kills us
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+        try:
+            conn.send((False, e))
+        except Exception:  # unpicklable: its text still goes
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        conn.close()
+
+
+class Job:
+    """`fn(*args)` in a fresh process (spawned: no fork of a parent running threads), started at once.
+    `result()` waits and returns its value or raises its exception; `kill()` ends it (both idempotent)."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
+        self._proc.start()
+        child.close()
+        self._done: tuple[bool, Any] | None = None
+
+    def result(self) -> Any:
+        if self._done is None:
+            try:
+                self._done = self._conn.recv()
+            except EOFError:
+                self._proc.join()
+                self._done = (False, RuntimeError(f"background job died (exit code {self._proc.exitcode})"))
+            finally:
+                self._conn.close()
+            self._proc.join()
+        ok, value = self._done
+        if not ok:
+            raise value
+        return value
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+        self._conn.close()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
