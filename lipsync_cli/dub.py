@@ -14,11 +14,12 @@ before it can speak) is read and checked before any work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,11 +42,22 @@ VIDEO_OUT = (".mp4", ".m4v", ".mov")
 
 @dataclass
 class DubResult:
+    """What one dub made: the file, its length, how much of the input had a face, where the time went."""
+
     output: Path
     frames: int
-    duration: float
+    duration: float  # seconds of output
     faces_found: float  # fraction of input frames with a tracked face
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    video: Path | None = None  # the input
+    engine: str = ""
+    voice: str = ""  # where the voice came from (a file name), "tts", or "audio" (--audio, used as given)
+    articulation: dict[str, float] | None = None  # figures measured on the output, when a stage computed them
+
+    def to_json(self) -> dict:
+        """Plain JSON types (paths as text): what `lipsync dub --json` prints."""
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 def default_output(video: Path) -> Path:
@@ -81,9 +93,11 @@ def analyse_video(
     settings: Settings,
     workdir: Path,
     keep_frames: bool,
+    tracker: face.FaceTracker | None = None,
 ) -> tuple[SourceFaces, np.ndarray | None]:
     """Pass 1: decode, track the face, store aligned crops (and the frames themselves when the timing plan needs
-    random access). Returns the source and the frame store (a disk memmap) or None."""
+    random access). Returns the source and the frame store (a disk memmap) or None. A `tracker` given is reset
+    and reused (its graphs stay loaded: the API's Dubber), else one is made for this video."""
     fps = settings.fps
     cap = info.n_frames(fps) + 2
     raw = np.full((cap, 478, 2), np.nan, np.float32)
@@ -92,8 +106,11 @@ def analyse_video(
     frames_store = None
     size = 0
     n = 0
+    if tracker is not None:
+        tracker.reset()
+        tracker.face_index = settings.face_index
     with (
-        face.FaceTracker(face_index=settings.face_index) as tracker,
+        contextlib.nullcontext(tracker) if tracker is not None else face.FaceTracker(settings.face_index) as tracker,
         progress.task("analysing video", cap - 2) as adv,
     ):
         for frame in media.iter_frames(video, fps=fps, ffmpeg=settings.ffmpeg):
@@ -289,6 +306,9 @@ class SpeechResult:
     tts_samples: int
     voice: str  # where the voice came from, or "tts"
 
+    def to_json(self) -> dict:
+        return {"output": str(self.output), "seconds": self.samples / SR, "samples": self.samples, "voice": self.voice}
+
 
 def default_speech_output(video: Path) -> Path:
     return video.with_name(video.stem + ".voice.wav")
@@ -382,9 +402,10 @@ def dub(
     output: Path | None,
     settings: Settings,
     force: bool = False,
+    tracker: face.FaceTracker | None = None,
 ) -> DubResult:
     """Re-animate the mouth in `video` to new speech (TTS of `text` in the person's voice per settings.voice, or the
-    file `audio` exactly as given) and write the result."""
+    file `audio` exactly as given) and write the result. `tracker`: a FaceTracker to reuse (see analyse_video)."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
@@ -415,7 +436,7 @@ def dub(
     with tempfile.TemporaryDirectory(prefix="lipsync-") as tmp:
         workdir = Path(tmp)
         t = time.perf_counter()
-        source, store = analyse_video(video, info, settings, workdir, keep_frames=random_access)
+        source, store = analyse_video(video, info, settings, workdir, keep_frames=random_access, tracker=tracker)
         plan = np.minimum(plan, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 
@@ -445,4 +466,7 @@ def dub(
                 adv(1)
         timings["render"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return DubResult(output, len(plan), len(plan) / fps, float(source.found.mean()), timings)
+    spoke = "audio" if audio is not None else voice.source if voice is not None else "tts"
+    return DubResult(
+        output, len(plan), len(plan) / fps, float(source.found.mean()), timings, video, settings.engine, spoke
+    )

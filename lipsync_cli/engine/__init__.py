@@ -15,7 +15,7 @@ def get_engine(name: str, settings=None) -> Callable[..., MouthTrack]:
     if name == "retrieval":
         from lipsync_cli.engine.retrieval import animate
 
-        return animate
+        return animate if settings is None else functools.partial(animate, lips=settings.lips)
     if name == "seed":  # the original design's generator (models/seed.py); needs its checkpoint
         from lipsync_cli.engine.seed import animate
 
@@ -25,7 +25,9 @@ def get_engine(name: str, settings=None) -> Callable[..., MouthTrack]:
 
         if settings is None:
             return animate
-        return functools.partial(animate, adapt_minutes=settings.adapt_minutes, adapt_steps=settings.adapt_steps)
+        return functools.partial(
+            animate, adapt_minutes=settings.adapt_minutes, adapt_steps=settings.adapt_steps, lips=settings.lips
+        )
     raise ValueError(f"unknown engine {name!r} (available: retrieval, neural, seed)")
 
 

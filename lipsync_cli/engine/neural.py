@@ -102,6 +102,7 @@ def animate(
     adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
+    lips: str | None = None,
 ) -> MouthTrack:
     """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
     `adapt_minutes` / `adapt_steps` settings."""
@@ -111,7 +112,7 @@ def animate(
         s = load_settings()
         adapt_minutes, adapt_steps = s.adapt_minutes, s.adapt_steps if adapt_steps is None else adapt_steps
     model = load(checkpoint)
-    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr)
+    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr, lips)
     track = retrieval.choose(source, aligned, shapes, lm, target, background)
     model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 
