@@ -36,6 +36,15 @@ class Dubber:
         self._tracker = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Dubber:
+        """A Dubber with a ready Settings object (the CLI's: config file, environment and flags already applied)."""
+        dubber = cls.__new__(cls)
+        dubber.settings = settings
+        dubber._tracker = None
+        dubber._lock = threading.Lock()
+        return dubber
+
     def load(self) -> Dubber:
         """Load every model the settings will need now rather than on the first dub (a server's start-up)."""
         s = self.settings

@@ -24,7 +24,6 @@ from pydantic_settings import (
 
 from lipsync_cli.errors import LipsyncError
 
-
 Engine = Literal["retrieval", "neural", "seed"]
 SyncMode = Literal["bounce", "loop", "cut"]
 Tts = Literal["piper", "espeak", "xtts"]
