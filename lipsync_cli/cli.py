@@ -456,10 +456,12 @@ def app_(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
 ) -> None:
     """A local web page: upload a video, type the words or upload speech, watch and download the dub."""
-    try:
-        from lipsync_cli.app import serve
-    except ImportError as e:
-        raise LipsyncError(f'the web app needs its extra ({e.name} is missing): pip install "lipsync-cli[app]"') from e
+    from lipsync_cli.errors import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module, "app", "the web app")
+    from lipsync_cli.app import serve
+
     serve(_settings(ctx), host=host, port=port)
 
 
