@@ -64,7 +64,9 @@ def _settings(ctx: typer.Context, **flags) -> Settings:
 def _root(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option(help="Config file (default: ./lipsync.toml).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (also after the subcommand).")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars (also after the subcommand).")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -116,7 +118,7 @@ def dub(
     text: Annotated[str | None, typer.Argument(help="The new words (or use --audio).")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.dubbed.mp4")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", metavar="", help="Overwrite an existing output.")] = False,
     sync_mode: Annotated[SyncMode | None, typer.Option(help=_d("Speech longer than the video.", "sync_mode"))] = None,
     face: Annotated[
         int | None, typer.Option("--face", help=_d("Which face: 0 = largest, 1 = next.", "face_index"))
@@ -126,11 +128,11 @@ def dub(
     tts: Annotated[Tts | None, typer.Option(help=TTS_HELP)] = None,
     voice: Annotated[Voice | None, typer.Option(help=_d(VOICE_HELP, "voice"))] = None,
     voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
-    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", metavar="", help=FALLBACK_HELP)] = None,
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
     crf: Annotated[int | None, typer.Option(help=_d("x264 quality, lower is better.", "crf"))] = None,
     batch: Annotated[Path | None, typer.Option("--batch", help=BATCH_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
     s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes)
@@ -163,13 +165,13 @@ def voice_(
     video: Annotated[Path, typer.Argument(help="The video (or any recording) of the person talking.")],
     text: Annotated[str, typer.Argument(help="The new words.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.voice.wav")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", metavar="", help="Overwrite an existing output.")] = False,
     tts: Annotated[Tts | None, typer.Option(help=TTS_HELP)] = None,
     voice: Annotated[Voice | None, typer.Option(help=_d(VOICE_HELP, "voice"))] = None,
     voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
-    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", metavar="", help=FALLBACK_HELP)] = None,
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
     from lipsync_cli.dub import speak
@@ -189,9 +191,11 @@ def data_fetch(
     source: Annotated[
         Literal["zenodo", "sheffield"] | None, typer.Option(help=_d("Where to download from.", "grid_source"))
     ] = None,
-    audio: Annotated[bool, typer.Option("--audio", help="Also the 25 kHz wav files.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print URLs and sizes; download nothing.")] = False,
-    keep_archives: Annotated[bool, typer.Option("--keep-archives", help="Keep the zip/tar files.")] = False,
+    audio: Annotated[bool, typer.Option("--audio", metavar="", help="Also the 25 kHz wav files.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", metavar="", help="Print URLs and sizes; download nothing.")
+    ] = False,
+    keep_archives: Annotated[bool, typer.Option("--keep-archives", metavar="", help="Keep the zip/tar files.")] = False,
     workers: Annotated[int | None, typer.Option(help="Parallel downloads.")] = None,
 ) -> None:
     """Download GRID speakers into <data_dir>/raw/grid/sN/{video,align,audio}/ (resumable, verified)."""
@@ -308,7 +312,9 @@ def eval_(
         typer.Option(help="At most this many clips per protocol and corpus (0: all; default 8, voice: all)."),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout (no tables).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="Print the metrics as JSON on stdout (no tables).")
+    ] = False,
 ) -> None:
     """Measure an engine against real footage and three baselines (real, frozen mouth, unchanged video)."""
     from lipsync_cli.eval import protocols
@@ -371,8 +377,12 @@ def train_(
     val_every: Annotated[int | None, typer.Option(help="Validate every this many steps.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Write the resumable last.* every this many steps.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from last.* exactly where it stopped.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Start over, replacing an existing last.*.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", metavar="", help="Continue from last.* exactly where it stopped.")
+    ] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", metavar="", help="Start over, replacing an existing last.*.")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML/JSON of model settings, plus an optional \\[train] table.")
     ] = None,
@@ -427,7 +437,8 @@ def train_(
 
 @config_app.command("show")
 def config_show(
-    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print the settings as JSON.")] = False
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the settings as JSON.")] = False,
 ) -> None:
     """Print every setting with its value (defaults < lipsync.toml < LIPSYNC_* env < flags)."""
     from rich.console import Console
