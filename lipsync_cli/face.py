@@ -120,6 +120,28 @@ def mouth_opening(lm: np.ndarray) -> float | np.ndarray:
     return float(r) if np.ndim(r) == 0 else r
 
 
+def closed_threshold(mouth_open_real: np.ndarray, pct: float = 5.0, margin: float = 0.1) -> float:
+    """Opening below which the mouth counts as closed, from the REAL footage so every system shares it.
+
+    Low percentile of the real opening plus margin * its (pct, 100 - pct) percentile range: robust to a few
+    landmark glitches and independent of the opening's units.
+    """
+    v = np.asarray(mouth_open_real, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan")
+    lo, hi = np.percentile(v, [pct, 100 - pct])
+    return float(lo + margin * (hi - lo))
+
+
+def nearest_found(found: np.ndarray) -> np.ndarray:
+    """For each frame, the nearest frame where `found` (ties go to the earlier one); needs one at least."""
+    idx, t = np.flatnonzero(found), np.arange(len(found))
+    pos = np.searchsorted(idx, t)
+    before, after = idx[np.maximum(pos - 1, 0)], idx[np.minimum(pos, len(idx) - 1)]
+    return np.where(np.abs(t - before) <= np.abs(after - t), before, after)
+
+
 def similarity_fit(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation + uniform scale + translation) mapping src -> dst, as (..., 2, 3).
 

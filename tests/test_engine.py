@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from lipsync_cli import face
-from lipsync_cli.engine import lipmap
 from lipsync_cli.engine.retrieval import inner_gap, select_mouths
+from lipsync_cli.models import lipmap
 from lipsync_cli.render import colour_match, lower_face_mask
 
 

@@ -11,6 +11,7 @@ import pytest
 from scipy.ndimage import gaussian_filter1d
 
 from lipsync_cli.eval import metrics as M
+from lipsync_cli.face import closed_threshold
 
 IOD = 60.0
 
@@ -193,9 +194,9 @@ def test_closure_rate_and_gap() -> None:
 
 def test_closed_threshold() -> None:
     real = np.concatenate([np.linspace(0.0, 1.0, 101), [np.nan, np.nan]])
-    assert M.closed_threshold(real) == pytest.approx(0.05 + 0.1 * 0.90)
-    assert M.closed_threshold(real, pct=10, margin=0.0) == pytest.approx(0.10)
-    assert np.isnan(M.closed_threshold(np.full(4, np.nan)))
+    assert closed_threshold(real) == pytest.approx(0.05 + 0.1 * 0.90)
+    assert closed_threshold(real, pct=10, margin=0.0) == pytest.approx(0.10)
+    assert np.isnan(closed_threshold(np.full(4, np.nan)))
 
 
 # ----------------------------------------------------------------------------- images

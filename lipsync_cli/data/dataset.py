@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+HOLD_OUT = 0.4  # eval reconstruct: fraction of a media clip re-created (the end); the rest is the reference
+MAX_CLIP_S = 8.0  # eval: seconds of each video analysed (training leaves the re-created span out: eval_spans)
 FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
 
 
@@ -44,8 +46,6 @@ def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
     The reconstruct protocol re-creates the last HOLD_OUT of the first MAX_CLIP_S seconds of each shared media clip;
     segments carry their start/end in the source. The source's length is taken as the largest segment end seen
     (<= the true length, so the excluded span can only grow)."""
-    from lipsync_cli.eval.protocols import HOLD_OUT, MAX_CLIP_S
-
     prov: dict[str, tuple[str, float, float]] = {}
     for c in clips:
         if c["corpus"] == "grid":

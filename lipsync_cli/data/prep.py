@@ -46,14 +46,9 @@ from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
 from lipsync_cli.data.corpus import VIDEO_EXT
 from lipsync_cli.data.grid import read_align
+from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
 
-FORMAT = "1"
-FPS = 25
-SR = 16000
-FEAT_RATE = 100
-HOP = SR // FEAT_RATE  # 160 samples per feature row
-TARGET_DB = -23.0
 SILENCE_WORDS = frozenset({"sil", "sp"})
 FRAME_BUDGET = 512 << 20  # decoded frames kept for the crop pass up to this many bytes; longer clips decode twice
 STAGES = ("decode", "mesh", "crops", "audio", "wait_audio", "write")
@@ -150,14 +145,6 @@ def word_frames(
             index[inside] = k
             silence[inside] = False
     return index, silence
-
-
-def _nearest(found: np.ndarray) -> np.ndarray:
-    """For each frame, the nearest frame where `found` (ties go to the earlier one); needs one at least."""
-    idx, t = np.flatnonzero(found), np.arange(len(found))
-    pos = np.searchsorted(idx, t)
-    before, after = idx[np.maximum(pos - 1, 0)], idx[np.minimum(pos, len(idx) - 1)]
-    return np.where(np.abs(t - before) <= np.abs(after - t), before, after)
 
 
 def sha256(path: Path) -> str:
@@ -261,7 +248,8 @@ def prep_clip(
     lm_raw = np.full((T, face.N_LANDMARKS, 2), np.nan, np.float32)
     lm_raw[found] = np.stack([lm for lm in raw if lm is not None])
     lm = face.smooth_landmarks(lm_raw, found, smooth)
-    M = face.align_matrix(lm[_nearest(found)], size)  # (T, 2, 3); frames without a face borrow the nearest one's
+    # (T, 2, 3); frames without a face borrow the nearest one's
+    M = face.align_matrix(lm[face.nearest_found(found)], size)
     lips = np.full((T, len(face.LIPS), 2), np.nan, np.float32)
     for i in np.flatnonzero(found):
         lips[i] = face.lip_shape(lm[i], M[i])

@@ -24,9 +24,10 @@ import torch
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, models, progress
-from lipsync_cli.engine import lipmap, retrieval
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.models import lipmap
 from lipsync_cli.models import render as R
 
 ADAPT_FRAMES = 3000  # at most this many of the video's frames are held for adaptation (spread evenly)

@@ -19,9 +19,8 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import face
-from lipsync_cli.engine import lipmap
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
-from lipsync_cli.eval.metrics import closed_threshold
+from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
@@ -56,11 +55,11 @@ def choose(
     """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
     inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
     source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
-    and forcing them in selection too overshot real footage's closure on other voices (README "Lips model")."""
+    and forcing them in selection too overshot real footage's closure on other voices (docs/lips.md)."""
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
     src_gap = inner_gap(np.nan_to_num(shapes))
-    thresh = closed_threshold(src_gap[source.pool])
+    thresh = face.closed_threshold(src_gap[source.pool])
     shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
     index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was

@@ -172,20 +172,6 @@ def sync_energy(mouth_open: np.ndarray, envelope_db: np.ndarray, max_lag: int = 
 # ----------------------------------------------------------------------------- mouth closure
 
 
-def closed_threshold(mouth_open_real: np.ndarray, pct: float = 5.0, margin: float = 0.1) -> float:
-    """Opening below which the mouth counts as closed, from the REAL footage so every system shares it.
-
-    Low percentile of the real opening plus margin * its (pct, 100 - pct) percentile range: robust to a few
-    landmark glitches and independent of the opening's units.
-    """
-    v = np.asarray(mouth_open_real, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return float("nan")
-    lo, hi = np.percentile(v, [pct, 100 - pct])
-    return float(lo + margin * (hi - lo))
-
-
 def closure(mouth_open: np.ndarray, must_close: np.ndarray, closed_thresh: float) -> dict:
     """Fraction of must-close frames (pauses, p/b/m) where the mouth is actually closed (opening < thresh).
 

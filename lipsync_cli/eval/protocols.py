@@ -35,6 +35,7 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import dub, face, media, progress, render
+from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import metrics as M
@@ -47,8 +48,6 @@ RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voic
 PROTOCOLS = ("reconstruct", "cross")
 BASELINES = ("real", "frozen", "floor")
 
-HOLD_OUT = 0.4  # fraction of a media clip re-created (the end); the rest is the reference
-MAX_CLIP_S = 8.0  # seconds of each video analysed: eval stays fast, a few seconds per clip
 MAX_SPEECH_S = 8.0  # cross: driving speech is cut to this
 FLOOR_SHIFT_S = 1.0  # reconstruct floor: real frames this late, beyond sync_energy's +-15 frame search
 SYNC_TOL = 2  # frames of lag still counted as in sync (the mouth leads the sound by up to ~80 ms)
@@ -590,7 +589,7 @@ def evaluate_case(
     # real first: its landmarks are the truth for lve and its opening sets the closed threshold for everyone
     if case.ground_truth:
         real_lm = track_landmarks(case.frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(real_lm))
+        thresh = face.closed_threshold(M.mouth_opening_series(real_lm))
         scores["real"], series["real"] = score_output(
             case.frames, case.speech, ref, metrics, fps, close_speech, thresh, real_lm, lm=real_lm
         )
@@ -598,7 +597,7 @@ def evaluate_case(
         real_lm = None
         own_frames, own_audio = case.own
         own_lm = track_landmarks(own_frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(own_lm))
+        thresh = face.closed_threshold(M.mouth_opening_series(own_lm))
         scores["real"], series["real"] = {}, {"opening": M.mouth_opening_series(own_lm)}
         if own_audio is not None:  # a silent input has no real row to speak of
             own_close = _must_close(own_audio, len(own_frames), fps, None) if "closure" in metrics else None

@@ -6,7 +6,7 @@
     render.py neural mouth renderer: lower-face inpainting from a reference frame + target lip shape
 
 Each model file has a `Config` dataclass, `build(config: dict) -> nn.Module` and `make_task(manifest, overrides)`
-returning a `lipsync_cli.train.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
+returning a `lipsync_cli.models.task.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
 beside `<stem>.json` (the config, with "model": its name, plus whatever metadata training adds).
 """
 

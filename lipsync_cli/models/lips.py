@@ -1,4 +1,4 @@
-"""Audio -> lip shape: a small transformer that replaces the self-fitted map (engine/lipmap.py) inside `dub`.
+"""Audio -> lip shape: a small transformer that replaces the self-fitted map (models/lipmap.py) inside `dub`.
 
 Input: the speech's 80-bin log-mel at 100 Hz, normalised per utterance (cepstral mean/variance per bin, so gain,
 channel and spectral tilt cancel) plus one loudness channel relative to the utterance's own loud parts. A strided
@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from lipsync_cli import audio as A
 from lipsync_cli import face
 from lipsync_cli.data.dataset import clip_key, eval_spans
-from lipsync_cli.engine import lipmap
+from lipsync_cli.models import lipmap
 
 N_MELS = 80
 ROWS = 4  # feature rows per video frame (100 Hz / 25 fps)
@@ -54,7 +54,7 @@ class Config:
     band: int = 25  # frames each side a frame may attend to (1 s)
     window: int = 75  # training crop in frames (3 s: one GRID sentence)
     w_velocity: float = 1.0
-    w_gap: float = 0.0  # L1 on the inner-lip gap (the opening); 0.25-1 tried: README "Lips model"
+    w_gap: float = 0.0  # L1 on the inner-lip gap (the opening); 0.25-1 tried: docs/lips.md
     augment: bool = True
 
 
@@ -194,7 +194,7 @@ def predict(
     Why the easing: the model is trained with L1, so where it is unsure (a voice it never heard, a pause) it
     predicts a mouth near the speaker's mean, and retrieval then shows half-open mouths through pauses: driven by
     other voices the shown opening followed their loudness far less than the map's (energy AV r 0.35 vs 0.49).
-    A full closed-shape override costs lip error even on the closed frames (README "Lips model"): a partial one."""
+    A full closed-shape override costs lip error even on the closed frames (docs/lips.md): a partial one."""
     mean, scale = speaker_stats(shapes, valid)
     to_coef = lambda y: lipmap.coefficients(lm, denormalise(y, mean, scale))  # noqa: E731
     coef = to_coef(run(model, speech, n_frames, sr))
@@ -393,7 +393,7 @@ def lve(pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, floa
 
 
 def make_task(manifest: str | Path, overrides: dict | None = None):
-    from lipsync_cli.train import Task, unwrap
+    from lipsync_cli.models.task import Task, unwrap
 
     cfg = config_from({**asdict(Config()), **(overrides or {})})
     train, val, _, stats = prepare(manifest, cfg)

@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
-from lipsync_cli.train import Task, unwrap
+from lipsync_cli.models.task import Task, unwrap
 
 MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # the same box as eval.protocols.MOUTH_BOX, relative to the aligned crop
 IMG = 32
