@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from lipsync_cli import progress
-from lipsync_cli.dub import DubResult, SpeechResult
+from lipsync_cli.dub import DubResult
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speech import SpeechResult
 
 
 class Dubber:
@@ -107,7 +108,7 @@ class Dubber:
         self, video: str | Path, text: str, *, output: str | Path | None = None, force: bool = False, **settings: Any
     ) -> SpeechResult:
         """`text` spoken in the voice of the person in `video`, as a wav (what `dub` puts on its soundtrack)."""
-        from lipsync_cli.dub import speak
+        from lipsync_cli.voice.speech import speak
 
         s = self.settings.with_overrides(**settings)
         with self._lock, progress.scope(quiet=s.quiet):

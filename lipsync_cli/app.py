@@ -25,9 +25,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from lipsync_cli import __version__, progress
 from lipsync_cli.api import Dubber
-from lipsync_cli.dub import check_words
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings, choices
+from lipsync_cli.voice.speech import check_words
 
 KEEP = 20  # finished jobs whose files are kept
 MAX_TEXT = 5000  # characters

@@ -71,11 +71,10 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if config is not None:
-        if not config.exists():
-            raise LipsyncError(f"config file not found: {config}")
-        os.environ["LIPSYNC_CONFIG"] = str(config)
-    settings = load_settings()
+    if config is not None and not config.exists():
+        raise LipsyncError(f"config file not found: {config}")
+    ctx.meta["config_file"] = config if config is not None else config_path()
+    settings = load_settings(config)
     ctx.obj = settings.with_overrides(quiet=True) if quiet else settings
     progress.set_quiet(ctx.obj.quiet)
 
@@ -174,7 +173,7 @@ def voice_(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
-    from lipsync_cli.dub import speak
+    from lipsync_cli.voice.speech import speak
 
     s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = speak(video, text, output, s, force=force)
@@ -448,7 +447,8 @@ def config_show(
     if as_json:
         _print_json(s.model_dump(mode="json"))
         return
-    table = Table(title=f"settings (config file: {config_path()}{'' if config_path().exists() else ', absent'})")
+    path = ctx.meta.get("config_file") or config_path()
+    table = Table(title=f"settings (config file: {path}{'' if path.exists() else ', absent'})")
     table.add_column("setting")
     table.add_column("value")
     table.add_column("env")

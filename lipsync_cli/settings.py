@@ -93,9 +93,13 @@ _implicit: ContextVar[bool] = ContextVar("lipsync_settings_implicit", default=Tr
 class _CheckedToml(TomlConfigSettingsSource):
     """The config file, with unknown names refused instead of ignored."""
 
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path):
+        super().__init__(settings_cls, toml_file=toml_file)
+        self.path = Path(toml_file)
+
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
-        check_names(list(data), str(config_path()))
+        check_names(list(data), str(self.path))
         return data
 
 
@@ -188,7 +192,8 @@ class Settings(BaseSettings):
         # later sources lose: init (flags) > env > toml file > defaults
         if not _implicit.get():  # Settings.load / with_overrides: only what was passed
             return (init_settings,)
-        toml = _CheckedToml(settings_cls, toml_file=config_path())
+        path = settings_cls.model_config.get("toml_file") or config_path()  # load_settings(config) names one
+        toml = _CheckedToml(settings_cls, toml_file=path)
         return (init_settings, env_settings, toml)
 
     def with_overrides(self, **flags: Any) -> Settings:
@@ -221,11 +226,20 @@ def _explicit(values: dict[str, Any], where: str) -> Settings:
         _implicit.reset(token)
 
 
-def load_settings() -> Settings:
-    """The CLI's settings: defaults < ./lipsync.toml (or $LIPSYNC_CONFIG) < LIPSYNC_* environment."""
+def load_settings(config: Path | None = None) -> Settings:
+    """Defaults < `config` (None: `config_path()`) < LIPSYNC_* variables: what the CLI starts from, once. Everything
+    below the CLI is handed a Settings (or the values it needs) and never reads them again. Unknown names and bad
+    values are a LipsyncError naming them."""
+    where = Path(config) if config is not None else config_path()
     try:
-        return Settings()
+        if config is None:
+            return Settings()
+
+        class FromFile(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config)})
+
+        return _explicit(FromFile().model_dump(), str(where))
     except tomllib.TOMLDecodeError as e:
-        raise LipsyncError(f"cannot read config file {config_path()}: {e}") from None
+        raise LipsyncError(f"cannot read config file {where}: {e}") from None
     except ValidationError as e:
-        raise LipsyncError(validation_message(e, f"{config_path()} or the LIPSYNC_* environment")) from None
+        raise LipsyncError(validation_message(e, f"{where} or the LIPSYNC_* environment")) from None

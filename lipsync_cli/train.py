@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 from lipsync_cli import models, progress
 from lipsync_cli.errors import LipsyncError, require
+from lipsync_cli.files import atomic, write_json
 from lipsync_cli.models.task import Task, unwrap
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -323,7 +324,6 @@ def _gather_json(obj, d: _Dist) -> list:
 
 def _save_state(path: Path, optimizer: torch.optim.Optimizer, scaler, doc: dict) -> None:
     """Optimiser tensors to <path>.safetensors; its other fields, the scaler and `doc` to <path>.json."""
-    from lipsync_cli.models import _atomic
 
     sd = optimizer.state_dict()
     tensors, state = {}, {}
@@ -335,8 +335,9 @@ def _save_state(path: Path, optimizer: torch.optim.Optimizer, scaler, doc: dict)
             else:
                 state[str(i)][k] = v
     doc = {**doc, "optimizer": {"state": state, "param_groups": sd["param_groups"]}, "scaler": scaler.state_dict()}
-    _atomic(path.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
-    _atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc)))
+    with atomic(path.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path.with_suffix(".json"), doc, indent=None)
 
 
 def _load_state(path: Path, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> dict:

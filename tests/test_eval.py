@@ -35,9 +35,9 @@ def reconstructed(settings, tmp_path_factory) -> tuple[P.ClipResult, R.SideBySid
 
 @pytest.fixture(scope="module")
 def crossed(settings) -> P.ClipResult:
-    from lipsync_cli import dub
+    from lipsync_cli.voice.speech import load_speech
 
-    speech = dub.load_speech(None, shared_file(SPEECH), settings)[0][: 3 * P.SR]
+    speech = load_speech(None, shared_file(SPEECH), settings)[0][: 3 * P.SR]
     case = P.cross_case(shared_file(CLIP), speech, "radio31", None, settings)
     return P.evaluate_case(case, list(P.METRICS), "retrieval", settings)
 

@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "lipsync_cli"
 # after it. A stage is the first name under lipsync_cli (a module or a subpackage).
 LAYERS = (
     "errors",  # the one exception type
+    "files",  # file kinds, atomic writes
     "progress",  # logging and progress bars
     "settings",  # the settings object (read by the CLI only; everything else receives it or its values)
     "audio",  # signal processing on speech

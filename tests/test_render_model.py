@@ -163,7 +163,7 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
 
 def test_get_engine_binds_the_adaptation_budget():
     f = get_engine("neural", Settings(adapt_minutes=0.5))
-    assert f.func is neural.animate and f.keywords == {"adapt_minutes": 0.5, "adapt_steps": None}
+    assert f.func is neural.animate and f.keywords == {"lips": "model", "adapt_minutes": 0.5, "adapt_steps": None}
     assert get_engine("neural") is neural.animate
     with pytest.raises(ValueError, match="neural"):
         get_engine("nope")

@@ -15,9 +15,7 @@ A source's audio is held in memory while it is cut (48 kHz float32: ~0.7 GB per 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,9 +27,9 @@ from rich.table import Table
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
-from lipsync_cli.data.corpus import VIDEO_EXT
 from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import VIDEO_EXT, write_json
 
 FPS = 25
 SR = 48000  # segment audio keeps full bandwidth; voice activity runs on a 16 kHz copy
@@ -150,12 +148,6 @@ def _imported_hashes(video_dir: Path) -> set[str]:
     return hashes
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def import_source(
     video: Path,
     out_dir: Path,
@@ -212,7 +204,7 @@ def import_source(
         _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
         for seg in keep:  # the JSON marks a segment done, so it comes after its video
             i0, i1 = round(seg.start * FPS), round(seg.end * FPS)
-            _write_json(out_dir / f"{seg.id}.json", {
+            write_json(out_dir / f"{seg.id}.json", {
                 "source": str(video.resolve()), "sha256": digest, "start": seg.start, "end": seg.end,
                 "frames": i1 - i0, "fps": FPS, "found": round(seg.found, 4), "segment": seg.index,
                 "corpus": corpus, "speaker": speaker, "source_fps": info.fps,
@@ -312,7 +304,7 @@ def _write_meta(speaker_dir: Path) -> None:
             total += float(seg["end"]) - float(seg["start"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    _write_json(speaker_dir / "meta.json", {"seconds": round(total, 2)})
+    write_json(speaker_dir / "meta.json", {"seconds": round(total, 2)})
 
 
 def summary_table(s: ImportSummary) -> Table:

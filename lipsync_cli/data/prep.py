@@ -25,10 +25,8 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
-import os
 import queue
 import re
-import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -44,10 +42,10 @@ from safetensors.numpy import save_file
 
 from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
-from lipsync_cli.data.corpus import VIDEO_EXT
 from lipsync_cli.data.grid import read_align
 from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import VIDEO_EXT, atomic, write_json
 
 SILENCE_WORDS = frozenset({"sil", "sp"})
 FRAME_BUDGET = 512 << 20  # decoded frames kept for the crop pass up to this many bytes; longer clips decode twice
@@ -287,13 +285,8 @@ def prep_clip(
         "words": json.dumps([[round(s, 4), round(e, 4), w] for s, e, w in words]),
         "provenance": json.dumps(provenance),
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic(out) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     tm["write"] += time.perf_counter() - t0
     return tm
 
@@ -363,10 +356,7 @@ def write_manifest(out_root: Path, size: int) -> dict:
         "n_mfcc": 13, "target_db": TARGET_DB, "clips": clips, "frames": sum(c["frames"] for c in clips),
         "hours": round(sum(c["seconds"] for c in clips) / 3600, 4), "vocab": vocab, "splits": split_clips(clips),
     }  # fmt: skip
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".manifest.json.{secrets.token_hex(4)}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_root / "manifest.json")
+    write_json(out_root / "manifest.json", manifest)
     return manifest
 
 

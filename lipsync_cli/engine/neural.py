@@ -99,19 +99,14 @@ def animate(
     background: np.ndarray,
     close: np.ndarray | None = None,
     sr: int = A.SR,
-    adapt_minutes: float | None = None,
+    lips: str = "model",
+    adapt_minutes: float = 2.0,
     adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
-    lips: str | None = None,
 ) -> MouthTrack:
-    """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
-    `adapt_minutes` / `adapt_steps` settings."""
-    if adapt_minutes is None:
-        from lipsync_cli.settings import load_settings
-
-        s = load_settings()
-        adapt_minutes, adapt_steps = s.adapt_minutes, s.adapt_steps if adapt_steps is None else adapt_steps
+    """A painted mouth on every output frame whose background frame has a face. `lips`, `adapt_minutes`,
+    `adapt_steps`: the settings of those names (bound by get_engine); `adapt_steps` overrides the minutes."""
     model = load(checkpoint)
     aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr, lips)
     track = retrieval.choose(source, aligned, shapes, lm, target, background)

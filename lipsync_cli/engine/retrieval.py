@@ -35,11 +35,11 @@ def animate(
     background: np.ndarray,
     close: np.ndarray | None = None,
     sr: int = A.SR,
-    lips: str | None = None,
+    lips: str = "model",
 ) -> MouthTrack:
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
     `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
-    (None: the `lips` setting)."""
+    (the `lips` setting, bound by get_engine)."""
     aligned, shapes, lm, target = shape_targets(source, speech, len(background), close, sr, lips)
     return choose(source, aligned, shapes, lm, target, background)
 
@@ -73,7 +73,7 @@ def shape_targets(
     n_out: int,
     close: np.ndarray | None = None,
     sr: int = A.SR,
-    lips: str | None = None,
+    lips: str = "model",
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
     coefficients (n_out, k) in the map's PCA basis) for the new speech."""
@@ -98,12 +98,8 @@ def shape_targets(
     return aligned, shapes, lm, target
 
 
-def lips_model(choice: str | None = None):
+def lips_model(choice: str = "model"):
     """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
-    if choice is None:
-        from lipsync_cli.settings import load_settings
-
-        choice = load_settings().lips
     if choice not in ("model", "map"):
         raise ValueError(f"unknown lips choice {choice!r} (model or map)")
     return _default_lips() if choice == "model" else None

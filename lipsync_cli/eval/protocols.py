@@ -39,7 +39,9 @@ from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import metrics as M
+from lipsync_cli.files import SPEECH_EXT, VIDEO_EXT
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speech import load_speech, match_video_loudness
 
 SR = A.SR
 METRICS = ("lve", "sync", "closure", "psnr", "ssim", "sharpness", "stability")
@@ -56,8 +58,6 @@ GRID_REFS = 4  # GRID: other clips of the speaker concatenated as the reference 
 GRID_TEST_MOD = 10  # GRID: crc32(id) % 10 == 0 is the held-out split when there is no prep manifest
 FACE_PX = 256  # whole-face metrics: the face box is resized to at most this (long side)
 MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # x0, y0, x1, y1 in the aligned crop (mouth at 0.5, 0.45): lips, teeth, chin
-VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m4v")
-SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")
 
 # Table columns: key, the metric that computes it, which way is better (low | high | one / zero: closest to it),
 # label (m: mouth region, f: face box). flicker is the excess temporal change outside the lips over the real
@@ -364,7 +364,7 @@ def cross_case(path: Path, speech: np.ndarray, speech_name: str, text: str | Non
     """cross: the video driven by other speech under the dub timing plan (bounce/loop/cut as configured)."""
     src, frames = analyse(path, settings)
     fps = src.fps
-    sp = dub.match_video_loudness(speech, src.audio)
+    sp = match_video_loudness(speech, src.audio)
     n_out = max(1, int(round(len(sp) / SR * fps)))
     plan = render.timing_plan(src.n_frames, n_out, settings.sync_mode)
     sp = _fit_audio(sp, len(plan), fps)
@@ -692,10 +692,10 @@ def evaluate(
         if not videos.exists():
             raise LipsyncError(f"no videos for the cross protocol: {videos} does not exist")
         if text:
-            drives = [("tts", dub.load_speech(text, None, settings)[0])]
+            drives = [("tts", load_speech(text, None, settings)[0])]
         else:
             folder = speech if speech is not None else settings.shared_dir / "speech"
-            drives = [(p.stem, dub.load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
+            drives = [(p.stem, load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
             if not drives:
                 raise LipsyncError(f"no speech files in {folder} (or give --text)")
         drives = [(name, x[: int(MAX_SPEECH_S * SR)]) for name, x in drives]
