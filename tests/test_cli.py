@@ -69,6 +69,9 @@ def test_config_typos_and_field_errors(tmp_path):
     assert shown["crf"] == 20 and shown["engine"] == "neural" and shown["data_dir"] == "data"
     r = cli("config", "show", cwd=tmp_path)
     assert "PosixPath" not in r.stdout and "unset" in r.stdout
+    from lipsync_cli.settings import Settings
+
+    assert all(f.description for f in Settings.model_fields.values())
     r = cli("data", "list", cwd=tmp_path)
     assert r.returncode == 0 and "lipsync data fetch" in r.stderr
 
