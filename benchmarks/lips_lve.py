@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from lipsync_cli import audio as A
-from lipsync_cli import dub, face, models
+from lipsync_cli import audio, dub, face, models
 from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
 from lipsync_cli.eval.protocols import GRID_REFS, HOLD_OUT, MAX_CLIP_S
@@ -64,8 +63,8 @@ def concat(parts: list[dict], usable: list[np.ndarray]) -> SourceFaces:
 def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str, dict[str, float]]:
     """target / retrieved LVE of every system for one case (reference = src.pool, re-created frames = bg)."""
     fps, n = src.fps, len(bg)
-    speech = src.audio[int(bg[0] / fps * A.SR) : int((bg[-1] + 1) / fps * A.SR)]
-    speech = np.pad(speech, (0, max(0, int(n / fps * A.SR) - len(speech))))
+    speech = src.audio[int(bg[0] / fps * audio.SR) : int((bg[-1] + 1) / fps * audio.SR)]
+    speech = np.pad(speech, (0, max(0, int(n / fps * audio.SR) - len(speech))))
     close = dub.mouth_must_close(speech, n, fps, text)
     aligned = src.aligned_landmarks()
     real = aligned[bg][:, face.LIPS]

@@ -4,7 +4,7 @@ text --voice.tts--> speech                                        (or --audio FI
 video --media.iter_frames--> frames --face.FaceTracker--> landmarks + aligned lower-face crops   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
 speech (loudness matched to the video's own) + crops --engine.animate--> a mouth per output frame
-frames (again, in timing-plan order) + mouths --render.composite--> media.VideoWriter (+ speech) -> output.mp4
+frames (again, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter (+ speech) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
 close the mouth on p/b/m) decided before it stay valid. It runs after the face pass so that a video without a face
@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, media, progress, render
+from lipsync_cli import compositing, face, media, progress
+from lipsync_cli.audio import SR, voice_activity
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
@@ -38,8 +38,6 @@ from lipsync_cli.voice.speech import (
     soundtrack,
     speaker_voice,
 )
-
-SR = A.SR
 
 
 @dataclass
@@ -126,10 +124,9 @@ def analyse_video(
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed = face.smooth_landmarks(raw[:n], found, settings.smooth)
-    matrices = np.full((n, 2, 3), np.nan)
+    smoothed, matrices = face.align_track(raw[:n], found, size, settings.smooth)
+    matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
     for t in np.flatnonzero(found):
-        matrices[t] = face.align_matrix(smoothed[t], size)
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
         fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
         crops[t] = cv2.warpAffine(
@@ -155,7 +152,7 @@ def mouth_must_close(
     speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
 ) -> np.ndarray:
     """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
-    close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
+    close = ~voice_activity(speech, SR, fps=fps, n_frames=n_frames)
     try:
         from lipsync_cli import phones
 
@@ -201,7 +198,7 @@ def render_frames(
         s = track.source_index[i]
         if s >= 0 and source.found[b]:
             frame = np.ascontiguousarray(frame)
-            render.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+            compositing.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
         yield frame
 
 
@@ -238,7 +235,7 @@ def dub(
 
     n_src = info.n_frames(fps)
     n_out = max(1, int(round(len(speech) / SR * fps)))
-    plan = render.timing_plan(n_src, n_out, settings.sync_mode)
+    plan = compositing.timing_plan(n_src, n_out, settings.sync_mode)
     if len(plan) < n_out:  # `cut`: the output ends with the video
         speech = speech[: int(len(plan) / fps * SR)]
     random_access = not np.array_equal(plan, np.arange(len(plan)))

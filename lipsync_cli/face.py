@@ -94,6 +94,7 @@ _MOUTH_FACE_Y = 1.185
 # of a wide-open mouth, ~2.3) and x=+-1.2 (jaw angles at +-1.0, ears at +-1.15).
 CROP_SIDE_IOD = 2.4
 MOUTH_CENTER = (0.5, 0.45)  # fraction of the aligned crop size (x, y)
+MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # x0, y0, x1, y1 in the aligned crop: lips, teeth, chin (eval, seed)
 TEMPLATE = (_STABLE_FACE - [0.0, _MOUTH_FACE_Y]) / CROP_SIDE_IOD + MOUTH_CENTER  # STABLE in crop units (0..1)
 
 
@@ -619,6 +620,14 @@ def smooth_landmarks(
 
 
 # --- whole clip ----------------------------------------------------------------------------------------
+
+
+def align_track(raw: np.ndarray, found: np.ndarray, size: int, smooth: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's raw mesh landmarks (T, 478, 2; NaN where no face) -> (smoothed landmarks, (T, 2, 3) frame -> aligned
+    crop matrices at `size`). Frames without a face borrow the nearest found frame's matrix; needs one at least.
+    The one smooth -> align step behind prep's shards, the sync expert's inputs and dub's crops."""
+    lm = smooth_landmarks(np.asarray(raw, dtype=np.float32), found, smooth)
+    return lm, align_matrix(lm[nearest_found(found)], size)
 
 
 @dataclass

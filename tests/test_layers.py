@@ -26,7 +26,7 @@ LAYERS = (
     "face",  # detection, mesh, tracking, alignment, mouth geometry
     "phones",  # forced alignment / phone recognition (pocketsphinx)
     "voice",  # TTS, speaker embeddings, voice conversion and cloning
-    "render",  # timing plan and compositing
+    "compositing",  # timing plan and compositing
     "data",  # corpora, import, prep, shards, datasets
     "models",  # the learned models (and the self-fitted map) with their training tasks
     "train",  # the training loop

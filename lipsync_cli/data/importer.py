@@ -25,8 +25,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, media, progress
+from lipsync_cli import audio, face, media, progress
 from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import VIDEO_EXT, write_json
@@ -170,9 +169,9 @@ def import_source(
     x = media.read_audio(video, SR, ffmpeg=ffmpeg)
     n_frames = info.n_frames(FPS)
     x = x[: n_frames * SR // FPS]
-    x16 = A.resample(x, SR, A.SR)
-    active = A.voice_activity(x16, A.SR, fps=VAD_RATE)
-    level = A.rms_envelope(x16, A.SR, fps=VAD_RATE, n_frames=len(active))
+    x16 = audio.resample(x, SR, audio.SR)
+    active = audio.voice_activity(x16, audio.SR, fps=VAD_RATE)
+    level = audio.rms_envelope(x16, audio.SR, fps=VAD_RATE, n_frames=len(active))
     spans = speech_segments(active, level, min_s=min_s, max_s=max_s)
     if not spans:
         return [Segment(video, 0, 0.0, n_frames / FPS, reason="no speech")]

@@ -40,8 +40,8 @@ from rich.table import Table
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
+from lipsync_cli.audio import match_loudness, mel_spectrogram, mfcc, speech_loudness_db, voice_activity
 from lipsync_cli.data.grid import read_align
 from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
@@ -157,22 +157,22 @@ def clip_audio(clip: Clip, n_frames: int, target_db: float = TARGET_DB, ffmpeg: 
     """The clip's audio tensors (exactly n_frames long), word timings and loudness, plus the seconds it took."""
     t0 = time.perf_counter()
     x = media.read_audio(clip.video, SR, ffmpeg=ffmpeg)
-    loudness = A.speech_loudness_db(x, SR)
-    x = A.match_loudness(x, SR, target_db)
+    loudness = speech_loudness_db(x, SR)
+    x = match_loudness(x, SR, target_db)
     n = n_frames * SR // FPS
     x = np.pad(x, (0, max(0, n - len(x))))[:n]
-    mel = A.mel_spectrogram(x, SR, n_mels=80, hop_s=HOP / SR)
+    mel = mel_spectrogram(x, SR, n_mels=80, hop_s=HOP / SR)
     words = read_align(clip.align) if clip.align else []
     if words:
         word_index, silence = word_frames(words, n_frames)
     else:  # no transcript: pauses from the audio itself
-        word_index, silence = np.full(n_frames, -1, np.int16), ~A.voice_activity(x, SR, fps=FPS, n_frames=n_frames)
+        word_index, silence = np.full(n_frames, -1, np.int16), ~voice_activity(x, SR, fps=FPS, n_frames=n_frames)
     tensors = {
         "word_index": word_index,
         "silence": silence,
         "mel_index": np.clip(np.round(np.arange(n_frames) * FEAT_RATE / FPS), 0, len(mel) - 1).astype(np.int32),
         "mel": mel.astype(np.float16),
-        "mfcc": A.mfcc(x, SR, n_mfcc=13, n_mels=80, hop_s=HOP / SR),
+        "mfcc": mfcc(x, SR, n_mfcc=13, n_mels=80, hop_s=HOP / SR),
         "audio": np.round(np.clip(x, -1, 1) * 32767).astype(np.int16),
     }
     return {"tensors": tensors, "words": words, "loudness": loudness, "seconds": time.perf_counter() - t0}
@@ -245,9 +245,7 @@ def prep_clip(
         raise LipsyncError(f"no face found in {T} frames")
     lm_raw = np.full((T, face.N_LANDMARKS, 2), np.nan, np.float32)
     lm_raw[found] = np.stack([lm for lm in raw if lm is not None])
-    lm = face.smooth_landmarks(lm_raw, found, smooth)
-    # (T, 2, 3); frames without a face borrow the nearest one's
-    M = face.align_matrix(lm[face.nearest_found(found)], size)
+    lm, M = face.align_track(lm_raw, found, size, smooth)  # frames without a face borrow the nearest one's matrix
     lips = np.full((T, len(face.LIPS), 2), np.nan, np.float32)
     for i in np.flatnonzero(found):
         lips[i] = face.lip_shape(lm[i], M[i])

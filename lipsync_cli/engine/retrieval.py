@@ -8,7 +8,7 @@
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
    would show. Where the target mouth is shut, an open source mouth costs as much as a cut: by nearest shape alone,
    half-open mouths ran through the pauses the target closes.
-The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
+The compositor (`compositing.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import functools
 
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import face
+from lipsync_cli import audio, face
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.models import lipmap
 
@@ -34,7 +33,7 @@ def animate(
     speech: np.ndarray,
     background: np.ndarray,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
+    sr: int = audio.SR,
     lips: str = "model",
 ) -> MouthTrack:
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
@@ -72,7 +71,7 @@ def shape_targets(
     speech: np.ndarray,
     n_out: int,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
+    sr: int = audio.SR,
     lips: str = "model",
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target

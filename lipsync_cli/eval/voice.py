@@ -352,9 +352,9 @@ def plot_f0(run: VoiceRun, path: Path, cols: int = 4) -> Path | None:
     (held-out speech: median line, 10-90% band)."""
     if not run.examples:
         return None
-    from lipsync_cli.eval.report import _plt
+    from lipsync_cli.eval.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     names = list(run.examples)
@@ -407,7 +407,7 @@ def write_voice_report(run: VoiceRun, out_dir: Path) -> Path:
     """voice.json, voice_f0.png and voice.html in out_dir; returns voice.html."""
     import html
 
-    from lipsync_cli.eval.report import CSS, _img
+    from lipsync_cli.eval.report import CSS, img_tag
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,7 @@ def write_voice_report(run: VoiceRun, out_dir: Path) -> Path:
         "</head><body><h1>lipsync eval: voice</h1>",
         f"<p class='note'>{html.escape(' '.join(__doc__.split(chr(10) + chr(10))[1].split()))}</p>",
         f"<p><b>{html.escape(verdict(run))}</b></p><table>{cells}</table>",
-        _img(png) if png is not None else "",
+        img_tag(png) if png is not None else "",
         "<ul>" + "".join(f"<li>skipped {html.escape(n)}: {html.escape(w)}</li>" for n, w in run.skipped) + "</ul>",
         "</body></html>",
     ]

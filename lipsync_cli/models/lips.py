@@ -30,8 +30,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli import audio as A
-from lipsync_cli import face
+from lipsync_cli import audio, face
 from lipsync_cli.data.dataset import clip_key, eval_spans
 from lipsync_cli.models import lipmap
 
@@ -75,14 +74,14 @@ def level_channel(logmel: np.ndarray) -> np.ndarray:
 
 def features(logmel: np.ndarray) -> np.ndarray:
     """(R, 80) log10 mel -> (R, 81): per-utterance normalised mel + the loudness channel."""
-    return np.concatenate([A.normalise_utterance(logmel), level_channel(logmel)[:, None]], axis=1)
+    return np.concatenate([audio.normalise_utterance(logmel), level_channel(logmel)[:, None]], axis=1)
 
 
-def speech_features(speech: np.ndarray, n_frames: int, sr: int = A.SR) -> np.ndarray:
+def speech_features(speech: np.ndarray, n_frames: int, sr: int = audio.SR) -> np.ndarray:
     """(4 * n_frames, 81) features for `n_frames` video frames of speech (row 4i is frame i's instant)."""
-    if sr != A.SR:
-        speech = A.resample(speech, sr, A.SR)
-    logmel = A.mel_spectrogram(np.asarray(speech, np.float32), A.SR, n_mels=N_MELS)
+    if sr != audio.SR:
+        speech = audio.resample(speech, sr, audio.SR)
+    logmel = audio.mel_spectrogram(np.asarray(speech, np.float32), audio.SR, n_mels=N_MELS)
     feat = features(logmel)
     rows = ROWS * n_frames
     return np.pad(feat[:rows], ((0, max(0, rows - len(feat))), (0, 0)), mode="edge")
@@ -166,7 +165,7 @@ def denormalise(y: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def run(model: LipsModel, speech: np.ndarray, n_frames: int, sr: int = A.SR) -> np.ndarray:
+def run(model: LipsModel, speech: np.ndarray, n_frames: int, sr: int = audio.SR) -> np.ndarray:
     """(n_frames, 80) speaker-normalised lip points for the speech (any length: attention is banded)."""
     feat = torch.from_numpy(speech_features(speech, n_frames, sr))[None]
     model.eval()
@@ -182,7 +181,7 @@ def predict(
     speech: np.ndarray,
     n_frames: int,
     fps: float,
-    sr: int = A.SR,
+    sr: int = audio.SR,
     adapt: bool = True,
     close: np.ndarray | None = None,
 ) -> np.ndarray:
