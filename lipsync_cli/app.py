@@ -158,7 +158,7 @@ def make_app(settings: Settings) -> FastAPI:
         }
 
     @app.post("/api/jobs")
-    async def submit(
+    def submit(  # a plain def: FastAPI runs it in a worker thread, so copying an upload never blocks the server
         video: UploadFile | None = File(None),
         text: str = Form(""),
         audio: UploadFile | None = File(None),
