@@ -8,7 +8,7 @@ PY = "3.11"
 
 def install(session: nox.Session) -> None:
     # a local CPU torch first: an unpinned torch pulls GBs of CUDA wheels
-    session.install("torch==2.13.0", "-e", ".[dev]")
+    session.install("torch==2.13.0", "-e", ".[dev]")  # CI pin; README: CPU index
 
 
 @nox.session(python=PY)

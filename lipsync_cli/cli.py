@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 
-from lipsync_cli import progress
+from lipsync_cli import __version__, progress
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.settings import Settings, config_path, load_settings
+from lipsync_cli.settings import (
+    Engine,
+    Precision,
+    Settings,
+    SyncMode,
+    Tts,
+    Voice,
+    config_path,
+    default,
+    load_settings,
+    plain,
+)
 
 app = typer.Typer(
     help="Lip-sync dubbing for the GPU-poor: make the person in a video say new words, offline, on a CPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 config_app = typer.Typer(help="Show the settings in force.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Fetch, import and list audio-visual corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+def _d(help: str, setting: str) -> str:
+    """Help text ending in the setting's default (the option itself defaults to 'not given': settings decide)."""
+    return f"{help} \\[default: {plain(default(setting))}]"
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lipsync {__version__}")
+        raise typer.Exit()
 
 
 def _settings(ctx: typer.Context, **flags) -> Settings:
@@ -38,30 +65,39 @@ def _settings(ctx: typer.Context, **flags) -> Settings:
 def _root(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option(help="Config file (default: ./lipsync.toml).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars (also after the subcommand).")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     if config is not None and not config.exists():
         raise LipsyncError(f"config file not found: {config}")
     ctx.meta["config_file"] = config if config is not None else config_path()
-    try:
-        settings = load_settings(config)
-    except Exception as e:  # pydantic's multi-line report, shortened to one line
-        raise LipsyncError(f"invalid settings: {str(e).splitlines()[0]} {str(e).splitlines()[-2:]}") from e
+    settings = load_settings(config)
     ctx.obj = settings.with_overrides(quiet=True) if quiet else settings
     progress.set_quiet(ctx.obj.quiet)
 
 
 VOICE_HELP = "clone: the person's own voice, learned from the video's speech (default) | tts: the plain TTS voice."
 VOICE_REF_HELP = "Learn the voice from this recording of the person instead of the video's soundtrack."
+JSON_HELP = "Print the result as JSON on stdout."
 FALLBACK_HELP = "No usable speech to learn the voice from: speak in the plain TTS voice (warning) instead of stopping."
 MODEL_DIR_HELP = "--tts xtts: folder with the XTTS v2 files (config.json, model.pth, vocab.json); never downloaded."
-ADAPT_HELP = "--engine neural: minutes of fine-tuning the renderer on this face first (default 2; 0: none)."
+ADAPT_HELP = _d("--engine neural: minutes of fine-tuning the renderer on this face first (0: none).", "adapt_minutes")
+TTS_HELP = _d("Text-to-speech backend.", "tts")
+BATCH_HELP = (
+    "Dub every job in this .jsonl (or .csv) file, models loaded once: one result line each, failed jobs reported "
+    "and skipped. Fields: video, text or audio, output (optional), any setting (engine, voice, ...). Relative paths "
+    "are relative to the file."
+)
 
 
 def _voice_settings(
     s: Settings,
-    tts: str | None,
-    voice: str | None,
+    tts: Tts | None,
+    voice: Voice | None,
     voice_ref: Path | None,
     voice_fallback: bool | None,
     tts_model_dir: Path | None,
@@ -78,32 +114,49 @@ def _voice_settings(
 @app.command()
 def dub(
     ctx: typer.Context,
-    video: Annotated[Path, typer.Argument(help="The video of the person talking.")],
+    video: Annotated[Path | None, typer.Argument(help="The video of the person talking.")] = None,
     text: Annotated[str | None, typer.Argument(help="The new words (or use --audio).")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.dubbed.mp4")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
-    sync_mode: Annotated[str | None, typer.Option(help="Speech longer than the video: bounce | loop | cut.")] = None,
-    face: Annotated[int | None, typer.Option("--face", help="Which face: 0 = largest, 1 = next, ...")] = None,
-    engine: Annotated[str | None, typer.Option(help="Mouth engine: retrieval | neural | seed.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", metavar="", help="Overwrite an existing output.")] = False,
+    sync_mode: Annotated[SyncMode | None, typer.Option(help=_d("Speech longer than the video.", "sync_mode"))] = None,
+    face: Annotated[
+        int | None, typer.Option("--face", help=_d("Which face: 0 = largest, 1 = next.", "face_index"))
+    ] = None,
+    engine: Annotated[Engine | None, typer.Option(help=_d("Mouth engine.", "engine"))] = None,
     adapt_minutes: Annotated[float | None, typer.Option(help=ADAPT_HELP)] = None,
-    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak | xtts.")] = None,
-    voice: Annotated[str | None, typer.Option(help=VOICE_HELP)] = None,
+    tts: Annotated[Tts | None, typer.Option(help=TTS_HELP)] = None,
+    voice: Annotated[Voice | None, typer.Option(help=_d(VOICE_HELP, "voice"))] = None,
     voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
-    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", metavar="", help=FALLBACK_HELP)] = None,
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
-    crf: Annotated[int | None, typer.Option(help="x264 quality, lower is better (default 18).")] = None,
+    crf: Annotated[int | None, typer.Option(help=_d("x264 quality, lower is better.", "crf"))] = None,
     transcript: Annotated[
         str | None,
         typer.Option(help="The words spoken in --audio (text, or a text file): p/b/m and vowels timed exactly."),
     ] = None,
+    batch: Annotated[Path | None, typer.Option("--batch", help=BATCH_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
-    from lipsync_cli.dub import dub as run_dub
-
     s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes)
     s = _voice_settings(s, tts, voice, voice_ref, voice_fallback, tts_model_dir)
+    if batch is not None:
+        if video is not None or text is not None or audio is not None or output is not None:
+            raise typer.BadParameter("the jobs file gives the videos and words: no VIDEO, TEXT, --audio or -o with it")
+        from lipsync_cli.batch import run_batch
+
+        if code := run_batch(batch, s, force=force, as_json=as_json):
+            raise typer.Exit(code)
+        return
+    if video is None:
+        raise typer.BadParameter("give a VIDEO (or --batch FILE)", param_hint="VIDEO")
+    from lipsync_cli.dub import dub as run_dub
+
     result = run_dub(video, text, audio, output, s, force=force, transcript=transcript)
+    if as_json:
+        _print_json(result.to_json())
+        return
     progress.log(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
@@ -116,18 +169,22 @@ def voice_(
     video: Annotated[Path, typer.Argument(help="The video (or any recording) of the person talking.")],
     text: Annotated[str, typer.Argument(help="The new words.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.voice.wav")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
-    tts: Annotated[str | None, typer.Option(help="Text-to-speech backend: piper | espeak | xtts.")] = None,
-    voice: Annotated[str | None, typer.Option(help=VOICE_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", metavar="", help="Overwrite an existing output.")] = False,
+    tts: Annotated[Tts | None, typer.Option(help=TTS_HELP)] = None,
+    voice: Annotated[Voice | None, typer.Option(help=_d(VOICE_HELP, "voice"))] = None,
     voice_ref: Annotated[Path | None, typer.Option(help=VOICE_REF_HELP)] = None,
-    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", help=FALLBACK_HELP)] = None,
+    voice_fallback: Annotated[bool | None, typer.Option("--voice-fallback", metavar="", help=FALLBACK_HELP)] = None,
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
     from lipsync_cli.voice.speech import speak
 
     s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = speak(video, text, output, s, force=force)
+    if as_json:
+        _print_json(result.to_json())
+        return
     progress.log(f"[green]wrote[/] {result.output}  ({result.samples / 16000:.2f} s, voice: {result.voice})")
 
 
@@ -135,10 +192,14 @@ def voice_(
 def data_fetch(
     ctx: typer.Context,
     speakers: Annotated[str, typer.Option(help="'5' = s1..s5, '1,3,7', '2-4' or 'all'.")] = "1",
-    source: Annotated[str | None, typer.Option(help="zenodo | sheffield")] = None,
-    audio: Annotated[bool, typer.Option("--audio", help="Also the 25 kHz wav files.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print URLs and sizes; download nothing.")] = False,
-    keep_archives: Annotated[bool, typer.Option("--keep-archives", help="Keep the zip/tar files.")] = False,
+    source: Annotated[
+        Literal["zenodo", "sheffield"] | None, typer.Option(help=_d("Where to download from.", "grid_source"))
+    ] = None,
+    audio: Annotated[bool, typer.Option("--audio", metavar="", help="Also the 25 kHz wav files.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", metavar="", help="Print URLs and sizes; download nothing.")
+    ] = False,
+    keep_archives: Annotated[bool, typer.Option("--keep-archives", metavar="", help="Keep the zip/tar files.")] = False,
     workers: Annotated[int | None, typer.Option(help="Parallel downloads.")] = None,
 ) -> None:
     """Download GRID speakers into <data_dir>/raw/grid/sN/{video,align,audio}/ (resumable, verified)."""
@@ -173,7 +234,15 @@ def data_list(ctx: typer.Context) -> None:
     from lipsync_cli.data.corpus import corpus_summary, corpus_table
 
     s = _settings(ctx)
-    Console().print(corpus_table(corpus_summary(s.data_dir / "raw")))
+    rows = corpus_summary(s.data_dir / "raw")
+    if not rows:
+        progress.console.print(
+            f"no corpora in {s.data_dir / 'raw'}: fetch GRID with `lipsync data fetch --speakers 1`, or cut your own "
+            "videos into one with `lipsync data import PATH --name NAME`",
+            highlight=False,
+        )
+        return
+    Console().print(corpus_table(rows))
 
 
 @data_app.command("import")
@@ -234,10 +303,10 @@ def eval_(
         ),
     ] = "all",
     protocol: Annotated[
-        str,
+        Literal["reconstruct", "cross", "all", "text"],
         typer.Option(help="reconstruct (ground truth) | cross (new speech) | all | text (= --metric articulation)."),
     ] = "all",
-    engine: Annotated[str | None, typer.Option(help="Mouth engine to measure: retrieval, neural or seed.")] = None,
+    engine: Annotated[Engine | None, typer.Option(help=_d("Mouth engine to measure.", "engine"))] = None,
     adapt_minutes: Annotated[float | None, typer.Option(help=ADAPT_HELP)] = None,
     videos: Annotated[Path | None, typer.Option(help="Video folder (or file). Default: <shared>/media.")] = None,
     speech: Annotated[Path | None, typer.Option(help="cross: speech folder or file. Default: <shared>/speech.")] = None,
@@ -255,6 +324,9 @@ def eval_(
             "lips model,map,real)."
         ),
     ] = None,  # fmt: skip
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="Print the metrics as JSON on stdout (no tables).")
+    ] = False,
 ) -> None:
     """Measure an engine against real footage and three baselines (real, frozen mouth, unchanged video)."""
     from lipsync_cli.eval import protocols
@@ -280,23 +352,34 @@ def eval_(
     video_metrics = [n for n in names if n != "voice"]
     metrics = protocols.parse_metrics(",".join(video_metrics) or metric) if video_metrics or not names else []
     chosen = protocols.parse_protocols(protocol)
+    found: dict[str, Any] = {}
     if "voice" in names:  # measured on speech alone, not on video clips
         from lipsync_cli.eval import voice as ev
 
         vrun = ev.evaluate_voice(s, videos, grid, limit or None, texts=[text] if text else None)
-        ev.print_voice_report(vrun)
+        if as_json:
+            found["voice"] = ev.to_json(vrun)
+        else:
+            ev.print_voice_report(vrun)
         if report is not None:
             progress.log(f"[green]wrote[/] {ev.write_voice_report(vrun, report)}")
         if not metrics:
+            if as_json:
+                _print_json(found)
             return
     hook = rep.SideBySide(report / "videos") if report is not None else None
     clips = 8 if limit is None else limit or None
     run = protocols.evaluate(
         s, metrics, chosen, videos=videos, speech=speech, text=text, grid=grid, limit=clips, on_clip=hook
     )
-    rep.print_report(run)
+    if as_json:
+        found["video"] = rep.to_json(run)
+    else:
+        rep.print_report(run)
     if report is not None:
         progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
+    if as_json:
+        _print_json(found)
 
 
 @app.command("train")
@@ -310,7 +393,9 @@ def train_(
     ] = None,
     gpus: Annotated[int | None, typer.Option(help="CUDA devices (N > 1: DDP via torchrun); 0: CPU.")] = None,
     procs: Annotated[int | None, typer.Option(help="CPU processes (DDP over gloo), instead of --gpus.")] = None,
-    precision: Annotated[str | None, typer.Option(help="32 | bf16 | 16 (CUDA) | auto (GPU bf16, CPU 32).")] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help=_d("16 is CUDA only; auto: bf16 on a GPU, 32 on a CPU.", "train_precision"))
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per process and micro-batch.")] = None,
     accumulate: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
@@ -319,8 +404,12 @@ def train_(
     val_every: Annotated[int | None, typer.Option(help="Validate every this many steps.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Write the resumable last.* every this many steps.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from last.* exactly where it stopped.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Start over, replacing an existing last.*.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", metavar="", help="Continue from last.* exactly where it stopped.")
+    ] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", metavar="", help="Start over, replacing an existing last.*.")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML/JSON of model settings, plus an optional \\[train] table.")
     ] = None,
@@ -374,12 +463,18 @@ def train_(
 
 
 @config_app.command("show")
-def config_show(ctx: typer.Context) -> None:
+def config_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the settings as JSON.")] = False,
+) -> None:
     """Print every setting with its value (defaults < lipsync.toml < LIPSYNC_* env < flags)."""
     from rich.console import Console
     from rich.table import Table
 
     s: Settings = ctx.obj
+    if as_json:
+        _print_json(s.model_dump(mode="json"))
+        return
     path = ctx.meta.get("config_file") or config_path()
     table = Table(title=f"settings (config file: {path}{'' if path.exists() else ', absent'})")
     table.add_column("setting")
@@ -387,7 +482,7 @@ def config_show(ctx: typer.Context) -> None:
     table.add_column("env")
     table.add_column("meaning")
     for name, f in Settings.model_fields.items():
-        table.add_row(name, repr(getattr(s, name)), f"LIPSYNC_{name.upper()}", f.description or "")
+        table.add_row(name, plain(getattr(s, name)), f"LIPSYNC_{name.upper()}", f.description or "")
     Console().print(table)
 
 
@@ -396,25 +491,61 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    """Entry point: user-facing errors become one line on stderr and a non-zero exit code, never a traceback."""
+@app.command("app")
+def app_(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: reachable from other hosts).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+) -> None:
+    """A local web page: upload a video, type the words or upload speech, watch and download the dub."""
+    from lipsync_cli.errors import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module, "app", "the web app")
+    from lipsync_cli.app import serve
+
+    serve(_settings(ctx), host=host, port=port)
+
+
+EXIT_USER, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _quiet_first(args: list[str]) -> list[str]:
+    """-q/--quiet is accepted anywhere on the line (before a `--`): moved in front of the subcommand."""
+    end = args.index("--") if "--" in args else len(args)
+    quiet = [a for a in args[:end] if a in ("-q", "--quiet")]
+    return quiet[:1] + [a for a in args[:end] if a not in ("-q", "--quiet")] + args[end:]
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point. Exit codes: 0 done, 1 a user error (one `error:` line, never a traceback), 2 a usage error,
+    3 a bug (please report), 130 interrupted (temp files removed, the terminal line ended)."""
     signal.signal(signal.SIGTERM, _terminated)
+    args = _quiet_first(sys.argv[1:] if args is None else list(args))
     try:
-        app()
+        app(args=args, prog_name="lipsync")
     except LipsyncError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_USER)
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit 130, after the `with` blocks cleaned up
+            print("\ninterrupted", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # a bug: still one line, with a way to see more
         if os.environ.get("LIPSYNC_DEBUG"):
             raise
         print(
-            f"error: unexpected {type(e).__name__}: {e} (set LIPSYNC_DEBUG=1 for the traceback)",
+            f"error: unexpected {type(e).__name__}: {e}\n"
+            f"This is a bug in lipsync {__version__}: please report it with the command you ran "
+            "and the traceback that LIPSYNC_DEBUG=1 prints.",
             file=sys.stderr,
         )
-        sys.exit(2)
+        sys.exit(EXIT_BUG)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -52,11 +52,22 @@ from lipsync_cli.voice.speech import (
 
 @dataclass
 class DubResult:
+    """What one dub made: the file, its length, how much of the input had a face, where the time went."""
+
     output: Path
     frames: int
-    duration: float
+    duration: float  # seconds of output
     faces_found: float  # fraction of input frames with a tracked face
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    video: Path | None = None  # the input
+    engine: str = ""
+    voice: str = ""  # where the voice came from (a file name), "tts", or "audio" (--audio, used as given)
+    articulation: dict[str, float] | None = None  # figures measured on the output, when a stage computed them
+
+    def to_json(self) -> dict:
+        """Plain JSON types (paths as text): what `lipsync dub --json` prints."""
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 def default_output(video: Path) -> Path:
@@ -147,11 +158,13 @@ def analyse_video(
     ranges: list[tuple[int, int]],
     pool: np.ndarray,
     workdir: Path | None = None,
+    tracker: face.FaceTracker | None = None,
 ) -> SourceFaces:
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
     keep aligned crops of the `pool` frames (in memory), or of every analysed frame when `workdir` is given (a disk
     memmap there: the neural and seed engines paint on the crops of the frames they show). Frames are decoded a few
-    ahead in a thread, never stored."""
+    ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs stay loaded: the API's
+    Dubber), else one is made for this video."""
     fps = settings.fps
     T = ranges[-1][1]
     raw = np.full((T, 478, 2), np.nan, np.float32)
@@ -163,8 +176,11 @@ def analyse_video(
             keep[a:b] = True
     crops: PoolCrops | np.ndarray | None = None
     size, n = 0, 0
+    if tracker is not None:
+        tracker.reset()
+        tracker.face_index = settings.face_index
     with (
-        face.FaceTracker(face_index=settings.face_index) as tracker,
+        contextlib.nullcontext(tracker) if tracker is not None else face.FaceTracker(settings.face_index) as tracker,
         progress.task("analysing video", sum(b - a for a, b in ranges)) as adv,
     ):
         for a, b in ranges:
@@ -369,6 +385,7 @@ def dub(
     settings: Settings,
     force: bool = False,
     transcript: str | None = None,
+    tracker: face.FaceTracker | None = None,
 ) -> DubResult:
     """Re-animate the mouth in `video` to new speech (TTS of `text` in the person's voice per settings.voice, or the
     file `audio` exactly as given, whose words `transcript` may tell: text or a file) and write the
@@ -377,7 +394,8 @@ def dub(
     Stages run side by side: the voice is learned and converted in its own process while the face is tracked, the
     mouths chosen and the frames rendered (the engine follows the TTS speech, which the conversion keeps sample-exact
     in timing); frames are decoded ahead in a thread and encoded by ffmpeg fed from another. With a voice to convert,
-    the video is encoded first and the converted speech muxed in at the end (a stream copy)."""
+    the video is encoded first and the converted speech muxed in at the end (a stream copy).
+    `tracker`: a FaceTracker to reuse (see analyse_video)."""
     video = Path(video)
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
@@ -431,7 +449,9 @@ def dub(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
         ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
-        source = analyse_video(video, info, settings, ranges, pool, None if settings.engine == "retrieval" else workdir)
+        source = analyse_video(
+            video, info, settings, ranges, pool, None if settings.engine == "retrieval" else workdir, tracker
+        )
         plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 
@@ -479,4 +499,7 @@ def dub(
             media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
             timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return DubResult(output, len(plan), len(plan) / rate, float(source.found.mean()), timings)
+    spoke = "audio" if audio is not None else video.name if clone else voice.source if voice is not None else "tts"
+    return DubResult(
+        output, len(plan), len(plan) / rate, float(source.found.mean()), timings, video, settings.engine, spoke
+    )

@@ -18,8 +18,9 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,18 +284,20 @@ class _MediapipeDetector:
         import mediapipe as mp
 
         fd = mp.solutions.face_detection
-        _filter_native_logs()
-        self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-        self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
-        blank = np.zeros((64, 64, 3), np.uint8)
-        self.full.process(blank)
-        self.short.process(blank)
+        with native_logs_filtered():
+            self.full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+            self.short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+            blank = np.zeros((64, 64, 3), np.uint8)
+            self.full.process(blank)
+            self.short.process(blank)
 
     @staticmethod
     def _run(det, img: np.ndarray, ox: int = 0, oy: int = 0) -> list[np.ndarray]:
         h, w = img.shape[:2]
         out = []
-        for d in det.process(img).detections or []:
+        with native_logs_filtered():
+            found = det.process(img).detections or []
+        for d in found:
             b = d.location_data.relative_bounding_box
             out.append(np.array([b.xmin * w + ox, b.ymin * h + oy, (b.xmin + b.width) * w + ox,
                                  (b.ymin + b.height) * h + oy]) - 0.5)  # fmt: skip
@@ -320,31 +323,32 @@ class _MediapipeDetector:
 
 
 _NATIVE_NOISE = re.compile(rb"^([IWE]\d{4} |INFO: Created TensorFlow|WARNING: All log messages before absl)")
-_filtering = False
+_fd2 = threading.RLock()
 
 
-def _filter_native_logs() -> None:
+@contextlib.contextmanager
+def native_logs_filtered() -> Iterator[None]:
     """mediapipe/TFLite's C++ loggers write INFO/WARNING lines straight to fd 2 (no environment variable reaches
-    them), at graph start and again when a face first appears. Route fd 2 through a pipe that drops those lines and
-    passes everything else on, while Python's own stderr (progress bars, errors) keeps the real terminal."""
-    global _filtering
-    if _filtering:
-        return
-    _filtering = True
-    sys.stderr.flush()
-    terminal = os.dup(2)
-    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding="utf-8", errors="replace")
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def pump() -> None:
-        with os.fdopen(read_end, "rb") as pipe:
-            for line in pipe:
-                if not _NATIVE_NOISE.match(line):
-                    os.write(terminal, line)
-
-    threading.Thread(target=pump, name="native-stderr-filter", daemon=True).start()
+    them), at graph start and when a face first appears. Around such a call only, fd 2 goes to a temporary file;
+    afterwards it is restored and every line that is not that noise is written on, so nothing else is lost and the
+    process's stderr is the same before and after (no thread, no pipe left behind)."""
+    with _fd2:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(ValueError, OSError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                kept = b"".join(line for line in tmp if not _NATIVE_NOISE.match(line))
+                if kept:
+                    os.write(2, kept)
 
 
 def _nms(boxes: list[np.ndarray], thresh: float = 0.3) -> list[np.ndarray]:
@@ -413,15 +417,15 @@ class FaceTracker:
     def _new_mesh(self):
         import mediapipe as mp
 
-        _filter_native_logs()
-        mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=0.5,
-            min_tracking_confidence=self.min_tracking_confidence,
-        )
-        mesh.process(np.zeros((64, 64, 3), np.uint8))
+        with native_logs_filtered():
+            mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=False,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=0.5,
+                min_tracking_confidence=self.min_tracking_confidence,
+            )
+            mesh.process(np.zeros((64, 64, 3), np.uint8))
         return mesh
 
     def _reset_mesh(self) -> None:
@@ -447,7 +451,8 @@ class FaceTracker:
             crop = cv2.warpAffine(frame, M, (px, px), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         else:
             crop = _warp(frame, M, (px, px), cv2.BORDER_CONSTANT)
-        res = self._mesh.process(crop)
+        with native_logs_filtered():
+            res = self._mesh.process(crop)
         if not res.multi_face_landmarks:
             self._mesh_has_face = False
             return None

@@ -6,13 +6,17 @@ Precedence, lowest first: defaults < config file (`lipsync.toml`, or the file in
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -20,10 +24,83 @@ from pydantic_settings import (
 
 from lipsync_cli.errors import LipsyncError
 
+Engine = Literal["retrieval", "neural", "seed"]
+SyncMode = Literal["bounce", "loop", "cut"]
+Tts = Literal["piper", "espeak", "xtts"]
+Voice = Literal["clone", "tts"]
+Precision = Literal["auto", "32", "bf16", "16"]
+
 
 def config_path() -> Path:
     """The config file in force: `$LIPSYNC_CONFIG`, else `./lipsync.toml`."""
     return Path(os.environ.get("LIPSYNC_CONFIG", "lipsync.toml"))
+
+
+def check_names(names: list[str], where: str) -> None:
+    """Unknown setting names are errors naming the nearest valid one (a typo must not be silently ignored)."""
+    valid = list(Settings.model_fields)
+    for name in names:
+        if name not in Settings.model_fields:
+            near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else "; see `lipsync config show`"
+            raise LipsyncError(f"unknown setting {name!r} in {where}{hint}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file, checked for unknown names and TOML syntax."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LipsyncError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise LipsyncError(f"cannot read config file {path}: {e}") from None
+    check_names(list(data), str(path))
+    return data
+
+
+def validation_message(e: ValidationError, where: str = "") -> str:
+    """pydantic's report as one line naming the field: `invalid setting crf (from lipsync.toml): ...`."""
+    err = e.errors()[0]
+    name = ".".join(str(p) for p in err["loc"]) or "settings"
+    given = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"invalid setting {name}{f' (from {where})' if where else ''}: {err['msg']}{given}{more}"
+
+
+def plain(value: Any) -> str:
+    """A setting's value as a user writes it (no Python reprs): paths as text, None as 'unset'."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The allowed values of a setting with fixed choices."""
+    ann = Settings.model_fields[name].annotation
+    return tuple(a for a in get_args(ann) if isinstance(a, str))
+
+
+def default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+_implicit: ContextVar[bool] = ContextVar("lipsync_settings_implicit", default=True)
+
+
+class _CheckedToml(TomlConfigSettingsSource):
+    """The config file, with unknown names refused instead of ignored."""
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path):
+        super().__init__(settings_cls, toml_file=toml_file)
+        self.path = Path(toml_file)
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        check_names(list(data), str(self.path))
+        return data
 
 
 class Settings(BaseSettings):
@@ -37,13 +114,17 @@ class Settings(BaseSettings):
     )
     ffmpeg: str | None = Field(None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships.")
     quiet: bool = Field(False, description="No progress bars or chatter.")
-    seed: int = 0
+    seed: int = Field(0, description="Random seed for training, evaluation and the neural engine's adaptation.")
 
     # dub
     fps: float = Field(25.0, description="Frame rate the face models work at (the output keeps the input's own).")
     face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
-    sync_mode: Literal["bounce", "loop", "cut"] = "bounce"
-    engine: Literal["retrieval", "neural", "seed"] = "retrieval"
+    sync_mode: SyncMode = Field(
+        "bounce", description="Speech longer than the video: bounce (play it back and forth), loop, or cut the speech."
+    )
+    engine: Engine = Field(
+        "retrieval", description="Mouth engine: retrieval (the person's own mouths), neural (renderer) or seed."
+    )
     adapt_minutes: float = Field(
         2.0, ge=0, le=120, description="engine neural: minutes of fine-tuning the renderer on the input video's face."
     )
@@ -55,10 +136,10 @@ class Settings(BaseSettings):
         description="Speech -> lip shape inside the engine: the learned model (weights/lips.safetensors, adapted to "
         "the video's mouth) or the map fitted on the video alone (also used when the weights are absent).",
     )
-    tts: Literal["piper", "espeak", "xtts"] = Field(
+    tts: Tts = Field(
         "piper", description="Text-to-speech: piper (bundled), espeak, or xtts (Coqui XTTS v2 from tts_model_dir)."
     )
-    voice: Literal["clone", "tts"] = Field(
+    voice: Voice = Field(
         "clone", description="clone: speak in the on-screen person's voice (from the video's speech); tts: plain TTS."
     )
     voice_ref: Path | None = Field(None, description="Clone the voice from this recording instead of the video's.")
@@ -87,7 +168,7 @@ class Settings(BaseSettings):
     prep_workers: int = Field(2, ge=1, le=64, description="Processes prep runs in parallel (one per core).")
 
     # train
-    train_precision: Literal["auto", "32", "bf16", "16"] = Field(
+    train_precision: Precision = Field(
         "auto", description="32 | bf16 (autocast) | 16 (CUDA, loss scaling) | auto: bf16 on a CUDA GPU, else 32."
     )
     train_max_steps: int = Field(20000, ge=1, description="Optimiser steps when neither --max-steps nor --max-minutes.")
@@ -109,8 +190,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # later sources lose: init (flags) > env > toml file > defaults
+        if not _implicit.get():  # Settings.load / with_overrides: only what was passed
+            return (init_settings,)
         path = settings_cls.model_config.get("toml_file") or config_path()  # load_settings(config) names one
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+        toml = _CheckedToml(settings_cls, toml_file=path)
         return (init_settings, env_settings, toml)
 
     def with_overrides(self, **flags: Any) -> Settings:
@@ -118,21 +201,45 @@ class Settings(BaseSettings):
         given = {k: v for k, v in flags.items() if v is not None}
         if not given:
             return self
-        try:
-            return self.model_validate({**self.model_dump(), **given})
-        except ValidationError as e:
-            err = e.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            raise LipsyncError(f"invalid value for {name}: {err['msg']}") from None
+        check_names(list(given), "the arguments")
+        return _explicit({**self.model_dump(), **given}, "")
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, env: bool = False, **values: Any) -> Settings:
+        """Settings from the defaults, the TOML file `config` (only when given), the LIPSYNC_* environment (only
+        when `env`) and `values`, in that order of precedence. The Python API's way: nothing implicit."""
+        data = read_config(Path(config)) if config is not None else {}
+        if env:
+            data |= EnvSettingsSource(cls, env_prefix="LIPSYNC_")()
+        check_names(list(values), "the arguments")
+        return _explicit(data, str(config or "")).with_overrides(**values)
+
+
+def _explicit(values: dict[str, Any], where: str) -> Settings:
+    """Settings from these values and the defaults only (no config file, no environment)."""
+    token = _implicit.set(False)
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        raise LipsyncError(validation_message(e, where)) from None
+    finally:
+        _implicit.reset(token)
 
 
 def load_settings(config: Path | None = None) -> Settings:
     """Defaults < `config` (None: `config_path()`) < LIPSYNC_* variables: what the CLI starts from, once. Everything
-    below the CLI is handed a Settings (or the values it needs) and never reads them again."""
-    if config is None:
-        return Settings()
+    below the CLI is handed a Settings (or the values it needs) and never reads them again. Unknown names and bad
+    values are a LipsyncError naming them."""
+    where = Path(config) if config is not None else config_path()
+    try:
+        if config is None:
+            return Settings()
 
-    class FromFile(Settings):
-        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config)})
+        class FromFile(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config)})
 
-    return Settings.model_validate(FromFile().model_dump())
+        return _explicit(FromFile().model_dump(), str(where))
+    except tomllib.TOMLDecodeError as e:
+        raise LipsyncError(f"cannot read config file {where}: {e}") from None
+    except ValidationError as e:
+        raise LipsyncError(validation_message(e, f"{where} or the LIPSYNC_* environment")) from None

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from lipsync_cli import models, progress
-from lipsync_cli.errors import LipsyncError
+from lipsync_cli.errors import LipsyncError, require
 from lipsync_cli.files import atomic, write_json
 from lipsync_cli.models.task import Task, unwrap
 
@@ -501,6 +501,7 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
 
     writer = None
     if d.main and opts.tensorboard:
+        require("tensorboard", "train", "training's logs")
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir), purge_step=step if opts.resume else None)

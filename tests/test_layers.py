@@ -34,6 +34,9 @@ LAYERS = (
     "engine",  # mouth engines: models driven per video
     "dub",  # the dubbing pipeline
     "eval",  # metrics and protocols over the pipeline
+    "api",  # the Python API: Dubber, dub, speak
+    "batch",  # dub --batch: many jobs through one Dubber
+    "app",  # the web app over one Dubber
     "cli",  # the command line
 )
 BLOCKED = ("av", "ffmpeg", "mediapipe", "piper", "pocketsphinx")

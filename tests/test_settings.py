@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_config_show_lists_settings(tmp_path):
         [sys.executable, "-m", "lipsync_cli.cli", "--config", str(tmp_path / "my.toml"), "config", "show"],
         capture_output=True,
         text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync_cli import media
+from lipsync_cli.errors import require
 from lipsync_cli.eval import protocols
 from lipsync_cli.eval.metrics import NOT_COMPUTED
 
@@ -162,6 +163,7 @@ def pick_clips(run: protocols.EvalRun, group: str) -> tuple[str, str] | None:
 
 
 def pyplot():
+    require("matplotlib", "eval", "the eval report's plots")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -215,6 +215,10 @@ class SpeechResult:
     tts_samples: int
     voice: str  # where the voice came from, or "tts"
 
+    def to_json(self) -> dict:
+        """Plain JSON types: what `lipsync voice --json` prints."""
+        return {"output": str(self.output), "seconds": self.samples / SR, "samples": self.samples, "voice": self.voice}
+
 
 def default_speech_output(video: Path) -> Path:
     return video.with_name(video.stem + ".voice.wav")

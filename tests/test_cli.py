@@ -1,0 +1,149 @@
+"""CLI conventions (--version, exit codes, -q anywhere, --json, config typos, Ctrl-C) and the Python API / batch
+on a real clip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lipsync_cli.errors import LipsyncError
+from tests.conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd: Path | None = None, env: dict | None = None, quiet: bool = True):
+    """`lipsync ARGS` as a user runs it (no --quiet added unless asked), from `cwd`."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
+    full_env.pop("LIPSYNC_CONFIG", None)
+    cmd = [sys.executable, "-m", "lipsync_cli.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=600)
+
+
+def test_version_and_usage_exit_codes(tmp_path):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == "lipsync 0.1.0"
+    r = cli("dub", "x.mp4", "hi", "--engine", "bogus")
+    assert r.returncode == 2 and "retrieval" in r.stderr  # usage error: the choices are named
+    r = cli("dub", "--help")
+    assert r.returncode == 0 and "retrieval|neural|seed" in r.stdout and "[default: retrieval]" in r.stdout
+
+
+def test_user_error_bug_and_quiet_anywhere(tmp_path):
+    r = cli("dub", tmp_path / "missing.mp4", "hi", "-q", cwd=tmp_path)  # -q after the subcommand
+    assert r.returncode == 1 and r.stderr == f"error: no such file: {tmp_path / 'missing.mp4'}\n"
+    bug = (
+        "import lipsync_cli.cli as c, lipsync_cli.dub as d\n"
+        "def boom(*a, **k): raise ZeroDivisionError('division by zero')\n"
+        "d.dub = boom\n"
+        "c.main(['dub', 'a.mp4', 'hi'])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", bug], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert "unexpected ZeroDivisionError" in r.stderr and "please report" in r.stderr and "LIPSYNC_DEBUG=1" in r.stderr
+
+
+def test_config_typos_and_field_errors(tmp_path):
+    (tmp_path / "lipsync.toml").write_text("crff = 20\n")
+    r = cli("config", "show", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == "error: unknown setting 'crff' in lipsync.toml; did you mean 'crf'?\n"
+    (tmp_path / "lipsync.toml").write_text('crf = 70\nengine = "neural"\n')
+    r = cli("config", "show", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: invalid setting crf (from lipsync.toml")
+    assert "less than or equal to 51" in r.stderr
+    r = cli("config", "show", cwd=tmp_path, env={"LIPSYNC_SYNC_MODE": "sideways"})
+    assert r.returncode == 1 and "sync_mode" in r.stderr
+    (tmp_path / "lipsync.toml").write_text('crf = 20\nengine = "neural"\n')
+    r = cli("config", "show", "--json", cwd=tmp_path)
+    shown = json.loads(r.stdout)
+    assert shown["crf"] == 20 and shown["engine"] == "neural" and shown["data_dir"] == "data"
+    r = cli("config", "show", cwd=tmp_path)
+    assert "PosixPath" not in r.stdout and "unset" in r.stdout
+    from lipsync_cli.settings import Settings
+
+    assert all(f.description for f in Settings.model_fields.values())
+    r = cli("data", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "lipsync data fetch" in r.stderr
+
+
+def test_api_settings_are_explicit(tmp_path, monkeypatch):
+    import lipsync_cli as lipsync
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lipsync.toml").write_text("crff = 20\n")  # not read unless asked
+    monkeypatch.setenv("LIPSYNC_CRF", "30")
+    d = lipsync.Dubber(engine="neural", crf=21)
+    assert (d.settings.engine, d.settings.crf, d.settings.quiet) == ("neural", 21, True)
+    with pytest.raises(LipsyncError, match="unknown setting 'egine' in the arguments; did you mean 'engine'"):
+        lipsync.Dubber(egine="neural")
+    with pytest.raises(LipsyncError, match="did you mean 'crf'"):
+        lipsync.Dubber(config=tmp_path / "lipsync.toml")
+    assert lipsync.Dubber(env=True).settings.crf == 30
+
+
+def test_dubber_and_batch_on_a_real_clip(tmp_path):
+    """Two dubs through one Dubber (one face tracker, nothing process-wide changed), then `dub --batch --json` with a
+    failing job in the middle: the others still run and each job gets one line."""
+    import lipsync_cli as lipsync
+
+    clip = shared_file("media/pcavs_00086.mp4")
+    fd2, threads = os.readlink("/proc/self/fd/2"), threading.active_count()
+    with lipsync.Dubber(voice="tts") as dubber:
+        first = dubber.dub(clip, "Bob bought a big map.", output=tmp_path / "a.mp4")
+        tracker = dubber._tracker
+        seen = []
+        second = dubber.dub(
+            clip, "Hello.", output=tmp_path / "b.mp4", sync_mode="cut", on_progress=lambda *a: seen.append(a)
+        )
+        assert dubber._tracker is tracker
+    assert os.readlink("/proc/self/fd/2") == fd2 and threading.active_count() == threads
+    assert first.output.is_file() and second.output.is_file() and first.faces_found > 0.9
+    assert first.engine == "retrieval" and first.voice == "tts" and 1.0 < first.duration < 3.0
+    assert {"speech", "analyse", "engine", "render", "total"} <= set(first.timings)
+    assert any(stage == "rendering" and done == total for stage, done, total in seen)
+
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"video": str(clip), "text": "Map.", "output": "one.mp4", "voice": "tts"},
+        {"video": "missing.mp4", "text": "Nothing."},
+        {"video": str(clip), "text": "Two.", "output": "two.mp4", "voice": "tts", "crff": 20},
+    ]
+    jobs.write_text("\n".join(json.dumps(j) for j in lines) + "\n")
+    r = cli("-q", "dub", "--batch", jobs, "--json", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["ok"] for o in out] == [True, False, False]
+    assert out[1]["error"] == f"no such file: {tmp_path / 'missing.mp4'}"
+    assert "did you mean 'crf'" in out[2]["error"]
+    assert Path(out[0]["output"]) == tmp_path / "one.mp4" and (tmp_path / "one.mp4").is_file()
+
+
+def test_ctrl_c_exits_130_and_cleans_up(tmp_path):
+    clip = shared_file("media/pcavs_00086.mp4")
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir(), tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-m", "lipsync_cli.cli", "dub", clip, "A long sentence to say. " * 8, "-o", "out.mp4"]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # interrupt mid-dub: once its work folder exists (speech made, video being analysed)
+        if list(tmp.glob("lipsync-*")) or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.endswith("\ninterrupted\n") and "Traceback" not in err
+    assert list(work.iterdir()) == [], "output (or its hidden temp file) left behind"
+    assert not list(tmp.glob("lipsync-*")), "work folder left behind"  # (onnxruntime and torch leave their own)
