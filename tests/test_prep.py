@@ -106,6 +106,7 @@ def test_manifest_and_splits(prepped):
     assert {"bin", "blue", "now"} <= set(m["vocab"])
 
     entries = [{"corpus": "grid", "speaker": f"s{s}", "id": f"u{u}"} for s in range(1, 8) for u in range(40)]
+    entries += [{"corpus": "grid", "speaker": "s9", "id": f"u{u}"} for u in range(40, 100)]  # the big speaker
     a, b = split_clips(entries), split_clips(list(reversed(entries)))
     assert {k: sorted(v) for k, v in a["utterance"].items()} == {k: sorted(v) for k, v in b["utterance"].items()}
     for scheme in ("utterance", "speaker"):
@@ -117,8 +118,11 @@ def test_manifest_and_splits(prepped):
     for p, ks in a["speaker"].items():
         for k in ks:
             assert owner.setdefault(k.rsplit("/", 1)[0], p) == p  # a speaker lives in one part only
-    assert sorted(owner.values()) == ["test"] + ["train"] * 5 + ["val"]  # 7 speakers: one held out for each
-    assert len(a["speaker"]["test"]) == len(a["speaker"]["val"]) == 40
+    assert sorted(owner.values()) == ["test"] * 2 + ["train"] * 4 + ["val"] * 2  # 8 speakers: two held out each
+    assert owner["grid/s9"] == "train"  # the speaker with the most clips always trains
+    assert len(a["speaker"]["test"]) == len(a["speaker"]["val"]) == 80
+    few = split_clips([e for e in entries if e["speaker"] in ("s1", "s2", "s3")])["speaker"]
+    assert len(few["test"]) == len(few["val"]) == 40  # under 5 speakers: one held out each
     utt_part = {k: p for p, ks in a["utterance"].items() for k in ks}
     assert all(utt_part[f"grid/s1/u{u}"] == utt_part[f"grid/s7/u{u}"] for u in range(40))  # the sentence decides
 

@@ -18,6 +18,10 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
+# what `lipsync eval` re-creates of each shared media clip, here so that training leaves it out without importing
+# the eval (and through it the dub and media stack)
+HOLD_OUT = 0.4  # fraction of a media clip re-created (the end); the rest is the reference
+MAX_CLIP_S = 8.0  # seconds of each video analysed: eval stays fast, a few seconds per clip
 
 
 def clip_key(c: dict) -> str:
@@ -26,8 +30,19 @@ def clip_key(c: dict) -> str:
 
 
 def split_clips(manifest: str | Path, split: str, scheme: str = "utterance") -> tuple[Path, dict, list[dict]]:
-    """(shard root, manifest, the entries of `split` under `scheme` ("utterance" or "speaker"))."""
+    """(shard root, manifest, the entries of `split` under `scheme`: "utterance", "speaker" or "disjoint").
+
+    "disjoint" validates and tests on whole held-out speakers and trains on the other speakers' utterance-train
+    sentences only (the eval's test sentences stay unseen); with no speaker split (one or two speakers) it is the
+    utterance split."""
     meta = json.loads(Path(manifest).read_text())
+    if scheme == "disjoint":
+        utt, spk = meta["splits"]["utterance"], meta["splits"].get("speaker")
+        if spk is None:
+            scheme = "utterance"
+        else:
+            wanted = set(spk.get(split, [])) & (set(utt["train"]) if split == "train" else set(spk.get(split, [])))
+            return Path(manifest).parent, meta, [c for c in meta["clips"] if clip_key(c) in wanted]
     splits = meta["splits"].get(scheme)
     if splits is None:
         raise ValueError(f"manifest has no {scheme!r} split ({meta['splits'].get(scheme + '_note', '')})")
@@ -44,8 +59,6 @@ def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
     The reconstruct protocol re-creates the last HOLD_OUT of the first MAX_CLIP_S seconds of each shared media clip;
     segments carry their start/end in the source. The source's length is taken as the largest segment end seen
     (<= the true length, so the excluded span can only grow)."""
-    from lipsync_cli.eval.protocols import HOLD_OUT, MAX_CLIP_S
-
     prov: dict[str, tuple[str, float, float]] = {}
     for c in clips:
         if c["corpus"] == "grid":

@@ -37,6 +37,7 @@ from lipsync_cli import audio as A
 from lipsync_cli import dub, face, media, progress, render
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S  # noqa: F401 (the eval's spans, defined where training reads them)
 from lipsync_cli.eval import metrics as M
 from lipsync_cli.settings import Settings
 
@@ -47,8 +48,6 @@ RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voic
 PROTOCOLS = ("reconstruct", "cross")
 BASELINES = ("real", "frozen", "floor")
 
-HOLD_OUT = 0.4  # fraction of a media clip re-created (the end); the rest is the reference
-MAX_CLIP_S = 8.0  # seconds of each video analysed: eval stays fast, a few seconds per clip
 MAX_SPEECH_S = 8.0  # cross: driving speech is cut to this
 FLOOR_SHIFT_S = 1.0  # reconstruct floor: real frames this late, beyond sync_energy's +-15 frame search
 SYNC_TOL = 2  # frames of lag still counted as in sync (the mouth leads the sound by up to ~80 ms)
