@@ -1,13 +1,15 @@
 """Carry prepped shards to a machine without the media stack (a rented GPU): crops as one JPEG strip per clip.
 
-    python benchmarks/pack_shards.py pack data/prep/128/manifest.json /tmp/pack --per-speaker 24   # ~0.5 MB a clip
-    python benchmarks/pack_shards.py unpack /tmp/pack /tmp/prep                                    # -> /tmp/prep/manifest.json
+    python benchmarks/pack_shards.py pack data/prep/128/manifest.json /tmp/pack --per-speaker 24  # ~0.4 MB a clip
+    python benchmarks/pack_shards.py pack-mouths data/prep/128/manifest.json /tmp/mouths  # all clips, sync only
+    python benchmarks/pack_shards.py unpack /tmp/pack /tmp/prep                           # -> /tmp/prep/manifest.json
 
 A 128 px shard is ~4 MB, 90% of it raw crops; JPEG (quality 92) keeps them within a grey level or two of the
 originals, which is plenty for speed figures and device checks (not for shipping weights). The waveform stays
-behind (training reads mel/MFCC), landmarks travel as float16, every other tensor and the metadata as they are; `unpack` writes ordinary shards and the manifest, rebuilt
-with the same splits rule as `lipsync prep`, so `lipsync train --manifest` and `benchmarks/train_speed.py` read
-them. It needs numpy, opencv, safetensors: no mediapipe, ffmpeg or PyAV.
+behind (training reads mel/MFCC), landmarks travel as float16, every other tensor and the metadata as they are.
+`unpack` writes ordinary shards and the manifest (a `pack` subset keeps the utterance split only; `pack-mouths`
+keeps every split), so `lipsync train --manifest` and `benchmarks/train_speed.py` read them. It needs numpy,
+opencv, safetensors: no mediapipe, ffmpeg or PyAV.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def pack(manifest: Path, out: Path, per_speaker: int, quality: int = 92) -> None
         dst = out / Path(c["path"]).with_suffix("")
         dst.parent.mkdir(parents=True, exist_ok=True)
         with safe_open(str(root / c["path"]), framework="numpy") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
             header = f.metadata()
         crops = tensors.pop("crops")
         tensors.pop("audio")  # training reads mel and mfcc, never the waveform

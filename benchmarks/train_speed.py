@@ -219,8 +219,9 @@ def main() -> None:
                             try:
                                 r = measure(model, manifest, device, precision, batch, variant, args)
                             except Exception as e:  # one failing row (a compile error, say) must not lose the rest
+                                why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                                 r = {"model": model, "device": device, "precision": precision, "variant": variant,
-                                     "batch": batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}  # fmt: skip
+                                     "batch": batch, "error": why}  # fmt: skip
                             rows.append(r)
                             shown = r.get("error") or f"{r['samples_per_s']} samples/s, gpu {r['gpu_util']}"
                             print(f"{model} {device} {precision} {variant} batch {r['batch']}: {shown}", flush=True)
@@ -231,7 +232,8 @@ def main() -> None:
                 x
                 for x in rows
                 if "error" not in x
-                and (x["model"], x["device"], x["variant"], x["batch"]) == (r["model"], r["device"], r["variant"], r["batch"])
+                and (x["model"], x["device"], x["variant"], x["batch"])
+                == (r["model"], r["device"], r["variant"], r["batch"])
                 and x["precision"] == "32"
             ),
             None,

@@ -104,12 +104,14 @@ def parse_speakers(spec: str | int | Sequence[int]) -> list[int]:
     return sorted(out)
 
 
-GRID_WORDS = (  # a GRID id spells its sentence, one letter a word (MEDIA.md): command colour preposition letter digit adverb
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# a GRID id spells its sentence, one letter a word (MEDIA.md): command colour preposition letter digit adverb
+GRID_WORDS = (
     {"b": "bin", "l": "lay", "p": "place", "s": "set"},
     {"b": "blue", "g": "green", "r": "red", "w": "white"},
     {"a": "at", "b": "by", "i": "in", "w": "with"},
     None,  # the letter itself
-    {"z": "zero", **{str(d): w for d, w in enumerate("zero one two three four five six seven eight nine".split())}},
+    {"z": "zero", **{str(d): w for d, w in enumerate(DIGITS)}},
     {"a": "again", "n": "now", "p": "please", "s": "soon"},
 )
 

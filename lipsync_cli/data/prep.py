@@ -310,7 +310,8 @@ def prep_clip(
         "info": json.dumps({
             "frames": T, "seconds": T / FPS, "found": round(float(found.mean()), 4),
             "words": [w for _, _, w in words if w.lower() not in SILENCE_WORDS],
-            "loudness_db": round(loudness, 2), "silence_from": ("align" if clip.align else "forced") if words else "vad",
+            "loudness_db": round(loudness, 2),
+            "silence_from": "vad" if not words else "align" if clip.align else "forced",
         }),
         "words": json.dumps([[round(s, 4), round(e, 4), w] for s, e, w in words]),
         "provenance": json.dumps(provenance),

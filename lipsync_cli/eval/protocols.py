@@ -35,9 +35,9 @@ import numpy as np
 
 from lipsync_cli import audio as A
 from lipsync_cli import dub, face, media, progress, render
+from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S  # noqa: F401 (the eval's spans, defined where training reads them)
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S  # noqa: F401 (the eval's spans, defined where training reads them)
 from lipsync_cli.eval import metrics as M
 from lipsync_cli.settings import Settings
 

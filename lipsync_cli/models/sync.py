@@ -322,7 +322,10 @@ class SyncWindows(Dataset):
 
     def data(self) -> dict:
         """The clips behind these windows, as a checkpoint records them (`data.corpus.training_data`)."""
-        return {"clips": len(self.clips), **training_data(sorted({f"{c['corpus']}/{c['speaker']}" for c in self.clips}))}
+        return {
+            "clips": len(self.clips),
+            **training_data(sorted({f"{c['corpus']}/{c['speaker']}" for c in self.clips})),
+        }
 
     def __len__(self) -> int:
         return len(self.index)
