@@ -19,8 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from lipsync_cli import audio as A
-from lipsync_cli import dub, face, media, progress, render
+from lipsync_cli import audio, compositing, dub, face, media, progress
 from lipsync_cli.engine import get_engine
 from lipsync_cli.settings import Settings
 
@@ -44,7 +43,7 @@ def bench_clip(video: Path, speech_path: Path, settings: Settings) -> dict[str, 
             tr.update(f)
     row["face"] = fps(len(frames), time.perf_counter() - t)
 
-    speech = media.read_audio(speech_path, A.SR)[: int(len(frames) / 25 * A.SR)]
+    speech = media.read_audio(speech_path, audio.SR)[: int(len(frames) / 25 * audio.SR)]
     with tempfile.TemporaryDirectory() as tmp:
         source, _ = dub.analyse_video(video, info, settings, Path(tmp), keep_frames=False)
         plan = np.arange(source.n_frames)
@@ -59,7 +58,7 @@ def bench_clip(video: Path, speech_path: Path, settings: Settings) -> dict[str, 
         for i, b in enumerate(plan):
             f = frames[min(b, len(frames) - 1)].copy()
             if track.source_index[i] >= 0:
-                render.composite(f, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+                compositing.composite(f, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
             out_frames.append(f)
         row["blend"] = fps(len(plan), time.perf_counter() - t)
 
@@ -77,7 +76,7 @@ def bench_clip(video: Path, speech_path: Path, settings: Settings) -> dict[str, 
         row["transcode"] = fps(len(frames), time.perf_counter() - t)
 
         clip_wav = Path(tmp) / "speech.wav"
-        media.write_wav(clip_wav, speech, A.SR)
+        media.write_wav(clip_wav, speech, audio.SR)
         t = time.perf_counter()
         res = dub.dub(video, None, clip_wav, Path(tmp) / "out.mp4", settings, force=True)
         row["end_to_end"] = fps(res.frames, time.perf_counter() - t)

@@ -7,7 +7,7 @@ Cases, as `lipsync eval` builds them (eval/protocols.py) but from the prepped sh
   media   each shared source clip, its imported segments laid end to end on the source's timeline up to MAX_CLIP_S:
           the first 60% is the reference, the last HOLD_OUT is re-created ("unseen" = speakers the model never
           trained on: the manifest's held-out speakers)
-Systems: mean (the reference's mean lip shape), map (engine/lipmap.py fitted on the reference), model (models/lips.py
+Systems: mean (the reference's mean lip shape), map (models/lipmap.py fitted on the reference), model (models/lips.py
 de-normalised with the reference's mean shape and scale, eased to the closed mouth in silence and partly on the
 pause/p/b/m frames dub marks), model+adapt (plus the per-video calibration dub uses).
 `target` LVE scores the lip shape each system aims at (in the map's PCA basis, as retrieval receives it); `retrieved`
@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from lipsync_cli import audio as A
-from lipsync_cli import dub, face, models
-from lipsync_cli.engine import lipmap, retrieval
+from lipsync_cli import audio, dub, face, models
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
 from lipsync_cli.eval.protocols import GRID_REFS, HOLD_OUT, MAX_CLIP_S
-from lipsync_cli.models import lips
+from lipsync_cli.models import lipmap, lips
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("mean", "map", "model", "model+adapt")
@@ -64,8 +63,8 @@ def concat(parts: list[dict], usable: list[np.ndarray]) -> SourceFaces:
 def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str, dict[str, float]]:
     """target / retrieved LVE of every system for one case (reference = src.pool, re-created frames = bg)."""
     fps, n = src.fps, len(bg)
-    speech = src.audio[int(bg[0] / fps * A.SR) : int((bg[-1] + 1) / fps * A.SR)]
-    speech = np.pad(speech, (0, max(0, int(n / fps * A.SR) - len(speech))))
+    speech = src.audio[int(bg[0] / fps * audio.SR) : int((bg[-1] + 1) / fps * audio.SR)]
+    speech = np.pad(speech, (0, max(0, int(n / fps * audio.SR) - len(speech))))
     close = dub.mouth_must_close(speech, n, fps, text)
     aligned = src.aligned_landmarks()
     real = aligned[bg][:, face.LIPS]

@@ -11,7 +11,7 @@ import typer
 
 from lipsync_cli import progress
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.settings import Settings, config_path
+from lipsync_cli.settings import Settings, config_path, load_settings
 
 app = typer.Typer(
     help="Lip-sync dubbing for the GPU-poor: make the person in a video say new words, offline, on a CPU.",
@@ -39,12 +39,11 @@ def _root(
     config: Annotated[Path | None, typer.Option(help="Config file (default: ./lipsync.toml).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    if config is not None:
-        if not config.exists():
-            raise LipsyncError(f"config file not found: {config}")
-        os.environ["LIPSYNC_CONFIG"] = str(config)
+    if config is not None and not config.exists():
+        raise LipsyncError(f"config file not found: {config}")
+    ctx.meta["config_file"] = config if config is not None else config_path()
     try:
-        settings = Settings()
+        settings = load_settings(config)
     except Exception as e:  # pydantic's multi-line report, shortened to one line
         raise LipsyncError(f"invalid settings: {str(e).splitlines()[0]} {str(e).splitlines()[-2:]}") from e
     ctx.obj = settings.with_overrides(quiet=True) if quiet else settings
@@ -120,7 +119,7 @@ def voice_(
     tts_model_dir: Annotated[Path | None, typer.Option(help=MODEL_DIR_HELP)] = None,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
-    from lipsync_cli.dub import speak
+    from lipsync_cli.voice.speech import speak
 
     s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = speak(video, text, output, s, force=force)
@@ -350,7 +349,8 @@ def config_show(ctx: typer.Context) -> None:
     from rich.table import Table
 
     s: Settings = ctx.obj
-    table = Table(title=f"settings (config file: {config_path()}{'' if config_path().exists() else ', absent'})")
+    path = ctx.meta.get("config_file") or config_path()
+    table = Table(title=f"settings (config file: {path}{'' if path.exists() else ', absent'})")
     table.add_column("setting")
     table.add_column("value")
     table.add_column("env")

@@ -4,7 +4,7 @@ text --voice.tts--> speech                                        (or --audio FI
 video --media.iter_frames--> frames --face.FaceTracker--> landmarks + aligned lower-face crops   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
 speech (loudness matched to the video's own) + crops --engine.animate--> a mouth per output frame
-frames (again, in timing-plan order) + mouths --render.composite--> media.VideoWriter (+ speech) -> output.mp4
+frames (again, in timing-plan order) + mouths --compositing.composite--> media.VideoWriter (+ speech) -> output.mp4
 
 Voice conversion keeps the speech sample-exact in length, so the timing plan and piper's phone timings (which
 close the mouth on p/b/m) decided before it stay valid. It runs after the face pass so that a video without a face
@@ -14,29 +14,29 @@ before it can speak) is read and checked before any work.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, media, progress, render
+from lipsync_cli import compositing, face, media, progress
+from lipsync_cli.audio import SR, voice_activity
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
-from lipsync_cli.voice.speaker import MIN_SPEECH_S, speech_mask
-
-if TYPE_CHECKING:
-    from lipsync_cli.voice.convert import VoiceProfile
-
-SR = A.SR
-VIDEO_OUT = (".mp4", ".m4v", ".mov")
+from lipsync_cli.voice.speech import (
+    apply_voice,
+    check_voice,
+    check_words,
+    load_speech,
+    match_video_loudness,
+    soundtrack,
+    speaker_voice,
+)
 
 
 @dataclass
@@ -50,22 +50,6 @@ class DubResult:
 
 def default_output(video: Path) -> Path:
     return video.with_name(video.stem + ".dubbed.mp4")
-
-
-def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
-    """Refuse before any work is done: overwriting without --force, writing over the input, unwritable folder."""
-    if output.resolve() == video.resolve():
-        raise LipsyncError(f"refusing to write the output over the input {video}")
-    if output.suffix.lower() not in suffixes:
-        kind = "an .mp4 (or .mov)" if suffixes == VIDEO_OUT else " or ".join(suffixes)
-        raise LipsyncError(f"output must be {kind} file, got {output.name}")
-    if output.exists() and not force:
-        raise LipsyncError(f"{output} exists; use --force to overwrite it")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise LipsyncError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise LipsyncError(f"output folder {folder} is not writable")
 
 
 def crop_size(M: np.ndarray, size: int) -> int:
@@ -123,10 +107,9 @@ def analyse_video(
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed = face.smooth_landmarks(raw[:n], found, settings.smooth)
-    matrices = np.full((n, 2, 3), np.nan)
+    smoothed, matrices = face.align_track(raw[:n], found, size, settings.smooth)
+    matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
     for t in np.flatnonzero(found):
-        matrices[t] = face.align_matrix(smoothed[t], size)
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
         fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
         crops[t] = cv2.warpAffine(
@@ -148,184 +131,11 @@ def analyse_video(
     return source, (frames_store[:n] if frames_store is not None else None)
 
 
-def check_words(text: str | None, audio: Path | None) -> None:
-    """Exactly one of the new words or an audio file."""
-    if audio is not None and text:
-        raise LipsyncError("give either text or --audio, not both")
-    if audio is None and (text is None or not text.strip()):
-        raise LipsyncError("no text to speak: give the new words, or --audio FILE")
-
-
-def load_speech(
-    text: str | None, audio: Path | None, settings: Settings, voice: SpeakerVoice | None = None
-) -> tuple[np.ndarray, list | None]:
-    """The new speech at 16 kHz (an audio file as given, or TTS of the text) and, for piper TTS, the phones it
-    spoke with their timings (exact, so no recogniser is needed to find p/b/m). Only XTTS uses `voice` here
-    (it speaks in it directly); piper and espeak speak in their own voice, converted later by `apply_voice`."""
-    check_words(text, audio)
-    if audio is not None:
-        speech = media.read_audio(audio, SR, ffmpeg=settings.ffmpeg)
-        if len(speech) < SR // settings.fps:
-            raise LipsyncError(f"{audio} holds no audio")
-        return speech, None
-    from lipsync_cli import phones
-    from lipsync_cli.voice import tts
-
-    if settings.tts == "xtts":
-        from lipsync_cli.voice import xtts
-
-        return xtts.synthesize(text, settings.tts_model_dir, None if voice is None else voice.speech, sr=SR), None
-    if settings.tts == "piper":
-        speech, spoken = tts.synthesize_with_phones(text, sr=SR, progress=not progress.is_quiet())
-        return speech, phones.from_ipa(spoken)
-    return tts.synthesize(text, sr=SR, backend=settings.tts, progress=not progress.is_quiet()), None
-
-
-# ---------------------------------------------------------------------------------------------------- voice
-
-
-@dataclass
-class SpeakerVoice:
-    """The on-screen person's voice, learned from their own speech."""
-
-    speech: np.ndarray  # their speech frames only (VAD'd, 16 kHz): what XTTS clones from
-    profile: VoiceProfile | None  # what voice.convert needs (None with XTTS, which clones by itself)
-    source: str  # where it was learned from, for messages
-
-
-def read_voice_ref(path: Path, settings: Settings) -> np.ndarray:
-    """The --voice-ref recording at 16 kHz; a clear error when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise LipsyncError(f"--voice-ref {path}: {'not a file' if path.exists() else 'file not found'}")
-    try:
-        return media.read_audio(path, SR, ffmpeg=settings.ffmpeg)
-    except LipsyncError as e:
-        raise LipsyncError(f"--voice-ref {path}: {e}") from None
-
-
-def learn_voice(audio: np.ndarray, source: str, settings: Settings) -> SpeakerVoice:
-    """The voice in `audio` (its speech frames only: silence and music are not the speaker).
-    LipsyncError with the reason when there is too little speech to learn from."""
-    mask = speech_mask(audio)
-    seconds = mask.sum() / SR
-    if seconds < MIN_SPEECH_S:
-        raise LipsyncError(f"{seconds:.1f} s of speech found, need {MIN_SPEECH_S:g} s")
-    if settings.tts == "xtts":
-        return SpeakerVoice(audio[mask], None, source)
-    from lipsync_cli.voice.convert import voice_profile
-
-    with progress.task("learning the voice", 1) as advance:
-        try:
-            profile = voice_profile(audio)  # VADs the audio itself, as the benchmarks measured it
-        except LipsyncError:
-            raise LipsyncError(f"{seconds:.1f} s of speech found, but too little of it voiced") from None
-        advance(1)
-    return SpeakerVoice(audio[mask], profile, source)
-
-
-def speaker_voice(settings: Settings, own: np.ndarray | None, where: str) -> SpeakerVoice | None:
-    """The voice to speak in: learned from --voice-ref, else from `own` (the soundtrack of `where`). None means
-    the plain TTS voice: --voice tts, or no usable speech when --voice-fallback allows it (with a warning)."""
-    if settings.voice == "tts":
-        return None
-    if settings.voice_ref is not None:  # asked for explicitly: its problems are always errors
-        ref = read_voice_ref(settings.voice_ref, settings)
-        try:
-            return learn_voice(ref, str(settings.voice_ref), settings)
-        except LipsyncError as e:
-            raise LipsyncError(f"--voice-ref {settings.voice_ref} holds no usable speech ({e})") from None
-    try:
-        if own is None:
-            raise LipsyncError("it has no audio track")
-        return learn_voice(own, where, settings)
-    except LipsyncError as e:
-        why = f"cannot speak in the person's voice: no usable speech in {where} ({e})"
-    if settings.voice_fallback:
-        progress.console.print(  # a warning, not chatter: shown even with --quiet
-            f"[yellow]warning[/]: {why}; speaking in the plain TTS voice instead (--voice-fallback)", highlight=False
-        )
-        return None
-    raise LipsyncError(f"{why}; pass --voice-ref FILE (a recording of the person), --voice tts or --voice-fallback")
-
-
-def apply_voice(speech: np.ndarray, voice: SpeakerVoice | None) -> np.ndarray:
-    """TTS speech converted to the person's voice, exactly as long as it was (None / XTTS: unchanged)."""
-    if voice is None or voice.profile is None:
-        return speech
-    from lipsync_cli.voice.convert import convert
-
-    with progress.task("converting the voice", 1) as advance:
-        out = convert(speech, voice.profile)
-        advance(1)
-    assert len(out) == len(speech), "voice conversion must keep the timing"
-    return out
-
-
-def soundtrack(video: Path, settings: Settings) -> np.ndarray | None:
-    """The input's own audio at 16 kHz, or None when it has none."""
-    try:
-        return media.read_audio(video, SR, ffmpeg=settings.ffmpeg)
-    except LipsyncError:
-        return None
-
-
-def check_voice(audio: Path | None, settings: Settings) -> None:
-    """Problems with the voice settings that need no decoding: before any work."""
-    if audio is None and settings.tts == "xtts":
-        from lipsync_cli.voice import xtts
-
-        xtts.check(settings.tts_model_dir, need_speakers=settings.voice == "tts")
-    if audio is None and settings.voice == "clone" and settings.voice_ref is not None:
-        p = Path(settings.voice_ref)
-        if not p.is_file():
-            raise LipsyncError(f"--voice-ref {p}: {'not a file' if p.exists() else 'file not found'}")
-
-
-@dataclass
-class SpeechResult:
-    output: Path
-    samples: int  # as many as the TTS spoke: conversion never changes the length
-    tts_samples: int
-    voice: str  # where the voice came from, or "tts"
-
-
-def default_speech_output(video: Path) -> Path:
-    return video.with_name(video.stem + ".voice.wav")
-
-
-def speak(video: Path, text: str, output: Path | None, settings: Settings, force: bool = False) -> SpeechResult:
-    """`lipsync voice`: `text` spoken in the voice of the person in `video` (any file with their speech), as a
-    16-bit wav as loud as their own speech, written atomically. What `dub` would put on its audio track."""
-    video = Path(video)
-    if not video.exists():
-        raise LipsyncError(f"no such file: {video}")
-    output = Path(output) if output else default_speech_output(video)
-    check_output(output, video, force, suffixes=(".wav",))
-    check_words(text, None)
-    check_voice(None, settings)
-    own = soundtrack(video, settings)
-    voice = speaker_voice(settings, own, video.name)
-    speech, _ = load_speech(text, None, settings, voice)
-    n_tts = len(speech)
-    speech = match_video_loudness(apply_voice(speech, voice), own)
-    media.write_wav(output, speech, SR)
-    return SpeechResult(output, len(speech), n_tts, voice.source if voice is not None else "tts")
-
-
-def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarray:
-    """The new speech as loud as the video's own speech (or a sensible level when the video is silent)."""
-    target = -20.0
-    if own is not None and A.voice_activity(own, SR).mean() > 0.05:
-        target = A.speech_loudness_db(own, SR)
-    return A.match_loudness(speech, SR, target)
-
-
 def mouth_must_close(
     speech: np.ndarray, n_frames: int, fps: float, text: str | None, spoken: list | None = None
 ) -> np.ndarray:
     """Frames where the mouth has to be shut: pauses, and bilabials p/b/m from a forced alignment of the speech."""
-    close = ~A.voice_activity(speech, SR, fps=fps, n_frames=n_frames)
+    close = ~voice_activity(speech, SR, fps=fps, n_frames=n_frames)
     try:
         from lipsync_cli import phones
 
@@ -371,7 +181,7 @@ def render_frames(
         s = track.source_index[i]
         if s >= 0 and source.found[b]:
             frame = np.ascontiguousarray(frame)
-            render.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+            compositing.composite(frame, source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
         yield frame
 
 
@@ -389,7 +199,7 @@ def dub(
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_output(video)
-    check_output(output, video, force)
+    media.check_output(output, video, force)
     check_words(text, audio)
     check_voice(audio, settings)
     timings: dict[str, float] = {}
@@ -407,7 +217,7 @@ def dub(
 
     n_src = info.n_frames(fps)
     n_out = max(1, int(round(len(speech) / SR * fps)))
-    plan = render.timing_plan(n_src, n_out, settings.sync_mode)
+    plan = compositing.timing_plan(n_src, n_out, settings.sync_mode)
     if len(plan) < n_out:  # `cut`: the output ends with the video
         speech = speech[: int(len(plan) / fps * SR)]
     random_access = not np.array_equal(plan, np.arange(len(plan)))

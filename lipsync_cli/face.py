@@ -93,6 +93,7 @@ _MOUTH_FACE_Y = 1.185
 # of a wide-open mouth, ~2.3) and x=+-1.2 (jaw angles at +-1.0, ears at +-1.15).
 CROP_SIDE_IOD = 2.4
 MOUTH_CENTER = (0.5, 0.45)  # fraction of the aligned crop size (x, y)
+MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # x0, y0, x1, y1 in the aligned crop: lips, teeth, chin (eval, seed)
 TEMPLATE = (_STABLE_FACE - [0.0, _MOUTH_FACE_Y]) / CROP_SIDE_IOD + MOUTH_CENTER  # STABLE in crop units (0..1)
 
 
@@ -117,6 +118,28 @@ def mouth_opening(lm: np.ndarray) -> float | np.ndarray:
     gap = np.linalg.norm(lm[..., INNER_LIP_PAIRS[:, 1], :] - lm[..., INNER_LIP_PAIRS[:, 0], :], axis=-1)
     r = gap.mean(-1) / inter_ocular(lm)
     return float(r) if np.ndim(r) == 0 else r
+
+
+def closed_threshold(mouth_open_real: np.ndarray, pct: float = 5.0, margin: float = 0.1) -> float:
+    """Opening below which the mouth counts as closed, from the REAL footage so every system shares it.
+
+    Low percentile of the real opening plus margin * its (pct, 100 - pct) percentile range: robust to a few
+    landmark glitches and independent of the opening's units.
+    """
+    v = np.asarray(mouth_open_real, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan")
+    lo, hi = np.percentile(v, [pct, 100 - pct])
+    return float(lo + margin * (hi - lo))
+
+
+def nearest_found(found: np.ndarray) -> np.ndarray:
+    """For each frame, the nearest frame where `found` (ties go to the earlier one); needs one at least."""
+    idx, t = np.flatnonzero(found), np.arange(len(found))
+    pos = np.searchsorted(idx, t)
+    before, after = idx[np.maximum(pos - 1, 0)], idx[np.minimum(pos, len(idx) - 1)]
+    return np.where(np.abs(t - before) <= np.abs(after - t), before, after)
 
 
 def similarity_fit(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -592,6 +615,14 @@ def smooth_landmarks(
 
 
 # --- whole clip ----------------------------------------------------------------------------------------
+
+
+def align_track(raw: np.ndarray, found: np.ndarray, size: int, smooth: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's raw mesh landmarks (T, 478, 2; NaN where no face) -> (smoothed landmarks, (T, 2, 3) frame -> aligned
+    crop matrices at `size`). Frames without a face borrow the nearest found frame's matrix; needs one at least.
+    The one smooth -> align step behind prep's shards, the sync expert's inputs and dub's crops."""
+    lm = smooth_landmarks(np.asarray(raw, dtype=np.float32), found, smooth)
+    return lm, align_matrix(lm[nearest_found(found)], size)
 
 
 @dataclass

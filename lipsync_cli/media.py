@@ -25,7 +25,6 @@ import contextlib
 import functools
 import math
 import os
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +41,7 @@ import numpy as np
 from rich.markup import escape
 
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import atomic
 from lipsync_cli.progress import log
 
 PIPE_SIZE = 1 << 20  # Linux default max for F_SETPIPE_SZ; bigger pipes mean fewer context switches per frame
@@ -290,35 +290,30 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
     if a.ndim != 2:
         raise ValueError(f"audio must be (n,) or (n, channels), got shape {a.shape}")
     pcm = np.round(np.clip(a, -1.0, 1.0) * 32767).astype("<i2")
-    with _atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
+    with atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(a.shape[1])
         w.setsampwidth(2)
         w.setframerate(int(sr))
         w.writeframes(pcm.tobytes())
 
 
-class _atomic:
-    """`with _atomic(path) as tmp:` write tmp (hidden, same directory); it replaces `path` only on success."""
+VIDEO_OUT = (".mp4", ".m4v", ".mov")  # containers the writer produces
 
-    def __init__(self, path: Path, suffix: str = ""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh name rather than mkstemp: the writer creates it, so it gets the umask's mode, not 0600
-        self.path, self.tmp = path, path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
 
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
+def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
+    """Refuse before any work is done: overwriting without --force, writing over the input, unwritable folder."""
+    if output.resolve() == video.resolve():
+        raise LipsyncError(f"refusing to write the output over the input {video}")
+    if output.suffix.lower() not in suffixes:
+        kind = "an .mp4 (or .mov)" if suffixes == VIDEO_OUT else " or ".join(suffixes)
+        raise LipsyncError(f"output must be {kind} file, got {output.name}")
+    if output.exists() and not force:
+        raise LipsyncError(f"{output} exists; use --force to overwrite it")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise LipsyncError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise LipsyncError(f"output folder {folder} is not writable")
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -361,7 +356,7 @@ class VideoWriter:
         fmt = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(suffix)
         if fmt is None:
             raise LipsyncError(f"cannot write {self.path}: use .mp4, .mov or .mkv for H.264 video")
-        self._file = _atomic(self.path, suffix)
+        self._file = atomic(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
             cmd = self._command(exe, fmt, audio, crf, preset)

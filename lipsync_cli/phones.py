@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from lipsync_cli.audio import voice_activity
+from lipsync_cli.audio import SR, voice_activity
 from lipsync_cli.progress import log, track
 
-SR = 16000
 FRAME_S = 0.01  # pocketsphinx frame period
 SIL = "SIL"
 BILABIALS = {"P", "B", "M"}

@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # later sources lose: init (flags) > env > toml file > defaults
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
+        path = settings_cls.model_config.get("toml_file") or config_path()  # load_settings(config) names one
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
         return (init_settings, env_settings, toml)
 
     def with_overrides(self, **flags: Any) -> Settings:
@@ -125,5 +126,13 @@ class Settings(BaseSettings):
             raise LipsyncError(f"invalid value for {name}: {err['msg']}") from None
 
 
-def load_settings() -> Settings:
-    return Settings()
+def load_settings(config: Path | None = None) -> Settings:
+    """Defaults < `config` (None: `config_path()`) < LIPSYNC_* variables: what the CLI starts from, once. Everything
+    below the CLI is handed a Settings (or the values it needs) and never reads them again."""
+    if config is None:
+        return Settings()
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config)})
+
+    return Settings.model_validate(FromFile().model_dump())

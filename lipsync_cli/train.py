@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,48 +37,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from lipsync_cli import models, progress
 from lipsync_cli.errors import LipsyncError
-
-Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class Task:
-    """What a model file gives the training loop.
-
-    loss(model, batch, step) -> (scalar loss, floats to log): batch tensors are already on the device (and
-    augmented); `step` is the optimiser step, so staged schedules (the seed's encoders-first phase) can switch on it.
-    validate(model, batches) -> metrics incl. `metric`: the model is in eval mode under no_grad, batches on device.
-    `model` may be wrapped in DDP when called: use `unwrap(model)` to reach its attributes.
-    """
-
-    name: str
-    model: nn.Module
-    config: dict  # JSON-able; `models.load` rebuilds the model from it (must hold "model": name)
-    train_set: Dataset
-    val_set: Dataset | None
-    loss: Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, float]]]
-    validate: Callable[[nn.Module, Iterable[Batch]], dict[str, float]] | None = None
-    metric: str = "val_loss"
-    higher_is_better: bool = False
-    augment: Callable[[Batch, torch.Generator], Batch] | None = None  # train batches only, on the device
-    collate: Callable | None = None
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    batch_size: int = 32
-    find_unused_parameters: bool = False  # DDP: set when some steps leave modules out (staged training)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
+from lipsync_cli.files import atomic, write_json
+from lipsync_cli.models.task import Task, unwrap
 
 # ---------------------------------------------------------------------------------------------------------------------
 # options
@@ -362,7 +326,6 @@ def _gather_json(obj, d: _Dist) -> list:
 
 def _save_state(path: Path, optimizer: torch.optim.Optimizer, scaler, doc: dict) -> None:
     """Optimiser tensors to <path>.safetensors; its other fields, the scaler and `doc` to <path>.json."""
-    from lipsync_cli.models import _atomic
 
     sd = optimizer.state_dict()
     tensors, state = {}, {}
@@ -374,8 +337,9 @@ def _save_state(path: Path, optimizer: torch.optim.Optimizer, scaler, doc: dict)
             else:
                 state[str(i)][k] = v
     doc = {**doc, "optimizer": {"state": state, "param_groups": sd["param_groups"]}, "scaler": scaler.state_dict()}
-    _atomic(path.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
-    _atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc)))
+    with atomic(path.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path.with_suffix(".json"), doc, indent=None)
 
 
 def _load_state(path: Path, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> dict:

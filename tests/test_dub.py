@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_cli import audio as A
 from lipsync_cli import face, media
+from lipsync_cli.audio import rms_envelope
 from lipsync_cli.voice import tts
 from tests.conftest import run_cli, shared_file
 
@@ -23,10 +23,7 @@ def sha(p: Path) -> str:
 
 def track(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
     frames = list(media.iter_frames(path))
-    with face.FaceTracker() as tr:
-        lms = [tr.update(f) for f in frames]
-    lm = np.array([x if x is not None else np.full((478, 2), np.nan) for x in lms])
-    return frames, lm
+    return frames, face.track_faces(frames, progress=False).raw.astype(np.float64)
 
 
 def opening_series(lm: np.ndarray) -> np.ndarray:
@@ -80,7 +77,7 @@ def test_dub_from_audio_keeps_picture_and_follows_speech(tmp_path, speech_with_p
 
     # the new mouth follows the new speech: opens with loudness, shuts in the pause
     op = opening_series(lm_out)[:n_expected]
-    env = A.rms_envelope(speech, SR, fps=25, n_frames=len(op))
+    env = rms_envelope(speech, SR, fps=25, n_frames=len(op))
     ok = ~np.isnan(op)
     r_env = np.corrcoef(op[ok], env[ok])[0, 1]
     assert r_env > 0.3, r_env
@@ -158,7 +155,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_timing_plan_modes():
-    from lipsync_cli.render import timing_plan
+    from lipsync_cli.compositing import timing_plan
 
     assert timing_plan(5, 3, "bounce").tolist() == [0, 1, 2]
     assert timing_plan(4, 9, "bounce").tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]

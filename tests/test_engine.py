@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from lipsync_cli import face
-from lipsync_cli.engine import lipmap
+from lipsync_cli.compositing import colour_match, lower_face_mask
 from lipsync_cli.engine.retrieval import inner_gap, select_mouths
-from lipsync_cli.render import colour_match, lower_face_mask
+from lipsync_cli.models import lipmap
 
 
 def smooth_walk(T: int, k: int, seed: int = 0) -> np.ndarray:

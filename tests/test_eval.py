@@ -11,8 +11,7 @@ import pytest
 
 from lipsync_cli import progress
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.eval import protocols as P
-from lipsync_cli.eval import report as R
+from lipsync_cli.eval import protocols, report
 from lipsync_cli.settings import Settings
 from tests.conftest import shared_file
 
@@ -27,29 +26,29 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def reconstructed(settings, tmp_path_factory) -> tuple[P.ClipResult, R.SideBySide]:
-    case = P.media_case(shared_file(CLIP), settings)
-    hook = R.SideBySide(tmp_path_factory.mktemp("videos"))
-    return P.evaluate_case(case, list(P.METRICS), "retrieval", settings, on_clip=hook), hook
+def reconstructed(settings, tmp_path_factory) -> tuple[protocols.ClipResult, report.SideBySide]:
+    case = protocols.media_case(shared_file(CLIP), settings)
+    hook = report.SideBySide(tmp_path_factory.mktemp("videos"))
+    return protocols.evaluate_case(case, list(protocols.METRICS), "retrieval", settings, on_clip=hook), hook
 
 
 @pytest.fixture(scope="module")
-def crossed(settings) -> P.ClipResult:
-    from lipsync_cli import dub
+def crossed(settings) -> protocols.ClipResult:
+    from lipsync_cli.voice.speech import load_speech
 
-    speech = dub.load_speech(None, shared_file(SPEECH), settings)[0][: 3 * P.SR]
-    case = P.cross_case(shared_file(CLIP), speech, "radio31", None, settings)
-    return P.evaluate_case(case, list(P.METRICS), "retrieval", settings)
+    speech = load_speech(None, shared_file(SPEECH), settings)[0][: 3 * protocols.SR]
+    case = protocols.cross_case(shared_file(CLIP), speech, "radio31", None, settings)
+    return protocols.evaluate_case(case, list(protocols.METRICS), "retrieval", settings)
 
 
 def test_media_case_holds_out_the_end(settings):
-    case = P.media_case(shared_file(CLIP), settings)
+    case = protocols.media_case(shared_file(CLIP), settings)
     n = case.source.n_frames
     cut = n - len(case.background)
     assert abs(cut - round(0.6 * n)) <= 1
     assert case.source.usable[:cut].all() and not case.source.usable[cut:].any()  # engine never sees the truth
     assert np.array_equal(case.background, np.arange(cut, n))
-    assert len(case.speech) == round(len(case.background) / settings.fps * P.SR)
+    assert len(case.speech) == round(len(case.background) / settings.fps * protocols.SR)
     assert case.frames.shape[0] == len(case.background)
 
 
@@ -78,8 +77,10 @@ def test_cross_runs_reference_free(crossed):
 
 def test_report_writes_json_html_png_and_videos(reconstructed, crossed, tmp_path):
     result, hook = reconstructed
-    run = P.EvalRun("retrieval", list(P.METRICS), [result, crossed], skipped=[("cross", "x", "no face")])
-    index = R.write_report(run, tmp_path, hook)
+    run = protocols.EvalRun(
+        "retrieval", list(protocols.METRICS), [result, crossed], skipped=[("cross", "x", "no face")]
+    )
+    index = report.write_report(run, tmp_path, hook)
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert set(data["groups"]) == {"reconstruct/media", "cross"}
     assert data["groups"]["reconstruct/media"]["mean"]["real"]["lve"] == pytest.approx(0.0, abs=1e-9)
@@ -87,35 +88,35 @@ def test_report_writes_json_html_png_and_videos(reconstructed, crossed, tmp_path
     page = index.read_text()
     assert "data:image/png;base64," in page and "reconstruct/media" in page and "no face" in page
     assert list((tmp_path / "videos").glob("*.mp4"))
-    R.print_report(run)  # the terminal tables render without error
+    report.print_report(run)  # the terminal tables render without error
 
 
 def test_grid_reference_is_other_clips_and_background_is_unusable(settings):
     root = shared_file("corpus/grid/s1")
-    test, refs = P.grid_split(root, settings.data_dir, limit=1)
+    test, refs = protocols.grid_split(root, settings.data_dir, limit=1)
     assert test and refs and not set(test) & set(refs)
-    assert P.grid_split(root, settings.data_dir, limit=1) == (test, refs)  # deterministic
-    ref_src = P.grid_reference(root, refs[:2], settings)
-    case = P.grid_case(root, test[0], ref_src, settings)
+    assert protocols.grid_split(root, settings.data_dir, limit=1) == (test, refs)  # deterministic
+    ref_src = protocols.grid_reference(root, refs[:2], settings)
+    case = protocols.grid_case(root, test[0], ref_src, settings)
     n_ref = sum(s.n_frames for s in ref_src)
     assert case.source.usable[:n_ref].all() and not case.source.usable[n_ref:].any()
     assert case.background[0] == n_ref and len(case.frames) == len(case.background)
     assert case.text and case.pauses is not None and case.pauses[:5].all()  # GRID clips start in silence
-    result = P.evaluate_case(case, ["lve"], "retrieval", settings)
+    result = protocols.evaluate_case(case, ["lve"], "retrieval", settings)
     assert result.scores["real"]["lve"] < 1e-6 < result.scores["frozen"]["lve"]
 
 
 def test_parse_metrics():
-    assert P.parse_metrics("all") == list(P.METRICS)
-    assert P.parse_metrics("lve, sync,lve") == ["lve", "sync"]
+    assert protocols.parse_metrics("all") == list(protocols.METRICS)
+    assert protocols.parse_metrics("lve, sync,lve") == ["lve", "sync"]
     with pytest.raises(LipsyncError, match="unknown metric 'bogus'"):
-        P.parse_metrics("lve,bogus")
+        protocols.parse_metrics("lve,bogus")
     with pytest.raises(LipsyncError, match="voice"):
-        P.parse_metrics("voice")
+        protocols.parse_metrics("voice")
     with pytest.raises(LipsyncError, match="no metric"):
-        P.parse_metrics(" , ")
+        protocols.parse_metrics(" , ")
     with pytest.raises(LipsyncError, match="unknown protocol"):
-        P.parse_protocols("both")
+        protocols.parse_protocols("both")
 
 
 def test_cli_rejects_unknown_metric():

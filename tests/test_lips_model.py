@@ -135,7 +135,7 @@ def test_retrieval_uses_the_model_and_keeps_the_maps_target_space(tiny_prep, mon
 
 def test_model_target_rests_closed_in_silence_and_leans_closed_on_close_frames(tiny_prep):
     from lipsync_cli import face
-    from lipsync_cli.engine import lipmap
+    from lipsync_cli.models import lipmap
 
     src, bg = _source(tiny_prep)
     valid = src.pool

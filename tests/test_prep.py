@@ -14,8 +14,8 @@ from conftest import SHARED
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lipsync_cli import audio as A
 from lipsync_cli import media
+from lipsync_cli.audio import frames_to_video, speech_loudness_db
 from lipsync_cli.data.dataset import WindowDataset
 from lipsync_cli.data.grid import read_align
 from lipsync_cli.data.importer import import_videos, speech_segments
@@ -71,7 +71,7 @@ def test_prep_writes_consistent_shards(prepped):
         assert t["mfcc"].shape == (4 * T + 1, 13)
         assert t["audio"].shape == (T * 640,) and t["audio"].dtype == np.int16
         np.testing.assert_array_equal(t["mel_index"], np.arange(T) * 4)
-        loud = A.speech_loudness_db(t["audio"].astype(np.float32) / 32767, 16000)
+        loud = speech_loudness_db(t["audio"].astype(np.float32) / 32767, 16000)
         assert loud == pytest.approx(-23.0, abs=1.0)
         words = json.loads(meta["words"])
         assert words == [[round(a, 4), round(b, 4), w] for a, b, w in read_align(GRID / "align" / f"{i}.align")]
@@ -140,7 +140,7 @@ def test_dataset_windows_line_up(prepped):
         mel, crops = f.get_tensor("mel").astype(np.float32), f.get_tensor("crops")
         silence = f.get_tensor("silence")
     np.testing.assert_array_equal(item["crops"].numpy(), crops[s : s + 5])
-    per_frame = A.frames_to_video(mel, clip["frames"])
+    per_frame = frames_to_video(mel, clip["frames"])
     np.testing.assert_array_equal(item["mel"].numpy()[::4], per_frame[s : s + 5])
     # the timelines agree: frames the transcript calls silent have quiet mel rows
     energy = per_frame.max(axis=1)

@@ -12,17 +12,17 @@ from safetensors import safe_open
 from lipsync_cli import models
 from lipsync_cli.engine import SourceFaces, get_engine, neural
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models import render as R
+from lipsync_cli.models import render
 from lipsync_cli.settings import Settings
 
 TINY = {"widths": [8, 16, 32], "disc_width": 8, "img": 32}
 
 
 def test_geometry_box_hole_and_shape_maps():
-    assert R.box_px(128) == (16, 32, 112, 128)
-    corners = R.to_box(np.array([[16.0, 32.0], [112.0, 128.0]]), 128, 64)
+    assert render.box_px(128) == (16, 32, 112, 128)
+    corners = render.to_box(np.array([[16.0, 32.0], [112.0, 128.0]]), 128, 64)
     assert np.allclose(corners, [[0, 0], [64, 64]])
-    hole = R.hole_mask(64)
+    hole = render.hole_mask(64)
     assert hole[32, 32] == 1.0 and hole[0, 0] == 0.0 and hole[:, 0].max() == 0.0 and hole[-1].max() == 0.0
     assert 0.3 < hole.mean() < 0.9
     # a mouth 20 px wide: open (inner contour 6 px tall) vs closed (inner contour flat)
@@ -30,16 +30,16 @@ def test_geometry_box_hole_and_shape_maps():
     outer = np.stack([32 + 10 * np.cos(t), 25 + 5 * np.sin(t)], 1)
     open_inner = np.stack([32 + 8 * np.cos(t), 25 + 3 * np.sin(t)], 1)
     closed_inner = np.stack([32 + 8 * np.cos(t), np.full(20, 25.0)], 1)
-    maps = R.shape_maps(np.stack([np.concatenate([outer, open_inner]), np.concatenate([outer, closed_inner])]), 64)
+    maps = render.shape_maps(np.stack([np.concatenate([outer, open_inner]), np.concatenate([outer, closed_inner])]), 64)
     assert maps.shape == (2, 2, 64, 64)
     assert maps[0, 1].sum() > 20 * 255 and maps[1, 1].sum() < maps[0, 1].sum() / 5  # the opening shuts
     assert maps[1, 0].sum() > maps[0, 0].sum()  # closed: the lips cover what the opening showed
-    assert R.shape_maps(np.full((1, 40, 2), np.nan), 64).max() == 0  # no face: nothing drawn
+    assert render.shape_maps(np.full((1, 40, 2), np.nan), 64).max() == 0  # no face: nothing drawn
 
 
 def test_only_the_hole_is_painted():
     torch.manual_seed(0)
-    m = R.build(TINY).eval()
+    m = render.build(TINY).eval()
     bg = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         out = m(bg, torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 2, 32, 32))
@@ -50,32 +50,32 @@ def test_only_the_hole_is_painted():
 
 def test_ssim_is_one_for_equal_images_and_lower_for_noise():
     x = torch.rand(1, 3, 32, 32)
-    assert torch.allclose(R.ssim_map(x, x), torch.ones(1, 3, 32, 32), atol=1e-4)
-    assert R.ssim_map(x, (x + 0.3 * torch.randn_like(x)).clamp(0, 1)).mean() < 0.8
+    assert torch.allclose(render.ssim_map(x, x), torch.ones(1, 3, 32, 32), atol=1e-4)
+    assert render.ssim_map(x, (x + 0.3 * torch.randn_like(x)).clamp(0, 1)).mean() < 0.8
 
 
 def test_dataset_items_references_and_deterministic_validation(tiny_prep):
-    cfg = R.config_from(TINY)
-    ds = R.RenderWindows(tiny_prep, "train", cfg, train=True)
+    cfg = render.config_from(TINY)
+    ds = render.RenderWindows(tiny_prep, "train", cfg, train=True)
     assert len(ds) > 10
     item = ds[0]
-    assert item["target"].shape == (R.FRAMES, 32, 32, 3) and item["target"].dtype == torch.uint8
+    assert item["target"].shape == (render.FRAMES, 32, 32, 3) and item["target"].dtype == torch.uint8
     assert item["reference"].shape == item["target"].shape
-    assert item["shape"].shape == (R.FRAMES, 2, 32, 32) and item["shape"].float().mean() > 0
+    assert item["shape"].shape == (render.FRAMES, 2, 32, 32) and item["shape"].float().mean() > 0
     assert item["mel"].shape == (20, 80)
     rng = np.random.default_rng(0)
     for g, _ in ds.index[:20]:
         r = ds._reference(g, rng)
         assert ds.speaker[r] == ds.speaker[g]
-        assert ds.clip[r] != ds.clip[g] or abs(int(ds.frame[r]) - int(ds.frame[g])) >= R.MIN_GAP
-    val = R.RenderWindows(tiny_prep, "val", cfg, train=False)
+        assert ds.clip[r] != ds.clip[g] or abs(int(ds.frame[r]) - int(ds.frame[g])) >= render.MIN_GAP
+    val = render.RenderWindows(tiny_prep, "val", cfg, train=False)
     a, b = val[0], val[0]
     assert torch.equal(a["reference"], b["reference"])
 
 
 def test_a_few_steps_reduce_the_hole_error_on_real_data(tiny_prep):
     torch.manual_seed(0)
-    task = R.make_task(tiny_prep, {**TINY, "adv_start": 1000})
+    task = render.make_task(tiny_prep, {**TINY, "adv_start": 1000})
     m = task.model.train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=4, shuffle=True, drop_last=True)
@@ -105,19 +105,19 @@ def test_a_few_steps_reduce_the_hole_error_on_real_data(tiny_prep):
 
 def test_adaptation_fits_one_video_and_leaves_the_model_alone(tiny_prep):
     torch.manual_seed(0)
-    cfg = R.config_from(TINY)
-    ds = R.RenderWindows(tiny_prep, "train", cfg, train=True)
+    cfg = render.config_from(TINY)
+    ds = render.RenderWindows(tiny_prep, "train", cfg, train=True)
     first = ds.clip == 0
     boxes, lips = ds.boxes[first], ds.shapes[first]
-    m = R.build(TINY)
+    m = render.build(TINY)
     before = {k: v.clone() for k, v in m.state_dict().items()}
 
     def err(model) -> float:
-        out = R.paint(model, boxes, boxes[::-1].copy(), lips)
-        hole = R.hole_mask(32)[None, ..., None] > 0.5
+        out = render.paint(model, boxes, boxes[::-1].copy(), lips)
+        hole = render.hole_mask(32)[None, ..., None] > 0.5
         return float(np.abs(out.astype(int) - boxes)[np.broadcast_to(hole, out.shape)].mean())
 
-    tuned, steps = R.adapt(m, boxes, lips, seconds=0, max_steps=40, batch=8, lr=3e-3)
+    tuned, steps = render.adapt(m, boxes, lips, seconds=0, max_steps=40, batch=8, lr=3e-3)
     assert steps == 40
     assert err(tuned) < 0.7 * err(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
@@ -140,7 +140,7 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
     from lipsync_cli.data.prep import SR
 
     torch.manual_seed(0)
-    ckpt = models.save(R.build(TINY).eval(), {"model": "render", **TINY}, tmp_path / "render")
+    ckpt = models.save(render.build(TINY).eval(), {"model": "render", **TINY}, tmp_path / "render")
     src, crops = _source(tiny_prep)
     n = src.n_frames
     bg = np.arange(n // 2, n)
@@ -148,7 +148,7 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
     track = neural.animate(src, speech, bg, adapt_minutes=0, checkpoint=ckpt)
     assert track.crops.shape == (len(bg), 128, 128, 3)
     assert (track.source_index[-3:] == -1).all() and (track.source_index[:-3] >= 0).all()
-    x0, y0, x1, y1 = (np.array(R.HOLE) * 128).round().astype(int)
+    x0, y0, x1, y1 = (np.array(render.HOLE) * 128).round().astype(int)
     outside = np.ones((128, 128), bool)
     outside[y0 - 4 : y1 + 4, x0 - 4 : x1 + 4] = False  # 4 px: resampling a 32 px box
     assert np.array_equal(track.crops[:, outside], crops[bg][:, outside])  # only the hole changes
@@ -163,7 +163,7 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
 
 def test_get_engine_binds_the_adaptation_budget():
     f = get_engine("neural", Settings(adapt_minutes=0.5))
-    assert f.func is neural.animate and f.keywords == {"adapt_minutes": 0.5, "adapt_steps": None}
+    assert f.func is neural.animate and f.keywords == {"lips": "model", "adapt_minutes": 0.5, "adapt_steps": None}
     assert get_engine("neural") is neural.animate
     with pytest.raises(ValueError, match="neural"):
         get_engine("nope")
@@ -175,7 +175,7 @@ def test_augment_recolours_target_and_reference_alike_and_flips_shapes_with_them
     grey[..., 0] = 200  # a red-ish image: a channel permutation moves the 200 to another channel
     shape = torch.zeros((8, 1, 2, 4, 4), dtype=torch.uint8)
     shape[..., 0] = 255  # left column marked
-    out = R.augment({"target": grey, "reference": grey.clone(), "shape": shape}, g)
+    out = render.augment({"target": grey, "reference": grey.clone(), "shape": shape}, g)
     t, r = out["target"], out["reference"]
     assert (t.argmax(2) == r.argmax(2)).all()  # same permutation for both
     assert len({int(c) for c in t.mean((1, 3, 4)).argmax(1)}) > 1  # but not the same for every window
@@ -189,13 +189,13 @@ def test_committed_renderer_repaints_a_real_mouth_better_than_copying_the_refere
     if found is None:
         pytest.skip("no committed renderer weights")
     model = found[0]
-    ds = R.RenderWindows(tiny_prep, "val", model.cfg, train=False)
+    ds = render.RenderWindows(tiny_prep, "val", model.cfg, train=False)
     frames = np.arange(0, len(ds.boxes), 7)
     frames = frames[np.isfinite(ds.shapes[frames]).all((1, 2))][:24]
     rng = np.random.default_rng(0)
     refs = np.array([ds._reference(int(t), rng) for t in frames])
-    painted = R.paint(model, ds.boxes[frames], ds.boxes[refs], ds.shapes[frames])
-    hole = np.broadcast_to((R.hole_mask(model.cfg.img) > 0.5)[None, ..., None], painted.shape)
+    painted = render.paint(model, ds.boxes[frames], ds.boxes[refs], ds.shapes[frames])
+    hole = np.broadcast_to((render.hole_mask(model.cfg.img) > 0.5)[None, ..., None], painted.shape)
     err = lambda x: float(np.abs(x.astype(int) - ds.boxes[frames])[hole].mean())  # noqa: E731
     assert err(painted) < 0.6 * err(ds.boxes[refs]), (err(painted), err(ds.boxes[refs]))
 
@@ -208,5 +208,5 @@ def test_lipsync_train_model_render_writes_a_checkpoint_the_engine_loads(tiny_pr
     assert summary["steps"] == 3
     best = tmp_path / "checkpoints" / "render" / "best.safetensors"
     model = neural.load(best)
-    assert isinstance(model, R.Render) and model.cfg.img == 32
+    assert isinstance(model, render.Render) and model.cfg.img == 32
     assert json.loads(best.with_suffix(".json").read_text())["data"]["train_windows"] > 0

@@ -14,7 +14,7 @@ from lipsync_cli import models
 from lipsync_cli.data.dataset import trainable_frames
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.engine import seed as seed_engine
-from lipsync_cli.models import seed as S
+from lipsync_cli.models import seed
 
 TINY = {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64, "gen_channels": 64}
 
@@ -28,7 +28,7 @@ def _conv(cin: int, cout: int, k: int, dims: int) -> int:
 
 
 def test_full_spec_layers_shapes_and_parameter_counts():
-    m = S.build({"model": "seed"})
+    m = seed.build({"model": "seed"})
     # AudioEncoder: Linear(13 -> 128) + TransformerEncoder 4 x (d 128, 4 heads, ff 512, dropout 0.1)
     assert (m.audio.proj.in_features, m.audio.proj.out_features) == (13, 128)
     layers = m.audio.transformer.layers
@@ -89,7 +89,7 @@ def _batch(b: int = 2, g: int = 4) -> dict[str, torch.Tensor]:
 
 def _grads(m: nn.Module, batch: dict, step: int) -> dict[str, bool]:
     m.zero_grad()
-    loss, logs = S.loss_fn(m, batch, step)
+    loss, logs = seed.loss_fn(m, batch, step)
     loss.backward()
     got = {
         name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters())
@@ -99,7 +99,7 @@ def _grads(m: nn.Module, batch: dict, step: int) -> dict[str, bool]:
 
 
 def test_phase_switch_encoders_first_then_everything():
-    m = S.build({**TINY, "phase1_steps": 5})
+    m = seed.build({**TINY, "phase1_steps": 5})
     b = _batch()
     p1 = _grads(m, b, 4)
     assert p1["phase"] == 1 and p1["audio"] and p1["video"] and p1["align"]
@@ -110,22 +110,22 @@ def test_phase_switch_encoders_first_then_everything():
 
 def test_discriminator_gets_only_its_own_loss():
     """One optimiser: the generator's adversarial term must not train the discriminator to be fooled."""
-    m = S.build({**TINY, "phase1_steps": 0, "adv_weight": 1.0}).eval()  # no dropout: both passes see one fake
+    m = seed.build({**TINY, "phase1_steps": 0, "adv_weight": 1.0}).eval()  # no dropout: both passes see one fake
     b = _batch()
     m.zero_grad()
-    S.joint(m, b)[0].backward()
+    seed.joint(m, b)[0].backward()
     got = [p.grad.clone() for p in m.disc.parameters()]
     m.zero_grad()
     with torch.no_grad():
         fake = m(b["mfcc"], b["refs"]).flatten(0, 1)
     real = b["target"].flatten(0, 1)
-    ((S._bce(m.disc(real), True) + S._bce(m.disc(fake), False)) / 2).backward()
+    ((seed._bce(m.disc(real), True) + seed._bce(m.disc(fake), False)) / 2).backward()
     for g, p in zip(got, m.disc.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
 def test_dataset_references_never_show_a_target(tiny_prep):
-    task = S.make_task(tiny_prep, TINY)
+    task = seed.make_task(tiny_prep, TINY)
     ds = task.train_set
     assert len(ds) > 10 and task.val_set is not None and task.find_unused_parameters
     item = ds[3]
@@ -139,7 +139,7 @@ def test_dataset_references_never_show_a_target(tiny_prep):
         (refs[r].round().byte().numpy().astype(int) - ds.mouths[k].astype(int)).__abs__().sum((1, 2, 3)).argmin()
         for r in range(2)
     ]
-    assert all(abs(int(t) - i) >= S.MIN_GAP for t in dist)
+    assert all(abs(int(t) - i) >= seed.MIN_GAP for t in dist)
     assert np.allclose(task.config["mfcc_std"], np.concatenate(ds.mfcc).std(0), rtol=1e-2)
     v1, v2 = task.val_set[0], task.val_set[0]
     assert torch.equal(v1["refs"], v2["refs"]) and torch.equal(v1["target"], v2["target"])  # deterministic val
@@ -156,7 +156,7 @@ def test_shared_clips_skip_the_eval_held_out_window():
 
 def test_a_few_steps_reduce_reconstruction_loss_on_real_data(tiny_prep):
     torch.manual_seed(0)
-    task = S.make_task(tiny_prep, {**TINY, "phase1_steps": 1, "group": 4})
+    task = seed.make_task(tiny_prep, {**TINY, "phase1_steps": 1, "group": 4})
     m = task.model.train()
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=2, shuffle=True, drop_last=True)
@@ -184,7 +184,7 @@ def test_a_few_steps_reduce_reconstruction_loss_on_real_data(tiny_prep):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    m = S.build({**TINY, "mfcc_mean": list(range(13)), "mfcc_std": [2.0] * 13}).eval()
+    m = seed.build({**TINY, "mfcc_mean": list(range(13)), "mfcc_std": [2.0] * 13}).eval()
     config = {"model": "seed", **{k: v for k, v in TINY.items()}, "mfcc_mean": list(range(13)), "mfcc_std": [2.0] * 13}
     path = models.save(m, config, tmp_path / "seed", meta={"step": 1})
     m2, cfg = models.load(path)
@@ -200,7 +200,7 @@ def test_engine_pastes_generated_mouths_into_real_crops(tiny_prep, tmp_path):
     from lipsync_cli.data.prep import SR
 
     torch.manual_seed(0)
-    m = S.build(TINY).eval()
+    m = seed.build(TINY).eval()
     ckpt = models.save(m, {"model": "seed", **TINY}, tmp_path / "seed")
     man = json.loads(tiny_prep.read_text())
     with safe_open(str(tiny_prep.parent / man["clips"][0]["path"]), framework="numpy") as f:
@@ -220,7 +220,7 @@ def test_engine_pastes_generated_mouths_into_real_crops(tiny_prep, tmp_path):
     speech = src.audio[(n // 2) * SR // 25 : n * SR // 25]
     track = seed_engine.animate(src, speech, bg, checkpoint=ckpt)
     assert track.crops.shape == (len(bg), 128, 128, 3) and (track.source_index == bg).all()
-    x0, y0, x1, y1 = (np.array(S.MOUTH_BOX) * 128).round().astype(int)
+    x0, y0, x1, y1 = (np.array(seed.MOUTH_BOX) * 128).round().astype(int)
     outside = np.ones((128, 128), bool)
     outside[y0:y1, x0:x1] = False
     assert np.array_equal(track.crops[:, outside], t["crops"][bg][:, outside])  # only the mouth box changes

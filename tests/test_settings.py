@@ -37,3 +37,70 @@ def test_config_show_lists_settings(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "crf" in r.stdout and "27" in r.stdout and "LIPSYNC_SYNC_MODE" in r.stdout
+
+
+def test_load_settings_reads_the_named_file_without_touching_the_environment(tmp_path, monkeypatch):
+    import os
+
+    from lipsync_cli.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    (tmp_path / "lipsync.toml").write_text("crf = 22\n")
+    (tmp_path / "other.toml").write_text('crf = 27\nlips = "map"\n')
+    before = dict(os.environ)
+    s = load_settings(tmp_path / "other.toml")
+    assert type(s) is Settings and s.crf == 27 and s.lips == "map"
+    assert dict(os.environ) == before
+    assert load_settings().crf == 22  # the default file is untouched by the call above
+    monkeypatch.setenv("LIPSYNC_CRF", "30")
+    assert load_settings(tmp_path / "other.toml").crf == 30  # the environment still beats the file
+
+
+def test_nothing_below_the_cli_reads_settings_or_writes_the_environment():
+    """Settings flow in as arguments: only cli.py builds them from file + environment, and nobody sets os.environ."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "lipsync_cli"
+    bad = []
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                if rel not in ("cli.py", "settings.py") and (
+                    name == "load_settings" or (name == "Settings" and not node.args and not node.keywords)
+                ):
+                    bad.append(f"{rel}:{node.lineno} reads settings")
+                if name in ("putenv", "setdefault", "update") and "environ" in ast.unparse(f):
+                    bad.append(f"{rel}:{node.lineno} writes os.environ")
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if any(isinstance(t, ast.Subscript) and "environ" in ast.unparse(t.value) for t in targets):
+                bad.append(f"{rel}:{node.lineno} writes os.environ")
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_settings_passed_to_dub_win_over_file_and_environment(tmp_path, monkeypatch):
+    """dub(..., Settings(lips="map")) from Python uses the map although lipsync.toml and LIPSYNC_LIPS say model."""
+    from lipsync_cli import media, progress
+    from lipsync_cli.dub import dub
+    from lipsync_cli.engine import retrieval
+    from tests.conftest import shared_file
+
+    video = shared_file("media/pcavs_00086.mp4")
+    speech = media.read_audio(shared_file("speech/musetalk_eng.wav"), 16000)[:16000]
+    wav = tmp_path / "speech.wav"
+    media.write_wav(wav, speech, 16000)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lipsync.toml").write_text('lips = "model"\n')
+    monkeypatch.setenv("LIPSYNC_LIPS", "model")
+    chosen = []
+    real = retrieval.lips_model
+    monkeypatch.setattr(retrieval, "lips_model", lambda choice="model": chosen.append(choice) or real(choice))
+    progress.set_quiet(True)
+    result = dub(video, None, wav, tmp_path / "out.mp4", Settings(lips="map"), force=True)
+    assert chosen == ["map"]
+    assert result.output.is_file() and result.frames == 25

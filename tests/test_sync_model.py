@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lipsync_cli import models
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models import sync as S
+from lipsync_cli.models import sync
 
 TINY = {"video_channels": [8, 16], "audio_channels": [16], "dim": 16, "batch_size": 16, "max_shift": 6}
 
@@ -26,11 +26,11 @@ def _shard(manifest: Path, split: str = "val") -> dict:
 
 
 def test_windows_are_aligned(tiny_prep):
-    cfg = S.build({"model": "sync", **TINY}).cfg
-    ds = S.SyncWindows(tiny_prep, "train", cfg)
+    cfg = sync.build({"model": "sync", **TINY}).cfg
+    ds = sync.SyncWindows(tiny_prep, "train", cfg)
     shard = load_file(str(tiny_prep.parent / ds.clips[0]["path"]))
     assert len(shard["mel"]) == 4 * len(shard["crops"]) + 1  # row 4i is frame i, one extra row closes the clip
-    mouths = S.mouth_frames(shard["crops"], cfg.height, cfg.width)
+    mouths = sync.mouth_frames(shard["crops"], cfg.height, cfg.width)
     k, lags = cfg.max_shift, torch.arange(-cfg.max_shift, cfg.max_shift + 1)
     first = [i for i, (c, _) in enumerate(ds.index) if c == 0]
     for i in (first[0], first[len(first) // 2], first[-1]):  # both edges of the clip and its middle
@@ -38,7 +38,7 @@ def test_windows_are_aligned(tiny_prep):
         assert item["video"].shape == (5, cfg.height, cfg.width) and item["video"].dtype == torch.uint8
         assert item["mel"].shape == (8 * k + 20, 80) and item["valid"].shape == (2 * k + 1,)
         assert np.array_equal(item["video"].numpy(), mouths[s : s + 5])
-        wins = S._windows(item["mel"][None], k, lags)[0]  # (2k+1, 20, 80)
+        wins = sync._windows(item["mel"][None], k, lags)[0]  # (2k+1, 20, 80)
         for j, lag in enumerate(lags.tolist()):  # offset `lag`: video window s against audio window s - lag
             u = s - lag
             assert bool(item["valid"][j]) == (u >= 0 and u + 5 <= len(mouths))
@@ -48,7 +48,7 @@ def test_windows_are_aligned(tiny_prep):
 
 def test_loss_decreases_and_validates(tiny_prep):
     torch.manual_seed(0)
-    task = S.make_task(tiny_prep, TINY)
+    task = sync.make_task(tiny_prep, TINY)
     assert task.metric == "metric" and task.higher_is_better and task.val_set is not None
     batch = next(iter(DataLoader(task.train_set, 16, shuffle=True, generator=torch.Generator().manual_seed(0))))
     opt = torch.optim.Adam(task.model.parameters(), 3e-3)
@@ -72,7 +72,7 @@ def test_loss_decreases_and_validates(tiny_prep):
 
 def test_make_task_rejects_unknown_settings(tiny_prep):
     with pytest.raises(LipsyncError, match="unknown sync setting"):
-        S.make_task(tiny_prep, {"layers": 3})
+        sync.make_task(tiny_prep, {"layers": 3})
 
 
 def test_offset_sign_convention():
@@ -82,60 +82,60 @@ def test_offset_sign_convention():
     a /= np.linalg.norm(a, axis=1, keepdims=True)
     for d in (4, -3, 0):
         v = np.roll(a, d, axis=0)  # v[t] = a[t - d]
-        r = S.offset_scores(v, a, max_offset=15)
+        r = sync.offset_scores(v, a, max_offset=15)
         assert r["offset"] == d and r["dist_by_offset"][15 + d] < 1e-9
         assert r["confidence"] > 1 and r["min_dist"] < 1e-9 and len(r["dist_by_offset"]) == 31
     ok = np.zeros(60, bool)
     with pytest.raises(LipsyncError):
-        S.offset_scores(a, a, ok=ok)
+        sync.offset_scores(a, a, ok=ok)
 
 
 def test_embeddings_shapes_and_round_trip(tmp_path, tiny_prep):
     torch.manual_seed(0)
-    model = S.build({"model": "sync", **TINY}).eval()
+    model = sync.build({"model": "sync", **TINY}).eval()
     shard = _shard(tiny_prep)
     crops, mel = shard["crops"][:30], shard["mel"][: 4 * 30 + 1]
-    v, a = S.embed_video(model, crops), S.embed_audio(model, mel)
+    v, a = sync.embed_video(model, crops), sync.embed_audio(model, mel)
     assert v.shape == a.shape == (26, 16)
     np.testing.assert_allclose(v.norm(dim=1).numpy(), 1, atol=1e-5)
     path = models.save(model, {"model": "sync", **TINY}, tmp_path / "sync")
     again, config = models.load(path)
     assert config["dim"] == 16
-    torch.testing.assert_close(S.embed_video(again, crops), v)
-    torch.testing.assert_close(S.embed_audio(again, mel), a)
+    torch.testing.assert_close(sync.embed_video(again, crops), v)
+    torch.testing.assert_close(sync.embed_audio(again, mel), a)
     with pytest.raises(LipsyncError, match="too short"):
-        S.embed_video(model, crops[:3])
+        sync.embed_video(model, crops[:3])
 
 
 def test_sync_loss_is_differentiable(tiny_prep):
     torch.manual_seed(0)
-    model = S.build({"model": "sync", **TINY}).eval().requires_grad_(False)
+    model = sync.build({"model": "sync", **TINY}).eval().requires_grad_(False)
     shard = _shard(tiny_prep)
     crops = torch.from_numpy(shard["crops"][10:20].astype(np.float32) / 255).reshape(2, 5, 128, 128, 3)
     mel = torch.from_numpy(shard["mel"][40:80].astype(np.float32)).reshape(2, 20, 80)
     video = crops.clone().requires_grad_(True)
-    loss = S.sync_loss(model, video, mel)
+    loss = sync.sync_loss(model, video, mel)
     loss.backward()
     assert 0 <= loss.item() <= 2 and video.grad is not None and video.grad.abs().sum() > 0
     # channels-first input is the same thing; the torch mouth cut matches the numpy one used for training
-    same = S.sync_loss(model, crops.permute(0, 1, 4, 2, 3), mel)
+    same = sync.sync_loss(model, crops.permute(0, 1, 4, 2, 3), mel)
     torch.testing.assert_close(same, loss.detach())
-    cut = S.mouth_tensor(crops[:1], 48, 72)[0] * 255
-    ref = torch.from_numpy(S.mouth_frames(shard["crops"][10:15]).astype(np.float32))
+    cut = sync.mouth_tensor(crops[:1], 48, 72)[0] * 255
+    ref = torch.from_numpy(sync.mouth_frames(shard["crops"][10:15]).astype(np.float32))
     assert (cut - ref).abs().mean() < 2.0
 
 
 def test_committed_expert_finds_offsets(tiny_prep):
     """The committed checkpoint on a held-out GRID clip: offset ~0 as recorded, and injected shifts recovered."""
-    model = S.load_default()
+    model = sync.load_default()
     if model is None:
         pytest.skip("no committed sync checkpoint")
     shard = _shard(tiny_prep)
     crops, mel, found = shard["crops"], shard["mel"].astype(np.float32), shard["found"]
-    assert abs(S.offsets(model, crops, mel, found=found)["offset"]) <= 1
+    assert abs(sync.offsets(model, crops, mel, found=found)["offset"]) <= 1
     for d in (3, -3):  # video lags audio by d: video frame t shows what the audio said at t - d
         # d > 0: the audio starts d frames into the clip; d < 0: the video starts -d frames in
-        r = S.offsets(model, crops, mel[4 * d :]) if d > 0 else S.offsets(model, crops[-d:], mel)
+        r = sync.offsets(model, crops, mel[4 * d :]) if d > 0 else sync.offsets(model, crops[-d:], mel)
         assert abs(r["offset"] - d) <= 1, (d, r["offset"])
 
 
@@ -146,17 +146,17 @@ def test_eval_route_finds_offsets(shared):
     from lipsync_cli.data import prep
     from lipsync_cli.eval.protocols import track_landmarks
 
-    model = S.load_default()
+    model = sync.load_default()
     if model is None:
         pytest.skip("no committed sync checkpoint")
     videos = sorted((shared / "corpus" / "grid" / "s1" / "video").glob("*.mpg"))
     video = next(v for v in videos if prep._bucket(v.stem) >= 90)  # the manifest's test split: never trained on
     frames = np.stack(list(media.iter_frames(video, 25)))
     audio, lm = media.read_audio(video, 16000), track_landmarks(frames)
-    r = S.clip_sync(model, frames, lm, audio)
+    r = sync.clip_sync(model, frames, lm, audio)
     assert abs(r["offset"]) <= 1 and r["confidence"] > 0.05
-    crops, mel, _ = S.prepare(frames, lm, audio)
+    crops, mel, _ = sync.prepare(frames, lm, audio)
     assert crops.shape == (len(frames), 128, 128, 3) and mel.shape == (4 * len(frames) + 1, 80)
     for d in (4, -4):
-        r = S.offsets(model, crops, mel[4 * d :]) if d > 0 else S.offsets(model, crops[-d:], mel)
+        r = sync.offsets(model, crops, mel[4 * d :]) if d > 0 else sync.offsets(model, crops[-d:], mel)
         assert abs(r["offset"] - d) <= 1, (d, r["offset"])

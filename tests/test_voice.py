@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_cli import dub, media, progress
+from lipsync_cli import media, progress
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
-from lipsync_cli.voice import xtts
+from lipsync_cli.voice import speech, xtts
 from lipsync_cli.voice.speaker import SR, similarity, speaker_embedding
 from tests.conftest import run_cli, shared_file
 
@@ -63,7 +63,7 @@ def settings() -> Settings:
 def test_voice_output_is_exactly_as_long_as_the_tts(tmp_path, settings):
     clip = shared_file(KATIE)
     out = tmp_path / "speech.wav"
-    r = dub.speak(clip, SENTENCE, out, settings)
+    r = speech.speak(clip, SENTENCE, out, settings)
     n, sr = wav_frames(out)
     assert sr == SR and n == r.samples == r.tts_samples > SR  # conversion kept the timing sample for sample
     assert r.voice == clip.name
@@ -93,8 +93,8 @@ def test_converted_voice_is_closer_to_held_out_speech_of_the_person(tmp_path, se
     ref = tmp_path / "ref.wav"
     media.write_wav(ref, audio[:cut], SR)
     target = speaker_embedding(audio[cut:])
-    cloned = dub.speak(clip, SENTENCE, tmp_path / "c.wav", settings.with_overrides(voice_ref=ref))
-    plain = dub.speak(clip, SENTENCE, tmp_path / "p.wav", settings.with_overrides(voice="tts"))
+    cloned = speech.speak(clip, SENTENCE, tmp_path / "c.wav", settings.with_overrides(voice_ref=ref))
+    plain = speech.speak(clip, SENTENCE, tmp_path / "p.wav", settings.with_overrides(voice="tts"))
     assert cloned.voice == str(ref) and plain.voice == "tts"
     sim = {r.voice: similarity(speaker_embedding(media.read_audio(r.output, SR)), target) for r in (cloned, plain)}
     assert sim[str(ref)] > sim["tts"] + 0.03, sim
@@ -144,7 +144,7 @@ def test_voice_ref_problems_are_clear_errors(tmp_path, settings):
     ]:
         s = settings.with_overrides(voice_ref=ref, voice_fallback=True)  # a reference given is never skipped
         with pytest.raises(LipsyncError, match=f"--voice-ref {ref}.*{needle}"):
-            dub.speak(clip, "Hello.", tmp_path / "out.wav", s)
+            speech.speak(clip, "Hello.", tmp_path / "out.wav", s)
     assert not (tmp_path / "out.wav").exists()
     one_line_error(run_cli("voice", clip, "Hi.", "--voice", "tts", "--voice-ref", silent), "cannot go with --voice tts")
 
@@ -200,7 +200,7 @@ def test_xtts_errors_say_what_is_missing(tmp_path, settings):
             xtts.check(tmp_path)
         s = settings.with_overrides(tts="xtts", tts_model_dir=tmp_path)
         with pytest.raises(LipsyncError, match="coqui-tts"):  # before any work is done
-            dub.speak(recording, "Hello.", tmp_path / "out.wav", s)
+            speech.speak(recording, "Hello.", tmp_path / "out.wav", s)
     r = run_cli("voice", recording, "Hi.", "--tts", "xtts", "-o", tmp_path / "x.wav")
     one_line_error(r, "--tts-model-dir")
 

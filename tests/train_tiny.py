@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lipsync_cli.data.dataset import WindowDataset
-from lipsync_cli.train import Task
+from lipsync_cli.models.task import Task
 
 DEFAULTS = {"model": "train_tiny", "hidden": 32, "dropout": 0.0, "window": 5, "train_split": "train", "validate": True}
 

@@ -16,7 +16,8 @@ from typing import NamedTuple
 from rich.filesize import decimal
 from rich.table import Table
 
-VIDEO_EXT = {".mpg", ".mp4", ".avi", ".mov", ".mkv", ".webm"}
+from lipsync_cli.files import VIDEO_EXT
+
 AUDIO_EXT = {".wav", ".flac"}
 KIND = {ext: "video" for ext in VIDEO_EXT} | {ext: "audio" for ext in AUDIO_EXT} | {".align": "align"}
 CLIP_SECONDS = {"grid": 3.0}

@@ -17,11 +17,9 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+HOLD_OUT = 0.4  # eval reconstruct: fraction of a media clip re-created (the end); the rest is the reference
+MAX_CLIP_S = 8.0  # eval: seconds of each video analysed (training leaves the re-created span out: eval_spans)
 FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
-# what `lipsync eval` re-creates of each shared media clip, here so that training leaves it out without importing
-# the eval (and through it the dub and media stack)
-HOLD_OUT = 0.4  # fraction of a media clip re-created (the end); the rest is the reference
-MAX_CLIP_S = 8.0  # seconds of each video analysed: eval stays fast, a few seconds per clip
 
 
 def clip_key(c: dict) -> str:

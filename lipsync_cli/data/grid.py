@@ -38,6 +38,7 @@ from rich.table import Table
 
 from lipsync_cli.data.download import USER_AGENT, download_file, head_size, safe_extract
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import write_json
 from lipsync_cli.progress import console, is_quiet, log
 
 ZENODO_URL = "https://zenodo.org/records/3625687/files"
@@ -199,7 +200,7 @@ def zenodo_files(api_url: str, cache: Path | None = None, timeout: float = 10.0)
         return {}
     if cache is not None and files:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(cache, {"url": api_url, "record": record})
+        write_json(cache, {"url": api_url, "record": record})
     return files
 
 
@@ -235,13 +236,7 @@ def _mark_done(root: Path, speaker: int, kind: str, files: int, source: str) -> 
         marker = {"corpus": "grid", "speaker": f"s{speaker}", "parts": {}}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     marker["parts"][kind] = {"files": files, "source": source, "completed": stamp}
-    _write_json(path, marker)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_json(path, marker)
 
 
 # ---------------------------------------------------------------------------------------------- fetch

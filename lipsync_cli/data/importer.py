@@ -15,9 +15,7 @@ A source's audio is held in memory while it is cut (48 kHz float32: ~0.7 GB per 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,11 +25,10 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, media, progress
-from lipsync_cli.data.corpus import VIDEO_EXT
+from lipsync_cli import audio, face, media, progress
 from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import VIDEO_EXT, write_json
 
 FPS = 25
 SR = 48000  # segment audio keeps full bandwidth; voice activity runs on a 16 kHz copy
@@ -150,12 +147,6 @@ def _imported_hashes(video_dir: Path) -> set[str]:
     return hashes
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def import_source(
     video: Path,
     out_dir: Path,
@@ -178,9 +169,9 @@ def import_source(
     x = media.read_audio(video, SR, ffmpeg=ffmpeg)
     n_frames = info.n_frames(FPS)
     x = x[: n_frames * SR // FPS]
-    x16 = A.resample(x, SR, A.SR)
-    active = A.voice_activity(x16, A.SR, fps=VAD_RATE)
-    level = A.rms_envelope(x16, A.SR, fps=VAD_RATE, n_frames=len(active))
+    x16 = audio.resample(x, SR, audio.SR)
+    active = audio.voice_activity(x16, audio.SR, fps=VAD_RATE)
+    level = audio.rms_envelope(x16, audio.SR, fps=VAD_RATE, n_frames=len(active))
     spans = speech_segments(active, level, min_s=min_s, max_s=max_s)
     if not spans:
         return [Segment(video, 0, 0.0, n_frames / FPS, reason="no speech")]
@@ -212,7 +203,7 @@ def import_source(
         _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
         for seg in keep:  # the JSON marks a segment done, so it comes after its video
             i0, i1 = round(seg.start * FPS), round(seg.end * FPS)
-            _write_json(out_dir / f"{seg.id}.json", {
+            write_json(out_dir / f"{seg.id}.json", {
                 "source": str(video.resolve()), "sha256": digest, "start": seg.start, "end": seg.end,
                 "frames": i1 - i0, "fps": FPS, "found": round(seg.found, 4), "segment": seg.index,
                 "corpus": corpus, "speaker": speaker, "source_fps": info.fps,
@@ -312,7 +303,7 @@ def _write_meta(speaker_dir: Path) -> None:
             total += float(seg["end"]) - float(seg["start"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    _write_json(speaker_dir / "meta.json", {"seconds": round(total, 2)})
+    write_json(speaker_dir / "meta.json", {"seconds": round(total, 2)})
 
 
 def summary_table(s: ImportSummary) -> Table:

@@ -25,10 +25,8 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
-import os
 import queue
 import re
-import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -42,18 +40,13 @@ from rich.table import Table
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lipsync_cli import audio as A
 from lipsync_cli import face, media, progress
-from lipsync_cli.data.corpus import VIDEO_EXT
+from lipsync_cli.audio import match_loudness, mel_spectrogram, mfcc, speech_loudness_db, voice_activity
 from lipsync_cli.data.grid import read_align, sentence
+from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import VIDEO_EXT, atomic, write_json
 
-FORMAT = "1"
-FPS = 25
-SR = 16000
-FEAT_RATE = 100
-HOP = SR // FEAT_RATE  # 160 samples per feature row
-TARGET_DB = -23.0
 SILENCE_WORDS = frozenset({"sil", "sp"})
 FRAME_BUDGET = 512 << 20  # decoded frames kept for the crop pass up to this many bytes; longer clips decode twice
 STAGES = ("decode", "mesh", "crops", "audio", "wait_audio", "write")
@@ -152,14 +145,6 @@ def word_frames(
     return index, silence
 
 
-def _nearest(found: np.ndarray) -> np.ndarray:
-    """For each frame, the nearest frame where `found` (ties go to the earlier one); needs one at least."""
-    idx, t = np.flatnonzero(found), np.arange(len(found))
-    pos = np.searchsorted(idx, t)
-    before, after = idx[np.maximum(pos - 1, 0)], idx[np.minimum(pos, len(idx) - 1)]
-    return np.where(np.abs(t - before) <= np.abs(after - t), before, after)
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -172,22 +157,22 @@ def clip_audio(clip: Clip, n_frames: int, target_db: float = TARGET_DB, ffmpeg: 
     """The clip's audio tensors (exactly n_frames long), word timings and loudness, plus the seconds it took."""
     t0 = time.perf_counter()
     x = media.read_audio(clip.video, SR, ffmpeg=ffmpeg)
-    loudness = A.speech_loudness_db(x, SR)
-    x = A.match_loudness(x, SR, target_db)
+    loudness = speech_loudness_db(x, SR)
+    x = match_loudness(x, SR, target_db)
     n = n_frames * SR // FPS
     x = np.pad(x, (0, max(0, n - len(x))))[:n]
-    mel = A.mel_spectrogram(x, SR, n_mels=80, hop_s=HOP / SR)
+    mel = mel_spectrogram(x, SR, n_mels=80, hop_s=HOP / SR)
     words = read_align(clip.align) if clip.align else grid_words(clip, x)
     if words:
         word_index, silence = word_frames(words, n_frames)
     else:  # no transcript: pauses from the audio itself
-        word_index, silence = np.full(n_frames, -1, np.int16), ~A.voice_activity(x, SR, fps=FPS, n_frames=n_frames)
+        word_index, silence = np.full(n_frames, -1, np.int16), ~voice_activity(x, SR, fps=FPS, n_frames=n_frames)
     tensors = {
         "word_index": word_index,
         "silence": silence,
         "mel_index": np.clip(np.round(np.arange(n_frames) * FEAT_RATE / FPS), 0, len(mel) - 1).astype(np.int32),
         "mel": mel.astype(np.float16),
-        "mfcc": A.mfcc(x, SR, n_mfcc=13, n_mels=80, hop_s=HOP / SR),
+        "mfcc": mfcc(x, SR, n_mfcc=13, n_mels=80, hop_s=HOP / SR),
         "audio": np.round(np.clip(x, -1, 1) * 32767).astype(np.int16),
     }
     return {"tensors": tensors, "words": words, "loudness": loudness, "seconds": time.perf_counter() - t0}
@@ -276,8 +261,7 @@ def prep_clip(
         raise LipsyncError(f"no face found in {T} frames")
     lm_raw = np.full((T, face.N_LANDMARKS, 2), np.nan, np.float32)
     lm_raw[found] = np.stack([lm for lm in raw if lm is not None])
-    lm = face.smooth_landmarks(lm_raw, found, smooth)
-    M = face.align_matrix(lm[_nearest(found)], size)  # (T, 2, 3); frames without a face borrow the nearest one's
+    lm, M = face.align_track(lm_raw, found, size, smooth)  # frames without a face borrow the nearest one's matrix
     lips = np.full((T, len(face.LIPS), 2), np.nan, np.float32)
     for i in np.flatnonzero(found):
         lips[i] = face.lip_shape(lm[i], M[i])
@@ -316,13 +300,8 @@ def prep_clip(
         "words": json.dumps([[round(s, 4), round(e, 4), w] for s, e, w in words]),
         "provenance": json.dumps(provenance),
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic(out) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     tm["write"] += time.perf_counter() - t0
     return tm
 
@@ -397,10 +376,7 @@ def write_manifest(out_root: Path, size: int) -> dict:
         "n_mfcc": 13, "target_db": TARGET_DB, "clips": clips, "frames": sum(c["frames"] for c in clips),
         "hours": round(sum(c["seconds"] for c in clips) / 3600, 4), "vocab": vocab, "splits": split_clips(clips),
     }  # fmt: skip
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".manifest.json.{secrets.token_hex(4)}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_root / "manifest.json")
+    write_json(out_root / "manifest.json", manifest)
     return manifest
 
 

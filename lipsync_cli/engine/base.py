@@ -1,13 +1,14 @@
 """The small interface every mouth engine speaks.
 
-An engine receives `SourceFaces` (the input video's tracked face: aligned lower-face crops, landmarks, the video's
-own speech) and returns a `MouthTrack`: for every output frame, an aligned lower-face image carrying the new mouth
-plus the aligned landmarks of that mouth and jaw (the compositor needs them to shape its mask).
+An engine (`Engine`) receives `SourceFaces` (the input video's tracked face: aligned lower-face crops, landmarks,
+the video's own speech) and returns a `MouthTrack`: for every output frame, an aligned lower-face image carrying the
+new mouth plus the aligned landmarks of that mouth and jaw (the compositor needs them to shape its mask).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -50,3 +51,18 @@ class MouthTrack:
         if self.crops is not None:
             return self.crops[i]
         return np.asarray(source.crops[self.source_index[i]])
+
+
+class Engine(Protocol):
+    """What `get_engine` returns: the mouths for len(background) output frames. background[i] is the source frame
+    behind output frame i; `close` marks output frames where the mouth must be shut (pauses, bilabials). Everything
+    else an engine needs (lips choice, adaptation budget) is bound in from the caller's settings, never re-read."""
+
+    def __call__(
+        self,
+        source: SourceFaces,
+        speech: np.ndarray,
+        background: np.ndarray,
+        close: np.ndarray | None = None,
+        sr: int = ...,
+    ) -> MouthTrack: ...

@@ -22,18 +22,17 @@ import cv2
 import numpy as np
 import torch
 
-from lipsync_cli import audio as A
-from lipsync_cli import face, models, progress
-from lipsync_cli.engine import lipmap, retrieval
+from lipsync_cli import audio, face, models, progress
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models import render as R
+from lipsync_cli.models import lipmap, render
 
 ADAPT_FRAMES = 3000  # at most this many of the video's frames are held for adaptation (spread evenly)
 _cache: dict[str, torch.nn.Module] = {}
 
 
-def load(checkpoint: str | Path | None = None) -> R.Render:
+def load(checkpoint: str | Path | None = None) -> render.Render:
     """The renderer from `checkpoint` (default lipsync_cli/weights/render.safetensors), loaded once per process."""
     path = Path(checkpoint) if checkpoint else models.WEIGHTS / "render.safetensors"
     key = str(path.with_suffix(".safetensors"))
@@ -49,24 +48,24 @@ def load(checkpoint: str | Path | None = None) -> R.Render:
 
 def source_boxes(source: SourceFaces, frames: np.ndarray, img: int) -> np.ndarray:
     """Renderer boxes of the given source frames (crops of any size)."""
-    return R.cut_boxes(np.asarray(source.crops[frames]), img)
+    return render.cut_boxes(np.asarray(source.crops[frames]), img)
 
 
 def adapt_to(
-    model: R.Render, source: SourceFaces, aligned: np.ndarray, minutes: float, steps: int | None = None
-) -> R.Render:
+    model: render.Render, source: SourceFaces, aligned: np.ndarray, minutes: float, steps: int | None = None
+) -> render.Render:
     """Fine-tune a copy on the video's own usable frames for `minutes` of wall time, or for exactly `steps` steps
     when given (wall time depends on the machine's load; a step count does not). 0: the model as it is."""
     pool = np.flatnonzero(source.pool)
-    if (steps == 0 if steps is not None else minutes <= 0) or len(pool) < 2 * R.MIN_GAP:
+    if (steps == 0 if steps is not None else minutes <= 0) or len(pool) < 2 * render.MIN_GAP:
         return model
     pool = pool[np.linspace(0, len(pool) - 1, min(len(pool), ADAPT_FRAMES)).round().astype(int)]
     img = model.cfg.img
     boxes = source_boxes(source, pool, img)
-    lips = R.to_box(aligned[pool][:, face.LIPS], source.size, img).astype(np.float32)
+    lips = render.to_box(aligned[pool][:, face.LIPS], source.size, img).astype(np.float32)
     if steps is not None:
         with progress.task(f"adapting the renderer to this face ({steps} steps)", steps) as advance:
-            return R.adapt(model, boxes, lips, 0.0, max_steps=steps, on_step=lambda *_: advance(1))[0]
+            return render.adapt(model, boxes, lips, 0.0, max_steps=steps, on_step=lambda *_: advance(1))[0]
     seconds = 60.0 * minutes
     with progress.task(f"adapting the renderer to this face ({minutes:g} min)", seconds) as advance:
         t0, last = time.perf_counter(), 0.0
@@ -77,12 +76,12 @@ def adapt_to(
             advance(now - last)
             last = now
 
-        return R.adapt(model, boxes, lips, seconds, on_step=tick)[0]
+        return render.adapt(model, boxes, lips, seconds, on_step=tick)[0]
 
 
 def paste(crop: np.ndarray, box: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """The aligned crop (any size) with the painted box resized into BOX, blended through the renderer's hole."""
-    x0, y0, x1, y1 = R.box_px(crop.shape[0])
+    x0, y0, x1, y1 = render.box_px(crop.shape[0])
     size = (x1 - x0, y1 - y0)
     big = cv2.resize(box, size, interpolation=cv2.INTER_CUBIC).astype(np.float32)
     mask = cv2.resize(hole, size, interpolation=cv2.INTER_LINEAR)[..., None]
@@ -97,27 +96,23 @@ def animate(
     speech: np.ndarray,
     background: np.ndarray,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
-    adapt_minutes: float | None = None,
+    sr: int = audio.SR,
+    lips: str = "model",
+    adapt_minutes: float = 2.0,
     adapt_steps: int | None = None,
     checkpoint: str | Path | None = None,
     batch: int = 64,
 ) -> MouthTrack:
-    """A painted mouth on every output frame whose background frame has a face. `adapt_minutes` None: the
-    `adapt_minutes` / `adapt_steps` settings."""
-    if adapt_minutes is None:
-        from lipsync_cli.settings import load_settings
-
-        s = load_settings()
-        adapt_minutes, adapt_steps = s.adapt_minutes, s.adapt_steps if adapt_steps is None else adapt_steps
+    """A painted mouth on every output frame whose background frame has a face. `lips`, `adapt_minutes`,
+    `adapt_steps`: the settings of those names (bound by get_engine); `adapt_steps` overrides the minutes."""
     model = load(checkpoint)
-    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr)
+    aligned, shapes, lm, target = retrieval.shape_targets(source, speech, len(background), close, sr, lips)
     track = retrieval.choose(source, aligned, shapes, lm, target, background)
     model = adapt_to(model, source, aligned, adapt_minutes, adapt_steps)
 
     img = model.cfg.img
-    lips = R.to_box(lipmap.lip_shapes(lm, target).reshape(-1, 40, 2) * source.size, source.size, img)
-    hole = R.hole_mask(img)
+    lips = render.to_box(lipmap.lip_shapes(lm, target).reshape(-1, 40, 2) * source.size, source.size, img)
+    hole = render.hole_mask(img)
     show = np.flatnonzero(track.source_index >= 0)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
     for i in np.flatnonzero(track.source_index < 0):
@@ -127,7 +122,7 @@ def animate(
             idx = show[s : s + batch]
             bg_crops = np.asarray(source.crops[background[idx]])
             refs = source_boxes(source, track.source_index[idx], img)
-            painted = R.paint(model, R.cut_boxes(bg_crops, img), refs, lips[idx])
+            painted = render.paint(model, render.cut_boxes(bg_crops, img), refs, lips[idx])
             for j, i in enumerate(idx):
                 crops[i] = paste(bg_crops[j], painted[j], hole)
             advance(len(idx))

@@ -8,7 +8,7 @@
    over the best candidates, where playing source frames in their natural order is free and jumps cost what they
    would show. Where the target mouth is shut, an open source mouth costs as much as a cut: by nearest shape alone,
    half-open mouths ran through the pauses the target closes.
-The compositor (`render.py`) warps the chosen mouth onto each output frame's face and blends it in.
+The compositor (`compositing.py`) warps the chosen mouth onto each output frame's face and blends it in.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import functools
 
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import face
-from lipsync_cli.engine import lipmap
+from lipsync_cli import audio, face
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
-from lipsync_cli.eval.metrics import closed_threshold
+from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
@@ -35,12 +33,12 @@ def animate(
     speech: np.ndarray,
     background: np.ndarray,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
-    lips: str | None = None,
+    sr: int = audio.SR,
+    lips: str = "model",
 ) -> MouthTrack:
     """Mouths for len(background) output frames. background[i] is the source frame shown behind output frame i;
     `close` marks output frames where the mouth must be shut (pauses, bilabials). `lips`: "model" | "map"
-    (None: the `lips` setting)."""
+    (the `lips` setting, bound by get_engine)."""
     aligned, shapes, lm, target = shape_targets(source, speech, len(background), close, sr, lips)
     return choose(source, aligned, shapes, lm, target, background)
 
@@ -56,11 +54,11 @@ def choose(
     """Step 3: the source mouth shown on each output frame, for `shape_targets`' targets. Where the target's
     inner-lip gap is under the source's closed threshold (eval's definition, on the source's own mouths), open
     source mouths cost OPEN_COST. Dub's `close` flags are not used here: they already pull the target (shape_targets),
-    and forcing them in selection too overshot real footage's closure on other voices (README "Lips model")."""
+    and forcing them in selection too overshot real footage's closure on other voices (docs/lips.md)."""
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = _pose_features(aligned, source.size)
     src_gap = inner_gap(np.nan_to_num(shapes))
-    thresh = closed_threshold(src_gap[source.pool])
+    thresh = face.closed_threshold(src_gap[source.pool])
     shut = inner_gap(lipmap.lip_shapes(lm, target)) < thresh
     index = select_mouths(src_coef, pose, source.pool, target / lm.scale, background, shut, src_gap >= thresh)
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
@@ -73,8 +71,8 @@ def shape_targets(
     speech: np.ndarray,
     n_out: int,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
-    lips: str | None = None,
+    sr: int = audio.SR,
+    lips: str = "model",
 ) -> tuple[np.ndarray, np.ndarray, lipmap.LipMap, np.ndarray]:
     """Steps 1-2: (aligned landmarks (T, 478, 2), lip shape vectors (T, 80), the map fitted on the source, target
     coefficients (n_out, k) in the map's PCA basis) for the new speech."""
@@ -99,12 +97,8 @@ def shape_targets(
     return aligned, shapes, lm, target
 
 
-def lips_model(choice: str | None = None):
+def lips_model(choice: str = "model"):
     """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
-    if choice is None:
-        from lipsync_cli.settings import load_settings
-
-        choice = load_settings().lips
     if choice not in ("model", "map"):
         raise ValueError(f"unknown lips choice {choice!r} (model or map)")
     return _default_lips() if choice == "model" else None

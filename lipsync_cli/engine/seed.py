@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import torch
 
-from lipsync_cli import audio as A
-from lipsync_cli import models
+from lipsync_cli import audio, models
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models.seed import IMG, MOUTH_BOX, mfcc_windows, mouth_patch
+from lipsync_cli.face import MOUTH_BOX
+from lipsync_cli.models.seed import IMG, mfcc_windows, mouth_patch
 
 TARGET_DB = -23.0  # prep's loudness for the training audio: MFCC level depends on it
 BATCH = 256
@@ -38,10 +38,10 @@ def load(checkpoint: str | Path | None = None) -> torch.nn.Module:
     return _cache[str(path)][0]
 
 
-def speech_mfcc(speech: np.ndarray, sr: int = A.SR) -> np.ndarray:
+def speech_mfcc(speech: np.ndarray, sr: int = audio.SR) -> np.ndarray:
     """MFCC-13 at 100 Hz exactly as prep computes it for training (loudness-normalised first)."""
-    x = A.match_loudness(np.asarray(speech, np.float32), sr, TARGET_DB)
-    return A.mfcc(x, sr, n_mfcc=13, n_mels=80, hop_s=0.01)
+    x = audio.match_loudness(np.asarray(speech, np.float32), sr, TARGET_DB)
+    return audio.mfcc(x, sr, n_mfcc=13, n_mels=80, hop_s=0.01)
 
 
 @torch.no_grad()

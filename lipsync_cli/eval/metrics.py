@@ -1,4 +1,5 @@
-"""Metrics of `lipsync eval`: pure functions of numpy arrays (no I/O, no models, no mediapipe import).
+"""Metrics of `lipsync eval`: pure functions of numpy arrays (no I/O, no models, no mediapipe import; face geometry
+from lipsync_cli.face).
 
 Landmarks are mediapipe face-mesh points, (T, 478, 2) float arrays in pixels, NaN rows where no face was
 found; frames with NaNs are skipped, never counted as zero error. Images are uint8 RGB, (H, W, 3) or (H, W),
@@ -10,6 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from lipsync_cli import face
+
 # Sorted unique indices of mediapipe.solutions.face_mesh_connections.FACEMESH_LIPS (google-ai-edge/mediapipe),
 # flattened from its connection pairs; hard-coded so the metrics need no mediapipe.
 LIP_IDX = np.array(
@@ -17,7 +20,6 @@ LIP_IDX = np.array(
     + [185, 191, 267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415]
 )
 INNER_LIP_PAIRS = ((13, 14), (82, 87), (312, 317))  # (upper, lower) inner-lip points: centre, right, left
-EYE_CORNERS_R, EYE_CORNERS_L = (33, 133), (362, 263)  # fallback eye centres when the mesh has no irises
 
 NOT_COMPUTED = {
     "fid": "needs Inception-v3 weights, a download not available offline; ssim/sharpness_ratio stand in",
@@ -33,18 +35,10 @@ _SSIM_R = 5  # half-width of the 11x11 Gaussian window: the border cropped so on
 # ----------------------------------------------------------------------------- landmarks
 
 
-def eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(right, left) eye centres (..., 2): iris means on the refined 478-point mesh, else corner midpoints."""
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.shape[-2] >= 478:
-        return lm[..., 468:473, :].mean(-2), lm[..., 473:478, :].mean(-2)
-    return lm[..., EYE_CORNERS_R, :].mean(-2), lm[..., EYE_CORNERS_L, :].mean(-2)
-
-
 def interocular(landmarks: np.ndarray) -> np.ndarray:
-    """Distance between the eye centres per frame: the unit that makes errors independent of face size."""
-    right, left = eye_centres(landmarks)
-    d = np.linalg.norm(left - right, axis=-1)
+    """face.inter_ocular per frame (eye-corner midpoints: iris points follow gaze), NaN where it is 0: the unit that
+    makes errors independent of face size."""
+    d = np.asarray(face.inter_ocular(np.asarray(landmarks, dtype=np.float64)), dtype=np.float64)
     return np.where(d > 0, d, np.nan)
 
 
@@ -55,7 +49,8 @@ def face_align(landmarks: np.ndarray) -> np.ndarray:
     the inter-ocular distance itself.
     """
     lm = np.asarray(landmarks, dtype=np.float64)
-    right, left = eye_centres(lm)
+    eyes = face.eye_centers(lm)
+    right, left = eyes[..., 0, :], eyes[..., 1, :]
     mid, d = (right + left) / 2, left - right
     theta = np.arctan2(d[..., 1], d[..., 0])[..., None]
     c, s = np.cos(theta), np.sin(theta)
@@ -66,8 +61,8 @@ def face_align(landmarks: np.ndarray) -> np.ndarray:
 def mouth_opening_series(landmarks: np.ndarray) -> np.ndarray:
     """Inner-lip gap / inter-ocular distance per frame (NaN where no face).
 
-    Gap = mean vertical (y) distance of the pairs (13,14), (82,87), (312,317); same definition as
-    lipsync_cli.face.mouth_opening, kept self-contained so the metrics have no pipeline imports.
+    Gap = mean vertical (y) distance of the pairs (13,14), (82,87), (312,317); face.mouth_opening averages five
+    pairs: this keeps its three so the published closure figures stay comparable. The scale is face.inter_ocular.
     """
     lm = np.asarray(landmarks, dtype=np.float64)
     upper = lm[..., [p[0] for p in INNER_LIP_PAIRS], 1]
@@ -170,20 +165,6 @@ def sync_energy(mouth_open: np.ndarray, envelope_db: np.ndarray, max_lag: int = 
 
 
 # ----------------------------------------------------------------------------- mouth closure
-
-
-def closed_threshold(mouth_open_real: np.ndarray, pct: float = 5.0, margin: float = 0.1) -> float:
-    """Opening below which the mouth counts as closed, from the REAL footage so every system shares it.
-
-    Low percentile of the real opening plus margin * its (pct, 100 - pct) percentile range: robust to a few
-    landmark glitches and independent of the opening's units.
-    """
-    v = np.asarray(mouth_open_real, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return float("nan")
-    lo, hi = np.percentile(v, [pct, 100 - pct])
-    return float(lo + margin * (hi - lo))
 
 
 def closure(mouth_open: np.ndarray, must_close: np.ndarray, closed_thresh: float) -> dict:

@@ -33,15 +33,30 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import audio as A
-from lipsync_cli import dub, face, media, progress, render
-from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S  # noqa: F401 (the eval's spans, defined where training reads them)
+from lipsync_cli import compositing, dub, face, media, progress
+from lipsync_cli.audio import SR, rms_envelope, voice_activity
+from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.eval import metrics as M
+from lipsync_cli.eval.metrics import (
+    LIP_IDX,
+    closure,
+    closure_gap,
+    face_align,
+    interocular,
+    landmark_jitter,
+    lve,
+    mouth_opening_series,
+    psnr,
+    sharpness_ratio,
+    ssim,
+    stability,
+    sync_energy,
+)
+from lipsync_cli.files import SPEECH_EXT, VIDEO_EXT
 from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speech import load_speech, match_video_loudness
 
-SR = A.SR
 METRICS = ("lve", "sync", "closure", "psnr", "ssim", "sharpness", "stability")
 GROUND_TRUTH_ONLY = ("lve", "psnr", "ssim")  # need the real frames the output should have been
 RESERVED = {"voice": "the dubbed voice is measured on speech alone, by eval/voice.py (`lipsync eval --metric voice`)"}
@@ -55,9 +70,6 @@ MEDIAN_KEYS = ("closure_gap",)  # a ratio: one clip whose mouth is near shut dur
 GRID_REFS = 4  # GRID: other clips of the speaker concatenated as the reference (12 s)
 GRID_TEST_MOD = 10  # GRID: crc32(id) % 10 == 0 is the held-out split when there is no prep manifest
 FACE_PX = 256  # whole-face metrics: the face box is resized to at most this (long side)
-MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # x0, y0, x1, y1 in the aligned crop (mouth at 0.5, 0.45): lips, teeth, chin
-VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m4v")
-SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")
 
 # Table columns: key, the metric that computes it, which way is better (low | high | one / zero: closest to it),
 # label (m: mouth region, f: face box). flicker is the excess temporal change outside the lips over the real
@@ -364,9 +376,9 @@ def cross_case(path: Path, speech: np.ndarray, speech_name: str, text: str | Non
     """cross: the video driven by other speech under the dub timing plan (bounce/loop/cut as configured)."""
     src, frames = analyse(path, settings)
     fps = src.fps
-    sp = dub.match_video_loudness(speech, src.audio)
+    sp = match_video_loudness(speech, src.audio)
     n_out = max(1, int(round(len(sp) / SR * fps)))
-    plan = render.timing_plan(src.n_frames, n_out, settings.sync_mode)
+    plan = compositing.timing_plan(src.n_frames, n_out, settings.sync_mode)
     sp = _fit_audio(sp, len(plan), fps)
     info = {"speech": speech_name, "input_frames": src.n_frames, "output_frames": len(plan)}
     name = f"{path.stem} + {speech_name}"
@@ -383,7 +395,7 @@ def composite(source: SourceFaces, frames: np.ndarray, background: np.ndarray, t
     out = np.array(frames)
     for i, b in enumerate(background):
         if track.source_index[i] >= 0 and source.found[b]:
-            render.composite(out[i], source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+            compositing.composite(out[i], source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
     return out
 
 
@@ -410,13 +422,8 @@ def floor_frames(frames: np.ndarray, fps: float) -> np.ndarray:
 
 def track_landmarks(frames: np.ndarray, face_index: int = 0) -> np.ndarray:
     """(T, 478, 2) raw mesh landmarks of output frames (NaN where no face): every system is measured alike."""
-    out = np.full((len(frames), face.N_LANDMARKS, 2), np.nan)
-    with face.FaceTracker(face_index=face_index) as tracker:
-        for t, f in enumerate(frames):
-            lm = tracker.update(np.ascontiguousarray(f))
-            if lm is not None:
-                out[t] = lm
-    return out
+    track = face.track_faces((np.ascontiguousarray(f) for f in frames), face_index, progress=False)
+    return track.raw.astype(np.float64).reshape(len(frames), face.N_LANDMARKS, 2)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -475,12 +482,12 @@ class _Ref:
             lm = self.landmarks
             masks = np.zeros((len(lm), h, w), np.uint8)
             ok = np.isfinite(lm[:, 0, 0])
-            iod = float(np.nanmedian(M.interocular(lm[ok]))) * self.scale if ok.any() else 0.0
+            iod = float(np.nanmedian(interocular(lm[ok]))) * self.scale if ok.any() else 0.0
             r = max(1, int(round(0.15 * iod)))
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
             sx, sy = w / (self.box[2] - self.box[0]), h / (self.box[3] - self.box[1])
             for t in np.flatnonzero(ok):
-                pts = (lm[t, M.LIP_IDX] - self.box[:2]) * (sx, sy)
+                pts = (lm[t, LIP_IDX] - self.box[:2]) * (sx, sy)
                 cv2.fillConvexPoly(masks[t], cv2.convexHull(np.round(pts).astype(np.int32)), 1)
                 masks[t] = cv2.dilate(masks[t], kernel)
             self.cache["outside"] = masks == 0
@@ -489,7 +496,7 @@ class _Ref:
 
 def mouth_crops(frames: np.ndarray, matrices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(T, h, w, 3) MOUTH_BOX of each frame's aligned lower-face crop, and (T,) where a face was found."""
-    x0, y0, x1, y1 = (np.array(MOUTH_BOX) * size).round().astype(int)
+    x0, y0, x1, y1 = (np.array(face.MOUTH_BOX) * size).round().astype(int)
     ok = np.isfinite(matrices[:, 0, 0])
     out = np.zeros((len(frames), y1 - y0, x1 - x0, 3), np.uint8)
     for t in np.flatnonzero(ok):
@@ -499,7 +506,7 @@ def mouth_crops(frames: np.ndarray, matrices: np.ndarray, size: int) -> tuple[np
 
 def _must_close(audio: np.ndarray, n: int, fps: float, text: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(must close, speaking) per frame: pauses and p/b/m exactly as dub tells the engine, and voice activity."""
-    return dub.mouth_must_close(audio, n, fps, text), A.voice_activity(audio, SR, fps=fps, n_frames=n)
+    return dub.mouth_must_close(audio, n, fps, text), voice_activity(audio, SR, fps=fps, n_frames=n)
 
 
 def score_output(
@@ -521,15 +528,15 @@ def score_output(
     n = len(frames)
     if lm is None and {"lve", "sync", "closure", "stability"} & set(metrics):
         lm = track_landmarks(frames, face_index)
-    opening = M.mouth_opening_series(lm) if lm is not None else None
+    opening = mouth_opening_series(lm) if lm is not None else None
     if opening is not None:
         series["opening"] = opening
     if "lve" in metrics and real_lm is not None:
-        r = M.face_align(real_lm)[:, M.LIP_IDX]
-        res = M.lve(M.face_align(lm)[:, M.LIP_IDX], r, M.interocular(real_lm))
+        r = face_align(real_lm)[:, LIP_IDX]
+        res = lve(face_align(lm)[:, LIP_IDX], r, interocular(real_lm))
         s["lve"], s["lve_max"] = res["mean"], res["max"]
     if "sync" in metrics:
-        res = M.sync_energy(opening, A.rms_envelope(audio, SR, fps=fps, n_frames=n))
+        res = sync_energy(opening, rms_envelope(audio, SR, fps=fps, n_frames=n))
         corr, mid = res["corr_by_lag"], len(res["corr_by_lag"]) // 2
         s["sync_r"] = float(corr[mid - SYNC_TOL : mid + SYNC_TOL + 1].max())
         s["sync_conf"], s["sync_off"] = res["confidence"], float(abs(res["offset"]))
@@ -545,24 +552,24 @@ def score_output(
                 s["lse_off"] = s["lse_c"] = s["lse_d"] = nan
     if "closure" in metrics and close is not None:
         must, speaking = close
-        s["closure"] = M.closure(opening, must, thresh)["rate"] if np.isfinite(thresh) else nan
-        s["closure_gap"] = M.closure_gap(opening, must, speaking)
+        s["closure"] = closure(opening, must, thresh)["rate"] if np.isfinite(thresh) else nan
+        s["closure_gap"] = closure_gap(opening, must, speaking)
     gen_face = ref.face(frames) if {"psnr", "ssim", "stability"} & set(metrics) else None
     if {"psnr", "ssim", "sharpness"} & set(metrics):
         real_mouth, ok = ref.mouth()
         gen_mouth, _ = mouth_crops(frames, ref.matrices, ref.size)
         every = np.broadcast_to(ok[:, None, None], gen_mouth.shape[:3])
         if real_lm is not None and "psnr" in metrics:
-            s["psnr_mouth"] = M.psnr(gen_mouth, real_mouth, every)
-            s["psnr_face"] = M.psnr(gen_face, ref.real_face())
+            s["psnr_mouth"] = psnr(gen_mouth, real_mouth, every)
+            s["psnr_face"] = psnr(gen_face, ref.real_face())
         if real_lm is not None and "ssim" in metrics:
-            s["ssim_mouth"] = M.ssim(gen_mouth, real_mouth, every)
-            s["ssim_face"] = M.ssim(gen_face, ref.real_face())
+            s["ssim_mouth"] = ssim(gen_mouth, real_mouth, every)
+            s["ssim_face"] = ssim(gen_face, ref.real_face())
         if "sharpness" in metrics:
-            s["sharpness"] = M.sharpness_ratio(gen_mouth[ok], real_mouth[ok]) if ok.any() else nan
+            s["sharpness"] = sharpness_ratio(gen_mouth[ok], real_mouth[ok]) if ok.any() else nan
     if "stability" in metrics:
-        s["flicker"] = M.stability(gen_face, ref.real_face(), ref.outside())["excess"]
-        s["jitter"] = M.landmark_jitter(lm, M.LIP_IDX)
+        s["flicker"] = stability(gen_face, ref.real_face(), ref.outside())["excess"]
+        s["jitter"] = landmark_jitter(lm, LIP_IDX)
     return s, series
 
 
@@ -589,7 +596,7 @@ def evaluate_case(
     # real first: its landmarks are the truth for lve and its opening sets the closed threshold for everyone
     if case.ground_truth:
         real_lm = track_landmarks(case.frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(real_lm))
+        thresh = face.closed_threshold(mouth_opening_series(real_lm))
         scores["real"], series["real"] = score_output(
             case.frames, case.speech, ref, metrics, fps, close_speech, thresh, real_lm, lm=real_lm
         )
@@ -597,8 +604,8 @@ def evaluate_case(
         real_lm = None
         own_frames, own_audio = case.own
         own_lm = track_landmarks(own_frames, settings.face_index)
-        thresh = M.closed_threshold(M.mouth_opening_series(own_lm))
-        scores["real"], series["real"] = {}, {"opening": M.mouth_opening_series(own_lm)}
+        thresh = face.closed_threshold(mouth_opening_series(own_lm))
+        scores["real"], series["real"] = {}, {"opening": mouth_opening_series(own_lm)}
         if own_audio is not None:  # a silent input has no real row to speak of
             own_close = _must_close(own_audio, len(own_frames), fps, None) if "closure" in metrics else None
             own_ref = _Ref(own_frames, src.landmarks, src.matrices, src.size)
@@ -635,7 +642,7 @@ def evaluate_case(
         group=case.group,
         scores=scores,
         series=series,
-        envelope=A.rms_envelope(case.speech, SR, fps=fps, n_frames=n),
+        envelope=rms_envelope(case.speech, SR, fps=fps, n_frames=n),
         must_close=must,
         info={**case.info, "frames": n, "closed_threshold": thresh},
     )
@@ -692,10 +699,10 @@ def evaluate(
         if not videos.exists():
             raise LipsyncError(f"no videos for the cross protocol: {videos} does not exist")
         if text:
-            drives = [("tts", dub.load_speech(text, None, settings)[0])]
+            drives = [("tts", load_speech(text, None, settings)[0])]
         else:
             folder = speech if speech is not None else settings.shared_dir / "speech"
-            drives = [(p.stem, dub.load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
+            drives = [(p.stem, load_speech(None, p, settings)[0]) for p in _files(folder, SPEECH_EXT)]
             if not drives:
                 raise LipsyncError(f"no speech files in {folder} (or give --text)")
         drives = [(name, x[: int(MAX_SPEECH_S * SR)]) for name, x in drives]

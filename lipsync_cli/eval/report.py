@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync_cli import media
-from lipsync_cli.eval import protocols as P
+from lipsync_cli.eval import protocols
 from lipsync_cli.eval.metrics import NOT_COMPUTED
 
 ARROW = {"low": "↓", "high": "↑", "one": "→1", "zero": "→0"}
@@ -28,12 +28,12 @@ PROTOCOL_NOTES = {
     "reconstruct/media": "first 60% of each shared clip is the reference (the only mouths the engine may use, and "
     "its audio map's training data); the last 40% is re-created from its own audio over its own frames and "
     "compared with them.",
-    "reconstruct/grid": f"each held-out GRID clip is re-created from {P.GRID_REFS} other clips of the same speaker "
-    "(the reference); its own frames are the background and the truth; its .align words give the transcript.",
+    "reconstruct/grid": f"each held-out GRID clip is re-created from {protocols.GRID_REFS} other clips of the same "
+    "speaker (the reference); its own frames are the background and the truth; its .align words give the transcript.",
     "cross": "each video driven by another file's speech (or TTS), no ground truth: reference-free metrics only.",
     "baselines": "real = the real footage with its own audio (ceiling); frozen = one closed-mouth reference frame on "
     f"every output frame; floor = the input video unchanged with the new audio (reconstruct: the held-out frames "
-    f"played {P.FLOOR_SHIFT_S:g} s late, circularly, against the held-out speech).",
+    f"played {protocols.FLOOR_SHIFT_S:g} s late, circularly, against the held-out speech).",
 }
 
 
@@ -62,7 +62,7 @@ def _best(means: dict[str, dict[str, float]], key: str, better: str, systems: li
     return best
 
 
-def _table(run: P.EvalRun, group: str, cols: list, title: str) -> Table:
+def _table(run: protocols.EvalRun, group: str, cols: list, title: str) -> Table:
     means, systems = run.means(group), run.systems()
     t = Table(title=title, title_justify="left", box=SIMPLE_HEAD)
     t.add_column("system", no_wrap=True, min_width=max(len(s) for s in systems))
@@ -78,7 +78,7 @@ def _table(run: P.EvalRun, group: str, cols: list, title: str) -> Table:
     return t
 
 
-def tables(run: P.EvalRun, width: int | None = None) -> list[Table]:
+def tables(run: protocols.EvalRun, width: int | None = None) -> list[Table]:
     """One table per protocol group: rows are systems, columns metrics with their direction; best in bold.
     A table too wide for `width` columns of text is cut into parts that fit, columns kept in order."""
     out = []
@@ -96,7 +96,7 @@ def tables(run: P.EvalRun, width: int | None = None) -> list[Table]:
     return out
 
 
-def print_report(run: P.EvalRun, console: Console | None = None) -> None:
+def print_report(run: protocols.EvalRun, console: Console | None = None) -> None:
     """The tables, then what was not computed and why (piped output gets room for the whole table)."""
     if console is None:
         console = Console()
@@ -135,7 +135,7 @@ class SideBySide:
         path = self.folder / f"{_slug(group)}__{_slug(name)}.mp4"
         with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
             wav = Path(tmp) / "speech.wav"
-            media.write_wav(wav, speech, P.SR)
+            media.write_wav(wav, speech, protocols.SR)
             with media.VideoWriter(path, 2 * size[0], size[1], fps=fps, audio=wav) as vw:
                 for a, b in zip(left, right, strict=True):
                     pair = [cv2.resize(np.ascontiguousarray(x), size, interpolation=cv2.INTER_AREA) for x in (a, b)]
@@ -146,7 +146,7 @@ class SideBySide:
         self.staged[(group, name)] = path
 
 
-def pick_clips(run: P.EvalRun, group: str) -> tuple[str, str] | None:
+def pick_clips(run: protocols.EvalRun, group: str) -> tuple[str, str] | None:
     """(best, worst) clip of a group for the engine: by LVE where there is ground truth, else AV correlation."""
     clips = [c for c in run.clips if c.group == group]
     for key, better in (("lve", "low"), ("sync_r", "high"), ("closure", "high")):
@@ -161,7 +161,7 @@ def pick_clips(run: P.EvalRun, group: str) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,12 +173,12 @@ def _plt():
 COLOURS = {"real": "black", "frozen": "tab:gray", "floor": "tab:red"}
 
 
-def plot_opening(run: P.EvalRun, group: str, path: Path, n_clips: int = 3) -> Path | None:
+def plot_opening(run: protocols.EvalRun, group: str, path: Path, n_clips: int = 3) -> Path | None:
     """Mouth opening over time (engine vs real, or vs the input in cross) with the speech envelope behind."""
     clips = [c for c in run.clips if c.group == group and run.engine in c.series][:n_clips]
     if not clips or "opening" not in clips[0].series[run.engine]:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(clips), 1, figsize=(10, 2.6 * len(clips)), squeeze=False)
     other = "real" if group.startswith("reconstruct") else "floor"
     for ax, c in zip(axes[:, 0], clips, strict=True):
@@ -205,10 +205,10 @@ def plot_opening(run: P.EvalRun, group: str, path: Path, n_clips: int = 3) -> Pa
     return path
 
 
-def plot_sync(run: P.EvalRun, group: str, path: Path) -> Path | None:
+def plot_sync(run: protocols.EvalRun, group: str, path: Path) -> Path | None:
     """Mean correlation of mouth opening and speech envelope per lag, per system."""
     clips = [c for c in run.clips if c.group == group]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     drawn = False
     for s in run.systems():
@@ -233,13 +233,13 @@ def plot_sync(run: P.EvalRun, group: str, path: Path) -> Path | None:
     return path
 
 
-def plot_clips(run: P.EvalRun, group: str, path: Path) -> Path | None:
+def plot_clips(run: protocols.EvalRun, group: str, path: Path) -> Path | None:
     """Per-clip bars of the headline metrics, one panel each, the four systems side by side."""
     keys = [c for c in run.columns(group) if c[0] in ("lve", "sync_r", "closure")]
     clips = [c for c in run.clips if c.group == group]
     if not keys or not clips:
         return None
-    plt = _plt()
+    plt = pyplot()
     systems = run.systems()
     fig, axes = plt.subplots(len(keys), 1, figsize=(max(7, 0.9 * len(clips) + 3), 2.4 * len(keys)), squeeze=False)
     x = np.arange(len(clips))
@@ -276,7 +276,7 @@ def _clean(v):
     return v
 
 
-def to_json(run: P.EvalRun) -> dict:
+def to_json(run: protocols.EvalRun) -> dict:
     """Everything measured: per clip and mean per group, with what each column means."""
     groups = {}
     for g in run.groups:
@@ -290,7 +290,7 @@ def to_json(run: P.EvalRun) -> dict:
             "engine": run.engine,
             "metrics": run.metrics,
             "fps": run.fps,
-            "columns": {k: {"metric": m, "better": b, "label": lab} for k, m, b, lab in P.COLUMNS},
+            "columns": {k: {"metric": m, "better": b, "label": lab} for k, m, b, lab in protocols.COLUMNS},
             "protocols": PROTOCOL_NOTES,
             "not_computed": NOT_COMPUTED,
             "groups": groups,
@@ -299,7 +299,7 @@ def to_json(run: P.EvalRun) -> dict:
     )
 
 
-def _html_table(run: P.EvalRun, group: str) -> str:
+def _html_table(run: protocols.EvalRun, group: str) -> str:
     cols, means, systems = run.columns(group), run.means(group), run.systems()
     head = "".join(f"<th>{html.escape(lab)} {ARROW[b]}</th>" for _k, _m, b, lab in cols)
     rows = []
@@ -313,7 +313,7 @@ def _html_table(run: P.EvalRun, group: str) -> str:
     return f"<table><tr><th>system</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _html_clips(run: P.EvalRun, group: str) -> str:
+def _html_clips(run: protocols.EvalRun, group: str) -> str:
     cols = run.columns(group)
     head = "".join(f"<th>{html.escape(lab)}</th>" for _k, _m, _b, lab in cols)
     rows = []
@@ -326,7 +326,7 @@ def _html_clips(run: P.EvalRun, group: str) -> str:
     )
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"<img src='data:image/png;base64,{data}' alt='{html.escape(path.name)}'>"
 
@@ -337,7 +337,7 @@ text-align:right}th:first-child,td:first-child{text-align:left}tr.real{color:#77
 video{max-width:100%}.note{color:#666;font-size:13px}h2{margin-top:1.6em;border-bottom:1px solid #ddd}"""
 
 
-def write_report(run: P.EvalRun, out_dir: Path, videos: SideBySide | None = None) -> Path:
+def write_report(run: protocols.EvalRun, out_dir: Path, videos: SideBySide | None = None) -> Path:
     """metrics.json, the PNG plots, best/worst side-by-side videos and index.html in out_dir; returns index.html."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,7 +380,7 @@ def write_report(run: P.EvalRun, out_dir: Path, videos: SideBySide | None = None
         for fn in (plot_opening, plot_sync, plot_clips):
             png = fn(run, g, out_dir / f"{fn.__name__.removeprefix('plot_')}_{slug}.png")
             if png is not None:
-                parts.append(_img(png))
+                parts.append(img_tag(png))
         for label, rel in kept.get(g, []):
             parts.append(f"<h3>{label} clip: real | generated</h3><video controls src='{html.escape(rel)}'></video>")
     parts.append("<h2>notes</h2><ul>")

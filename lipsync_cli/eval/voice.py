@@ -3,8 +3,8 @@
 Speakers: each shared clip (the first 60% of its audio is the reference the voice is learned from, the rest is
 held out, as in the reconstruct protocol) and a GRID speaker (the first REF_SENTENCES sentences are the reference,
 HELD_SENTENCES from the middle of the corpus are held out). Piper speaks a few fixed sentences, the product's own
-conversion (voice.convert.voice_profile on the reference, then convert) moves them into the voice, and for the
-raw TTS and the converted speech we measure
+conversion (voice.speech.learn_voice on the reference, then apply_voice: what dub runs) moves them into the
+voice, and for the raw TTS and the converted speech we measure
 
 * similarity: cosine of GE2E (resemblyzer) embeddings between the speech and the speaker's HELD-OUT speech, never
   the reference itself (that would reward copying the reference's microphone and room, not the voice). `real` is
@@ -35,6 +35,7 @@ from rich.table import Table
 
 from lipsync_cli import media, progress
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import VIDEO_EXT
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import SR, mel_frames, similarity, speaker_embedding, speech_only
 
@@ -47,7 +48,6 @@ REF_FRACTION = 0.6  # shared clips: the first 60% of the audio is the reference 
 REF_SENTENCES = 10  # GRID: the first ten sentences are the reference (~13 s of speech) ...
 HELD_SENTENCES = 10  # ... and ten from the middle of the corpus are held out
 BAR_SIMILARITY, BAR_WER = 0.10, 10.0
-VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m4v")
 
 
 # ----------------------------------------------------------------------------- measures
@@ -220,9 +220,11 @@ def evaluate_voice(
     """Raw TTS vs converted, every speaker: similarity to held-out speech and WER. Speakers without usable speech
     are skipped with the reason, never fatal. The GRID speaker is --grid, else the one the eval protocols find."""
     from lipsync_cli.eval.protocols import grid_root
-    from lipsync_cli.voice import convert as vc
+    from lipsync_cli.voice.convert import DEFAULT_METHOD
+    from lipsync_cli.voice.speech import apply_voice, learn_voice
 
     texts = list(texts or SENTENCES)
+    piper = settings.with_overrides(tts="piper")  # the conversion is measured on piper's speech (see tts())
     videos = videos if videos is not None else settings.shared_dir / "media"
     if not videos.exists():
         raise LipsyncError(f"no such folder: {videos}")
@@ -237,21 +239,21 @@ def evaluate_voice(
     raw = [tts(t) for t in texts]
     raw_wer = [wer(t, transcribe(x)) for t, x in zip(texts, raw, strict=True)]
     raw_emb = [speaker_embedding(x) for x in raw]
-    run = VoiceRun(texts, [], skipped, vc.DEFAULT_METHOD, sum(len(x) for x in raw) / SR)
+    run = VoiceRun(texts, [], skipped, DEFAULT_METHOD, sum(len(x) for x in raw) / SR)
     with progress.task("eval voice", len(speakers)) as advance:
         for sp in speakers:
             try:
                 target = speaker_embedding(sp.held_out)
                 target_ltas, target_f0 = ltas(sp.held_out), median_f0(speech_only(sp.held_out))
-                profile = vc.voice_profile(sp.reference)
+                voice = learn_voice(sp.reference, sp.name, piper)  # dub's own path, as `lipsync voice` runs it
+                profile = voice.profile
             except LipsyncError as e:
                 run.skipped.append((sp.name, str(e)))
                 advance(1)
                 continue
             t0 = time.process_time()  # CPU: wall time says more about the machine's other load than about this
-            conv = [vc.convert(x, profile) for x in raw]
+            conv = [apply_voice(x, voice) for x in raw]
             seconds = time.process_time() - t0
-            assert all(len(y) == len(x) for x, y in zip(raw, conv, strict=True))
             run.speakers.append(
                 SpeakerScores(
                     name=sp.name,
@@ -350,9 +352,9 @@ def plot_f0(run: VoiceRun, path: Path, cols: int = 4) -> Path | None:
     (held-out speech: median line, 10-90% band)."""
     if not run.examples:
         return None
-    from lipsync_cli.eval.report import _plt
+    from lipsync_cli.eval.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     names = list(run.examples)
@@ -405,7 +407,7 @@ def write_voice_report(run: VoiceRun, out_dir: Path) -> Path:
     """voice.json, voice_f0.png and voice.html in out_dir; returns voice.html."""
     import html
 
-    from lipsync_cli.eval.report import CSS, _img
+    from lipsync_cli.eval.report import CSS, img_tag
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +421,7 @@ def write_voice_report(run: VoiceRun, out_dir: Path) -> Path:
         "</head><body><h1>lipsync eval: voice</h1>",
         f"<p class='note'>{html.escape(' '.join(__doc__.split(chr(10) + chr(10))[1].split()))}</p>",
         f"<p><b>{html.escape(verdict(run))}</b></p><table>{cells}</table>",
-        _img(png) if png is not None else "",
+        img_tag(png) if png is not None else "",
         "<ul>" + "".join(f"<li>skipped {html.escape(n)}: {html.escape(w)}</li>" for n, w in run.skipped) + "</ul>",
         "</body></html>",
     ]

@@ -6,7 +6,7 @@
     render.py neural mouth renderer: lower-face inpainting from a reference frame + target lip shape
 
 Each model file has a `Config` dataclass, `build(config: dict) -> nn.Module` and `make_task(manifest, overrides)`
-returning a `lipsync_cli.train.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
+returning a `lipsync_cli.models.task.Task`. A checkpoint is `<stem>.safetensors` (weights only: nothing is unpickled)
 beside `<stem>.json` (the config, with "model": its name, plus whatever metadata training adds).
 """
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import secrets
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import atomic, write_json
 
 MODELS = ("seed", "sync", "lips", "render")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # committed default checkpoints: <name>.safetensors
@@ -35,23 +34,14 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"lipsync_cli.models.{name}")
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save(model: torch.nn.Module, config: dict, path: str | Path, meta: dict | None = None) -> Path:
     """Write `path` (.safetensors) and its .json config atomically; `config["model"]` names the model file."""
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(path, lambda p: save_file(state, str(p)))
-    doc = {**config, **({"meta": meta} if meta else {})}
-    _atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
+    with atomic(path) as tmp:
+        save_file(state, str(tmp))
+    write_json(path.with_suffix(".json"), {**config, **({"meta": meta} if meta else {})})
     return path
 
 

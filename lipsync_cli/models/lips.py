@@ -1,4 +1,4 @@
-"""Audio -> lip shape: a small transformer that replaces the self-fitted map (engine/lipmap.py) inside `dub`.
+"""Audio -> lip shape: a small transformer that replaces the self-fitted map (models/lipmap.py) inside `dub`.
 
 Input: the speech's 80-bin log-mel at 100 Hz, normalised per utterance (cepstral mean/variance per bin, so gain,
 channel and spectral tilt cancel) plus one loudness channel relative to the utterance's own loud parts. A strided
@@ -30,11 +30,10 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli import audio as A
-from lipsync_cli import face
+from lipsync_cli import audio, face
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import clip_key, eval_spans
-from lipsync_cli.engine import lipmap
+from lipsync_cli.models import lipmap
 
 N_MELS = 80
 ROWS = 4  # feature rows per video frame (100 Hz / 25 fps)
@@ -55,7 +54,7 @@ class Config:
     band: int = 25  # frames each side a frame may attend to (1 s)
     window: int = 75  # training crop in frames (3 s: one GRID sentence)
     w_velocity: float = 1.0
-    w_gap: float = 0.0  # L1 on the inner-lip gap (the opening); 0.25-1 tried: README "Lips model"
+    w_gap: float = 0.0  # L1 on the inner-lip gap (the opening); 0.25-1 tried: docs/lips.md
     augment: bool = True
 
 
@@ -76,14 +75,14 @@ def level_channel(logmel: np.ndarray) -> np.ndarray:
 
 def features(logmel: np.ndarray) -> np.ndarray:
     """(R, 80) log10 mel -> (R, 81): per-utterance normalised mel + the loudness channel."""
-    return np.concatenate([A.normalise_utterance(logmel), level_channel(logmel)[:, None]], axis=1)
+    return np.concatenate([audio.normalise_utterance(logmel), level_channel(logmel)[:, None]], axis=1)
 
 
-def speech_features(speech: np.ndarray, n_frames: int, sr: int = A.SR) -> np.ndarray:
+def speech_features(speech: np.ndarray, n_frames: int, sr: int = audio.SR) -> np.ndarray:
     """(4 * n_frames, 81) features for `n_frames` video frames of speech (row 4i is frame i's instant)."""
-    if sr != A.SR:
-        speech = A.resample(speech, sr, A.SR)
-    logmel = A.mel_spectrogram(np.asarray(speech, np.float32), A.SR, n_mels=N_MELS)
+    if sr != audio.SR:
+        speech = audio.resample(speech, sr, audio.SR)
+    logmel = audio.mel_spectrogram(np.asarray(speech, np.float32), audio.SR, n_mels=N_MELS)
     feat = features(logmel)
     rows = ROWS * n_frames
     return np.pad(feat[:rows], ((0, max(0, rows - len(feat))), (0, 0)), mode="edge")
@@ -167,7 +166,7 @@ def denormalise(y: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def run(model: LipsModel, speech: np.ndarray, n_frames: int, sr: int = A.SR) -> np.ndarray:
+def run(model: LipsModel, speech: np.ndarray, n_frames: int, sr: int = audio.SR) -> np.ndarray:
     """(n_frames, 80) speaker-normalised lip points for the speech (any length: attention is banded)."""
     feat = torch.from_numpy(speech_features(speech, n_frames, sr))[None]
     model.eval()
@@ -183,7 +182,7 @@ def predict(
     speech: np.ndarray,
     n_frames: int,
     fps: float,
-    sr: int = A.SR,
+    sr: int = audio.SR,
     adapt: bool = True,
     close: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -195,7 +194,7 @@ def predict(
     Why the easing: the model is trained with L1, so where it is unsure (a voice it never heard, a pause) it
     predicts a mouth near the speaker's mean, and retrieval then shows half-open mouths through pauses: driven by
     other voices the shown opening followed their loudness far less than the map's (energy AV r 0.35 vs 0.49).
-    A full closed-shape override costs lip error even on the closed frames (README "Lips model"): a partial one."""
+    A full closed-shape override costs lip error even on the closed frames (docs/lips.md): a partial one."""
     mean, scale = speaker_stats(shapes, valid)
     to_coef = lambda y: lipmap.coefficients(lm, denormalise(y, mean, scale))  # noqa: E731
     coef = to_coef(run(model, speech, n_frames, sr))
@@ -394,7 +393,7 @@ def lve(pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, floa
 
 
 def make_task(manifest: str | Path, overrides: dict | None = None):
-    from lipsync_cli.train import Task, unwrap
+    from lipsync_cli.models.task import Task, unwrap
 
     cfg = config_from({**asdict(Config()), **(overrides or {})})
     train, val, _, stats = prepare(manifest, cfg)

@@ -367,7 +367,7 @@ def _flat(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def make_task(manifest: str | Path, overrides: dict | None = None):
     from lipsync_cli import models
     from lipsync_cli.models import sync
-    from lipsync_cli.train import Task, unwrap
+    from lipsync_cli.models.task import Task, unwrap
 
     overrides = dict(overrides or {})
     limit = overrides.pop("limit_clips", None)

@@ -16,8 +16,9 @@ The spec's layers are kept literally (tests check every shape and parameter coun
                  Linear(8192->1)
 
 Where the spec is silent, these are the choices (each the plain one):
-  * The mouth image is the eval's MOUTH_BOX of prep's aligned 128 px lower-face crop (x 0.25-0.75, y 0.30-0.68),
-    resized to 32x32 (area), scaled to [-1, 1]. The engine (engine/seed.py) upsamples it back into that box.
+  * The mouth image is face.MOUTH_BOX (the eval's too) of prep's aligned 128 px lower-face crop (x 0.25-0.75,
+    y 0.30-0.68), resized to 32x32 (area), scaled to [-1, 1].
+    The engine (engine/seed.py) upsamples it back into that box.
   * Audio input: the MFCC-13 rows (100 Hz) within +-8 rows (+-80 ms) of the frame's row 4i, edge-padded, each row
     standardised with training-set mean/std (stored in the config). Learned position embeddings are added after
     the Linear (a transformer needs them to tell the rows apart).
@@ -58,9 +59,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
-from lipsync_cli.train import Task, unwrap
+from lipsync_cli.face import MOUTH_BOX
+from lipsync_cli.models.task import Task, unwrap
 
-MOUTH_BOX = (0.25, 0.30, 0.75, 0.68)  # the same box as eval.protocols.MOUTH_BOX, relative to the aligned crop
 IMG = 32
 MIN_GAP = 5  # frames between the target and any reference mouth in training
 VAL_ITEMS = 48  # validation groups, spread over the val split

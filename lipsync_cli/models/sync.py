@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import balance_speakers, split_clips
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.train import Task, unwrap
+from lipsync_cli.models.task import Task, unwrap
 
 FRAMES, ROWS = 5, 20  # 0.2 s: 5 frames at 25 fps, 20 mel rows at 100 Hz
 MOUTH = (0.125, 0.28, 0.875, 0.78)  # x0, y0, x1, y1 of the aligned crop: lips (x 0.31-0.70, y 0.33-0.56) and jaw
@@ -109,20 +109,19 @@ def mouth_tensor(video: torch.Tensor, height: int = 48, width: int = 72) -> torc
 def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth: float = 1.5) -> tuple:
     """Full frames (T, H, W, 3) + raw mesh landmarks (T, 478, 2, NaN = no face) + 16 kHz speech -> (crops, mel,
     found) made exactly as `lipsync prep` makes a shard's (smoothing, alignment, loudness, mel), for offsets()."""
-    from lipsync_cli import audio as A
     from lipsync_cli import face
-    from lipsync_cli.data import prep as P
+    from lipsync_cli.audio import match_loudness, mel_spectrogram
+    from lipsync_cli.data import shard
 
     n = len(frames)
     found = np.isfinite(landmarks[:, 0, 0])
     if not found.any():
         raise LipsyncError("no face in any frame: nothing to measure sync on")
-    lm = face.smooth_landmarks(landmarks.astype(np.float32), found, smooth)
-    mats = face.align_matrix(lm[P._nearest(found)], 128)
+    _, mats = face.align_track(landmarks, found, 128, smooth)
     crops = np.stack([face.warp_to_aligned(np.ascontiguousarray(f), m, 128) for f, m in zip(frames, mats, strict=True)])
-    x = A.match_loudness(np.asarray(audio, np.float32), P.SR, P.TARGET_DB)
-    x = np.pad(x, (0, max(0, n * P.SR // P.FPS - len(x))))[: n * P.SR // P.FPS]
-    mel = A.mel_spectrogram(x, P.SR, n_mels=80, hop_s=P.HOP / P.SR)
+    x = match_loudness(np.asarray(audio, np.float32), shard.SR, shard.TARGET_DB)
+    x = np.pad(x, (0, max(0, n * shard.SR // shard.FPS - len(x))))[: n * shard.SR // shard.FPS]
+    mel = mel_spectrogram(x, shard.SR, n_mels=80, hop_s=shard.HOP / shard.SR)
     return crops, mel, found
 
 

@@ -16,9 +16,9 @@ from functools import lru_cache
 import numpy as np
 from scipy.ndimage import binary_closing, binary_opening
 
+from lipsync_cli.audio import SR
 from lipsync_cli.errors import LipsyncError
 
-SR = 16000
 VAD_FRAME = 480  # 30 ms at 16 kHz, one of the three sizes webrtcvad accepts
 MIN_SPEECH_S = 1.0  # below this, GE2E embeddings and F0 statistics are noise
 MEL_WINDOW, MEL_HOP, MEL_BANDS = 400, 160, 40  # resemblyzer's params.py: 25 ms, 10 ms, 40 mel channels

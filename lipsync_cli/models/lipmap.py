@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipsync_cli import audio as A
+from lipsync_cli import audio
 
 N_CEPS = 20
 CONTEXT = 2  # video frames either side (+-80 ms at 25 fps): coarticulation and the mouth leading the sound
@@ -34,19 +34,19 @@ class LipMap:
     fitted_on: int  # frames used for the audio map (0: loudness-only)
 
 
-def speech_features(speech: np.ndarray, n_frames: int, fps: float, sr: int = A.SR) -> np.ndarray:
+def speech_features(speech: np.ndarray, n_frames: int, fps: float, sr: int = audio.SR) -> np.ndarray:
     """(n_frames, F) speaker-normalised features per video frame, with +-CONTEXT frames stacked."""
-    ceps = A.normalise_utterance(A.mfcc(speech, sr, n_mfcc=N_CEPS))
-    per_frame = A.frames_to_video(ceps, n_frames, fps=fps, context=2).reshape(n_frames, 5, N_CEPS).mean(1)
+    ceps = audio.normalise_utterance(audio.mfcc(speech, sr, n_mfcc=N_CEPS))
+    per_frame = audio.frames_to_video(ceps, n_frames, fps=fps, context=2).reshape(n_frames, 5, N_CEPS).mean(1)
     drive = loudness_drive(speech, n_frames, fps, sr)[:, None]
     feat = np.concatenate([per_frame, drive], axis=1)
     padded = np.pad(feat, ((CONTEXT, CONTEXT), (0, 0)), mode="edge")
     return np.concatenate([padded[i : i + n_frames] for i in range(2 * CONTEXT + 1)], axis=1)
 
 
-def loudness_drive(speech: np.ndarray, n_frames: int, fps: float, sr: int = A.SR) -> np.ndarray:
+def loudness_drive(speech: np.ndarray, n_frames: int, fps: float, sr: int = audio.SR) -> np.ndarray:
     """Loudness per frame mapped to 0 (silence) .. 1 (the utterance's loud vowels): voice-independent."""
-    env = A.rms_envelope(speech, sr, fps=fps, n_frames=n_frames)
+    env = audio.rms_envelope(speech, sr, fps=fps, n_frames=n_frames)
     # relative to the utterance's own loud parts, but an utterance never louder than -45 dBFS is silence, not speech
     peak = max(float(np.percentile(env, 95)), -45.0) if len(env) else 0.0
     return np.clip((env - (peak - 30.0)) / 30.0, 0.0, 1.0)
@@ -63,7 +63,7 @@ def fit(
     speech: np.ndarray | None,
     fps: float,
     valid: np.ndarray,
-    sr: int = A.SR,
+    sr: int = audio.SR,
 ) -> LipMap:
     """Fit the map on the source video. shapes: (T, D) lip vectors; opening: (T,) mouth opening; valid: frames with
     a tracked face. `speech` is the video's own audio (None or near-silent: a loudness-only map is used)."""
@@ -126,7 +126,7 @@ def predict(
     n_frames: int,
     fps: float,
     close: np.ndarray | None = None,
-    sr: int = A.SR,
+    sr: int = audio.SR,
 ) -> np.ndarray:
     """(n_frames, k) target lip-shape coefficients for the new speech. `close`: frames where the mouth must be shut
     (silence, bilabials) regardless of what the regression says."""

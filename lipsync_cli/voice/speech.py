@@ -1,0 +1,199 @@
+"""The new speech a dub speaks: an audio file as given, or the text spoken by TTS and moved into the on-screen
+person's own voice (learned from their speech in the video, or from --voice-ref). `dub`, `lipsync voice` and
+`lipsync eval --metric voice` all go through these functions.
+
+    load_speech(text, audio, settings, voice)  -> 16 kHz speech (+ piper's phones with their timings)
+    speaker_voice(settings, own, where)         -> the person's voice (None: the plain TTS voice)
+    apply_voice(speech, voice)                  -> the speech in that voice, sample-exact in length
+    speak(video, text, output, settings)        -> `lipsync voice`: the speech alone, as a wav
+
+Conversion keeps the length, so a timing plan and phone timings made on the TTS speech stay valid after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lipsync_cli import media, progress
+from lipsync_cli.audio import SR, match_loudness, speech_loudness_db, voice_activity
+from lipsync_cli.errors import LipsyncError
+from lipsync_cli.settings import Settings
+from lipsync_cli.voice.speaker import MIN_SPEECH_S, speech_mask
+
+if TYPE_CHECKING:
+    from lipsync_cli.voice.convert import VoiceProfile
+
+
+def check_words(text: str | None, audio: Path | None) -> None:
+    """Exactly one of the new words or an audio file."""
+    if audio is not None and text:
+        raise LipsyncError("give either text or --audio, not both")
+    if audio is None and (text is None or not text.strip()):
+        raise LipsyncError("no text to speak: give the new words, or --audio FILE")
+
+
+def load_speech(
+    text: str | None, audio: Path | None, settings: Settings, voice: SpeakerVoice | None = None
+) -> tuple[np.ndarray, list | None]:
+    """The new speech at 16 kHz (an audio file as given, or TTS of the text) and, for piper TTS, the phones it
+    spoke with their timings (exact, so no recogniser is needed to find p/b/m). Only XTTS uses `voice` here
+    (it speaks in it directly); piper and espeak speak in their own voice, converted later by `apply_voice`."""
+    check_words(text, audio)
+    if audio is not None:
+        speech = media.read_audio(audio, SR, ffmpeg=settings.ffmpeg)
+        if len(speech) < SR // settings.fps:
+            raise LipsyncError(f"{audio} holds no audio")
+        return speech, None
+    from lipsync_cli import phones
+    from lipsync_cli.voice import tts
+
+    if settings.tts == "xtts":
+        from lipsync_cli.voice import xtts
+
+        return xtts.synthesize(text, settings.tts_model_dir, None if voice is None else voice.speech, sr=SR), None
+    if settings.tts == "piper":
+        speech, spoken = tts.synthesize_with_phones(text, sr=SR, progress=not progress.is_quiet())
+        return speech, phones.from_ipa(spoken)
+    return tts.synthesize(text, sr=SR, backend=settings.tts, progress=not progress.is_quiet()), None
+
+
+@dataclass
+class SpeakerVoice:
+    """The on-screen person's voice, learned from their own speech."""
+
+    speech: np.ndarray  # their speech frames only (VAD'd, 16 kHz): what XTTS clones from
+    profile: VoiceProfile | None  # what voice.convert needs (None with XTTS, which clones by itself)
+    source: str  # where it was learned from, for messages
+
+
+def read_voice_ref(path: Path, settings: Settings) -> np.ndarray:
+    """The --voice-ref recording at 16 kHz; a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise LipsyncError(f"--voice-ref {path}: {'not a file' if path.exists() else 'file not found'}")
+    try:
+        return media.read_audio(path, SR, ffmpeg=settings.ffmpeg)
+    except LipsyncError as e:
+        raise LipsyncError(f"--voice-ref {path}: {e}") from None
+
+
+def learn_voice(audio: np.ndarray, source: str, settings: Settings) -> SpeakerVoice:
+    """The voice in `audio` (its speech frames only: silence and music are not the speaker).
+    LipsyncError with the reason when there is too little speech to learn from."""
+    mask = speech_mask(audio)
+    seconds = mask.sum() / SR
+    if seconds < MIN_SPEECH_S:
+        raise LipsyncError(f"{seconds:.1f} s of speech found, need {MIN_SPEECH_S:g} s")
+    if settings.tts == "xtts":
+        return SpeakerVoice(audio[mask], None, source)
+    from lipsync_cli.voice.convert import voice_profile
+
+    with progress.task("learning the voice", 1) as advance:
+        try:
+            profile = voice_profile(audio)  # VADs the audio itself, as the benchmarks measured it
+        except LipsyncError:
+            raise LipsyncError(f"{seconds:.1f} s of speech found, but too little of it voiced") from None
+        advance(1)
+    return SpeakerVoice(audio[mask], profile, source)
+
+
+def speaker_voice(settings: Settings, own: np.ndarray | None, where: str) -> SpeakerVoice | None:
+    """The voice to speak in: learned from --voice-ref, else from `own` (the soundtrack of `where`). None means
+    the plain TTS voice: --voice tts, or no usable speech when --voice-fallback allows it (with a warning)."""
+    if settings.voice == "tts":
+        return None
+    if settings.voice_ref is not None:  # asked for explicitly: its problems are always errors
+        ref = read_voice_ref(settings.voice_ref, settings)
+        try:
+            return learn_voice(ref, str(settings.voice_ref), settings)
+        except LipsyncError as e:
+            raise LipsyncError(f"--voice-ref {settings.voice_ref} holds no usable speech ({e})") from None
+    try:
+        if own is None:
+            raise LipsyncError("it has no audio track")
+        return learn_voice(own, where, settings)
+    except LipsyncError as e:
+        why = f"cannot speak in the person's voice: no usable speech in {where} ({e})"
+    if settings.voice_fallback:
+        progress.console.print(  # a warning, not chatter: shown even with --quiet
+            f"[yellow]warning[/]: {why}; speaking in the plain TTS voice instead (--voice-fallback)", highlight=False
+        )
+        return None
+    raise LipsyncError(f"{why}; pass --voice-ref FILE (a recording of the person), --voice tts or --voice-fallback")
+
+
+def apply_voice(speech: np.ndarray, voice: SpeakerVoice | None) -> np.ndarray:
+    """TTS speech converted to the person's voice, exactly as long as it was (None / XTTS: unchanged)."""
+    if voice is None or voice.profile is None:
+        return speech
+    from lipsync_cli.voice.convert import convert
+
+    with progress.task("converting the voice", 1) as advance:
+        out = convert(speech, voice.profile)
+        advance(1)
+    if len(out) != len(speech):  # the timing plan and phone timings were made for the TTS speech's length
+        raise RuntimeError(f"voice conversion changed the length: {len(speech)} -> {len(out)} samples")
+    return out
+
+
+def soundtrack(video: Path, settings: Settings) -> np.ndarray | None:
+    """The input's own audio at 16 kHz, or None when it has none."""
+    try:
+        return media.read_audio(video, SR, ffmpeg=settings.ffmpeg)
+    except LipsyncError:
+        return None
+
+
+def check_voice(audio: Path | None, settings: Settings) -> None:
+    """Problems with the voice settings that need no decoding: before any work."""
+    if audio is None and settings.tts == "xtts":
+        from lipsync_cli.voice import xtts
+
+        xtts.check(settings.tts_model_dir, need_speakers=settings.voice == "tts")
+    if audio is None and settings.voice == "clone" and settings.voice_ref is not None:
+        p = Path(settings.voice_ref)
+        if not p.is_file():
+            raise LipsyncError(f"--voice-ref {p}: {'not a file' if p.exists() else 'file not found'}")
+
+
+@dataclass
+class SpeechResult:
+    output: Path
+    samples: int  # as many as the TTS spoke: conversion never changes the length
+    tts_samples: int
+    voice: str  # where the voice came from, or "tts"
+
+
+def default_speech_output(video: Path) -> Path:
+    return video.with_name(video.stem + ".voice.wav")
+
+
+def speak(video: Path, text: str, output: Path | None, settings: Settings, force: bool = False) -> SpeechResult:
+    """`lipsync voice`: `text` spoken in the voice of the person in `video` (any file with their speech), as a
+    16-bit wav as loud as their own speech, written atomically. What `dub` would put on its audio track."""
+    video = Path(video)
+    if not video.exists():
+        raise LipsyncError(f"no such file: {video}")
+    output = Path(output) if output else default_speech_output(video)
+    media.check_output(output, video, force, suffixes=(".wav",))
+    check_words(text, None)
+    check_voice(None, settings)
+    own = soundtrack(video, settings)
+    voice = speaker_voice(settings, own, video.name)
+    speech, _ = load_speech(text, None, settings, voice)
+    n_tts = len(speech)
+    speech = match_video_loudness(apply_voice(speech, voice), own)
+    media.write_wav(output, speech, SR)
+    return SpeechResult(output, len(speech), n_tts, voice.source if voice is not None else "tts")
+
+
+def match_video_loudness(speech: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """The new speech as loud as the video's own speech (or a sensible level when the video is silent)."""
+    target = -20.0
+    if own is not None and voice_activity(own, SR).mean() > 0.05:
+        target = speech_loudness_db(own, SR)
+    return match_loudness(speech, SR, target)
