@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from lipsync_cli import media
 from lipsync_cli.audio import frames_to_video, speech_loudness_db
 from lipsync_cli.data.dataset import WindowDataset
-from lipsync_cli.data.grid import read_align
+from lipsync_cli.data.grid import read_align, sentence
 from lipsync_cli.data.importer import import_videos, speech_segments
-from lipsync_cli.data.prep import find_clips, prep, sha256, split_clips, word_frames
+from lipsync_cli.data.prep import Clip, find_clips, grid_words, prep, sha256, split_clips, word_frames
 
 GRID = SHARED / "corpus" / "grid" / "s1"
 IDS = ["bbaf2n", "bbaf3s", "bbal7s"]
@@ -226,3 +226,23 @@ def test_cli_prep_and_import(corpus, tmp_path, monkeypatch):
     assert (tmp_path / "data" / "prep" / "64" / "grid" / "s1" / f"{IDS[0]}.safetensors").is_file()
     r = CliRunner().invoke(app, ["-q", "data", "import", str(tmp_path / "nothing"), "--name", "x"])
     assert r.exit_code != 0
+
+
+def test_grid_sentence_from_its_id():
+    assert sentence("bbaf2n") == "bin blue at f two now"
+    assert sentence("pbbm3n") == "place blue by m three now" and sentence("lgaz8p") == "lay green at z eight please"
+    assert sentence("bbaw2n") is None and sentence("xbaf2n") is None and sentence("bbaf2") is None  # no w; not ids
+
+
+def test_forced_alignment_of_a_grid_clip_matches_its_align_file():
+    """A GRID clip without .align gets word timings from its id's sentence: on s1, where GRID's own timings exist,
+    the forced alignment names the same words within 60 ms at each boundary."""
+    video, align = SHARED / "corpus/grid/s1/video/bbaf2n.mpg", SHARED / "corpus/grid/s1/align/bbaf2n.align"
+    if not video.is_file() or not align.is_file():
+        pytest.skip("shared GRID s1 absent")
+    x = media.read_audio(video, 16000)
+    ours = [w for w in grid_words(Clip("grid", "s1", "bbaf2n", video), x) if w[2] != "sil"]
+    theirs = [w for w in read_align(align) if w[2] not in ("sil", "sp")]
+    assert [w for _, _, w in ours] == [w for _, _, w in theirs] == ["bin", "blue", "at", "f", "two", "now"]
+    assert max(abs(a - b) for o, t in zip(ours, theirs, strict=True) for a, b in zip(o[:2], t[:2], strict=True)) < 0.06
+    assert grid_words(Clip("shared", "x", "bbaf2n", video), x) == []  # other corpora: no sentence from the id
