@@ -13,7 +13,7 @@ from lipsync_cli.data.corpus import REDISTRIBUTABLE, training_data
 SHIPPED = sorted(p for p in models.WEIGHTS.glob("*.json"))
 # checkpoints still trained partly on the shared clips, each with what must happen to it; the test fails once one
 # of them is clean, so this list can only shrink
-PENDING = {"render": "retrain on GRID alone (README 'Render model'): 24 CPU-minutes, not done in issue 15"}
+PENDING = {"render": "retrain on GRID alone (MODEL_CARD 'render'): not done in issue 15"}
 
 
 def corpora(doc: dict) -> list[str]:
