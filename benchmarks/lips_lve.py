@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import safe_open
 
 from lipsync_cli import audio, dub, face, models
+from lipsync_cli.data.dataset import clip_key
 from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
 from lipsync_cli.eval.protocols import GRID_REFS, HOLD_OUT, MAX_CLIP_S
@@ -97,16 +98,27 @@ def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str
 
 
 def grid_cases(root: Path, meta: dict):
-    clips = {c["id"]: c for c in meta["clips"] if c["corpus"] == "grid"}
-    test = sorted(k.rsplit("/", 1)[1] for k in meta["splits"]["utterance"]["test"] if k.startswith("grid/"))
-    refs = sorted((i for i in clips if i not in set(test)), key=lambda i: zlib.crc32(i.encode()))[:GRID_REFS]
-    ref = [load(root, clips[r]) for r in refs]
-    for t in test:
-        clip = load(root, clips[t])
+    clips = {clip_key(c): c for c in meta["clips"] if c["corpus"] == "grid"}
+    test = sorted(k for k in meta["splits"]["utterance"]["test"] if k.startswith("grid/"))
+    for key in test:  # the reference: GRID_REFS non-test clips of the same speaker (any when it has fewer)
+        speaker = key.rsplit("/", 1)[0]
+        own = [k for k in clips if k.rsplit("/", 1)[0] == speaker and k not in set(test)]
+        refs = sorted(own, key=lambda k: zlib.crc32(k.rsplit("/", 1)[1].encode()))[:GRID_REFS]
+        if not refs:
+            continue
+        ref = [load(root, clips[r]) for r in refs]
+        t = key.rsplit("/", 1)[1] if speaker == "grid/s1" else key.split("/", 1)[1]
+        clip = load(root, clips[key])
         src = concat([*ref, clip], [np.ones(len(p["found"]), bool) for p in ref] + [np.zeros(len(clip["found"]), bool)])
         off = sum(len(p["found"]) for p in ref)
         text = " ".join(w for _, _, w in clip["words"] if w not in ("sil", "sp"))
-        yield "grid", t, src, off + np.arange(len(clip["found"])), text
+        yield (
+            "grid s1" if speaker == "grid/s1" else "grid other talkers",
+            t,
+            src,
+            off + np.arange(len(clip["found"])),
+            text,
+        )
 
 
 def media_cases(root: Path, meta: dict):

@@ -77,6 +77,8 @@ class TrainOptions:
     log_every: int = 20
     val_batches: int | None = None  # at most this many validation batches (None: the whole split)
     workers: int | None = None  # DataLoader processes per training process; None: 4 on CUDA, 0 on CPU
+    channels_last: bool = False  # convolution weights and activations NHWC (tensor cores like it; measure first)
+    compile: bool = False  # torch.compile the model's forward (pays only on long runs: it compiles for ~a minute)
     seed: int = 0
     resume: bool = False
     fresh: bool = False  # start over even though checkpoints/<name>/last.* exists (it is overwritten)
@@ -372,6 +374,14 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.d
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda" or None)
 
 
+def _to_channels_last(net: nn.Module) -> None:
+    """Convolution weights to channels-last (NHWC / NDHWC) in place: the convolutions then run and return it."""
+    for p in net.parameters():
+        if p.dim() in (4, 5):
+            fmt = torch.channels_last if p.dim() == 4 else torch.channels_last_3d
+            p.data = p.data.contiguous(memory_format=fmt)
+
+
 def _batch_len(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return len(batch)
@@ -459,6 +469,8 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
     _check_checkpoints(ckpt_dir, opts)
 
     net = task.model.to(d.device)
+    if opts.channels_last:
+        _to_channels_last(net)
     optimizer = _optimizer(net, lr, weight_decay, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "16")
     gen = torch.Generator(d.device)
@@ -486,6 +498,8 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=ids, find_unused_parameters=task.find_unused_parameters
         )
+    if opts.compile:
+        model = torch.compile(model)
     workers = opts.workers if opts.workers is not None else (4 if d.device.type == "cuda" else 0)
     loader_kw = dict(
         collate_fn=task.collate or default_collate,
@@ -549,8 +563,9 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
                         loss, logs = task.loss(model, b, step)
                     scaler.scale(loss / opts.accumulate).backward()
                 loss_sum += loss.detach().float() / opts.accumulate
-                for key, v in logs.items():
-                    win["logs"][key] = win["logs"].get(key, 0.0) + float(v) / opts.accumulate
+                for key, v in logs.items():  # tensors stay on the device: no sync per step (floats work too)
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                    win["logs"][key] = win["logs"].get(key, 0.0) + v / opts.accumulate
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, lr, warmup, horizon, opts.min_lr_ratio)
             scaler.unscale_(optimizer)
@@ -582,12 +597,13 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
                     rate["samples"] += win["steps"] * per_step
                     rate["seconds"] += seconds
                 row = {
-                    **{k: v / win["steps"] for k, v in win["logs"].items()},
+                    **{k: float(v) / win["steps"] for k, v in win["logs"].items()},
                     "step": step,
                     "loss": loss_value,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": speed,
+                    "t": time.perf_counter() - t_start,  # when this window ended (for GPU-utilisation sampling)
                 }
                 history.append(row)
                 if writer is not None:

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from lipsync_cli import media
 from lipsync_cli.audio import frames_to_video, speech_loudness_db
 from lipsync_cli.data.dataset import WindowDataset
-from lipsync_cli.data.grid import read_align
+from lipsync_cli.data.grid import read_align, sentence
 from lipsync_cli.data.importer import import_videos, speech_segments
-from lipsync_cli.data.prep import find_clips, prep, sha256, split_clips, word_frames
+from lipsync_cli.data.prep import Clip, find_clips, grid_words, prep, sha256, split_clips, word_frames
 
 GRID = SHARED / "corpus" / "grid" / "s1"
 IDS = ["bbaf2n", "bbaf3s", "bbal7s"]
@@ -106,6 +106,7 @@ def test_manifest_and_splits(prepped):
     assert {"bin", "blue", "now"} <= set(m["vocab"])
 
     entries = [{"corpus": "grid", "speaker": f"s{s}", "id": f"u{u}"} for s in range(1, 8) for u in range(40)]
+    entries += [{"corpus": "grid", "speaker": "s9", "id": f"u{u}"} for u in range(40, 100)]  # the big speaker
     a, b = split_clips(entries), split_clips(list(reversed(entries)))
     assert {k: sorted(v) for k, v in a["utterance"].items()} == {k: sorted(v) for k, v in b["utterance"].items()}
     for scheme in ("utterance", "speaker"):
@@ -117,8 +118,11 @@ def test_manifest_and_splits(prepped):
     for p, ks in a["speaker"].items():
         for k in ks:
             assert owner.setdefault(k.rsplit("/", 1)[0], p) == p  # a speaker lives in one part only
-    assert sorted(owner.values()) == ["test"] + ["train"] * 5 + ["val"]  # 7 speakers: one held out for each
-    assert len(a["speaker"]["test"]) == len(a["speaker"]["val"]) == 40
+    assert sorted(owner.values()) == ["test"] * 2 + ["train"] * 4 + ["val"] * 2  # 8 speakers: two held out each
+    assert owner["grid/s9"] == "train"  # the speaker with the most clips always trains
+    assert len(a["speaker"]["test"]) == len(a["speaker"]["val"]) == 80
+    few = split_clips([e for e in entries if e["speaker"] in ("s1", "s2", "s3")])["speaker"]
+    assert len(few["test"]) == len(few["val"]) == 40  # under 5 speakers: one held out each
     utt_part = {k: p for p, ks in a["utterance"].items() for k in ks}
     assert all(utt_part[f"grid/s1/u{u}"] == utt_part[f"grid/s7/u{u}"] for u in range(40))  # the sentence decides
 
@@ -222,3 +226,23 @@ def test_cli_prep_and_import(corpus, tmp_path, monkeypatch):
     assert (tmp_path / "data" / "prep" / "64" / "grid" / "s1" / f"{IDS[0]}.safetensors").is_file()
     r = CliRunner().invoke(app, ["-q", "data", "import", str(tmp_path / "nothing"), "--name", "x"])
     assert r.exit_code != 0
+
+
+def test_grid_sentence_from_its_id():
+    assert sentence("bbaf2n") == "bin blue at f two now"
+    assert sentence("pbbm3n") == "place blue by m three now" and sentence("lgaz8p") == "lay green at z eight please"
+    assert sentence("bbaw2n") is None and sentence("xbaf2n") is None and sentence("bbaf2") is None  # no w; not ids
+
+
+def test_forced_alignment_of_a_grid_clip_matches_its_align_file():
+    """A GRID clip without .align gets word timings from its id's sentence: on s1, where GRID's own timings exist,
+    the forced alignment names the same words within 60 ms at each boundary."""
+    video, align = SHARED / "corpus/grid/s1/video/bbaf2n.mpg", SHARED / "corpus/grid/s1/align/bbaf2n.align"
+    if not video.is_file() or not align.is_file():
+        pytest.skip("shared GRID s1 absent")
+    x = media.read_audio(video, 16000)
+    ours = [w for w in grid_words(Clip("grid", "s1", "bbaf2n", video), x) if w[2] != "sil"]
+    theirs = [w for w in read_align(align) if w[2] not in ("sil", "sp")]
+    assert [w for _, _, w in ours] == [w for _, _, w in theirs] == ["bin", "blue", "at", "f", "two", "now"]
+    assert max(abs(a - b) for o, t in zip(ours, theirs, strict=True) for a, b in zip(o[:2], t[:2], strict=True)) < 0.06
+    assert grid_words(Clip("shared", "x", "bbaf2n", video), x) == []  # other corpora: no sentence from the id

@@ -21,6 +21,19 @@ from lipsync_cli.files import VIDEO_EXT
 AUDIO_EXT = {".wav", ".flac"}
 KIND = {ext: "video" for ext in VIDEO_EXT} | {ext: "audio" for ext in AUDIO_EXT} | {".align": "align"}
 CLIP_SECONDS = {"grid": 3.0}
+# corpora whose licence lets weights trained on them ship with lipsync (anything else, e.g. the imported `shared`
+# clips, may serve evaluation and per-video adaptation only)
+REDISTRIBUTABLE = {
+    "grid": "CC BY 4.0: GRID audio-visual corpus, Cooke, Barker, Cunningham & Shao, JASA 120(5), 2006 "
+    "(Zenodo record 3625687)",
+}
+
+
+def training_data(speakers: list[str]) -> dict:
+    """What a checkpoint records of its training data: `corpus/speaker` names -> speakers, corpora, licences."""
+    corpora = sorted({s.split("/", 1)[0] for s in speakers})
+    licences = {c: REDISTRIBUTABLE.get(c, "not redistributable") for c in corpora}
+    return {"speakers": sorted(speakers), "corpora": corpora, "licences": licences}
 
 
 class CorpusRow(NamedTuple):

@@ -28,8 +28,19 @@ def clip_key(c: dict) -> str:
 
 
 def split_clips(manifest: str | Path, split: str, scheme: str = "utterance") -> tuple[Path, dict, list[dict]]:
-    """(shard root, manifest, the entries of `split` under `scheme` ("utterance" or "speaker"))."""
+    """(shard root, manifest, the entries of `split` under `scheme`: "utterance", "speaker" or "disjoint").
+
+    "disjoint" validates and tests on whole held-out speakers and trains on the other speakers' utterance-train
+    sentences only (the eval's test sentences stay unseen); with no speaker split (one or two speakers) it is the
+    utterance split."""
     meta = json.loads(Path(manifest).read_text())
+    if scheme == "disjoint":
+        utt, spk = meta["splits"]["utterance"], meta["splits"].get("speaker")
+        if spk is None:
+            scheme = "utterance"
+        else:
+            wanted = set(spk.get(split, [])) & (set(utt["train"]) if split == "train" else set(spk.get(split, [])))
+            return Path(manifest).parent, meta, [c for c in meta["clips"] if clip_key(c) in wanted]
     splits = meta["splits"].get(scheme)
     if splits is None:
         raise ValueError(f"manifest has no {scheme!r} split ({meta['splits'].get(scheme + '_note', '')})")

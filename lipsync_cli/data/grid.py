@@ -105,6 +105,36 @@ def parse_speakers(spec: str | int | Sequence[int]) -> list[int]:
     return sorted(out)
 
 
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# a GRID id spells its sentence, one letter a word (MEDIA.md): command colour preposition letter digit adverb
+GRID_WORDS = (
+    {"b": "bin", "l": "lay", "p": "place", "s": "set"},
+    {"b": "blue", "g": "green", "r": "red", "w": "white"},
+    {"a": "at", "b": "by", "i": "in", "w": "with"},
+    None,  # the letter itself
+    {"z": "zero", **{str(d): w for d, w in enumerate(DIGITS)}},
+    {"a": "again", "n": "now", "p": "please", "s": "soon"},
+)
+
+
+def sentence(clip_id: str) -> str | None:
+    """The sentence a GRID id spells ("bbaf2n" -> "bin blue at f two now"); None when the id is not one."""
+    cid = clip_id.lower()
+    if len(cid) != 6:
+        return None
+    words = []
+    for ch, table in zip(cid, GRID_WORDS, strict=True):
+        if table is None:
+            if not ("a" <= ch <= "z") or ch == "w":  # GRID's letters leave out w
+                return None
+            words.append(ch)
+        elif ch in table:
+            words.append(table[ch])
+        else:
+            return None
+    return " ".join(words)
+
+
 def read_align(path: Path) -> list[tuple[float, float, str]]:
     """(start_s, end_s, word) per line of a GRID `.align` file (times count 25 kHz samples; CRLF is fine)."""
     out = []

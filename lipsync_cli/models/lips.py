@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import audio, face
+from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import clip_key, eval_spans
 from lipsync_cli.models import lipmap
 
@@ -389,7 +390,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None):
         vel = velocity_l1(pred, batch["lips"], batch["valid"])
         gap = gap_l1(pred, batch["lips"], batch["valid"])
         total = l1 + cfg.w_velocity * vel + cfg.w_gap * gap
-        return total, {"l1": l1.item(), "vel": vel.item(), "gap": gap.item()}
+        return total, {"l1": l1.detach(), "vel": vel.detach(), "gap": gap.detach()}
 
     def validate(m: nn.Module, batches) -> dict[str, float]:
         err = n = l1 = 0.0
@@ -401,7 +402,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None):
         return {"lve": err / max(n, 1.0), "l1": l1 / max(n, 1.0)}
 
     speakers = sorted({c["speaker"] for c in train})
-    meta = {"train_clips": len(train), "speakers": speakers}
+    meta = {"train_clips": len(train), **training_data(speakers)}
     return Task(
         name="lips",
         model=model,

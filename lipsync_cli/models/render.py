@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
 from lipsync_cli.models.sync import MOUTH as SYNC_MOUTH
 
@@ -335,11 +336,11 @@ def augment(batch: dict, gen: torch.Generator) -> dict:
     target, ref, shape = images(batch["target"]), images(batch["reference"]), masks(batch["shape"])
     b = target.shape[0]
     dev = target.device
-    r = lambda *s: torch.rand(*s, generator=gen, device="cpu").to(dev)  # noqa: E731
+    r = lambda *s: torch.rand(*s, generator=gen, device=gen.device).to(dev)  # noqa: E731 (draws on the generator's device)
     flip = r(b) < 0.5
     f = lambda x: torch.where(flip.view(b, *[1] * (x.ndim - 1)), x.flip(-1), x)  # noqa: E731
     target, ref, shape = f(target), f(ref), f(shape)
-    perm = torch.stack([torch.randperm(3, generator=gen) for _ in range(b)]).to(dev)
+    perm = torch.stack([torch.randperm(3, generator=gen, device=gen.device) for _ in range(b)]).to(dev)
     perm = torch.where((r(b) < 0.5)[:, None], perm, torch.arange(3, device=dev))
     shuffle = lambda x: torch.gather(x, 2, perm.view(b, 1, 3, 1, 1).expand_as(x))  # noqa: E731
     gain = (1 + 0.3 * (r(b, 1, 1, 1, 1) - 0.5)) * (1 + 0.4 * (r(b, 1, 3, 1, 1) - 0.5))
@@ -390,14 +391,14 @@ def make_task(manifest: str | Path, overrides: dict | None = None):
         g_adv = _lsgan(torch.func.functional_call(r.disc, frozen, (fake, shape)), True)
         d_loss = (_lsgan(r.disc(target, shape), True) + _lsgan(r.disc(fake.detach(), shape), False)) / 2
         total = l1 + cfg.w_ssim * dssim + d_loss + (cfg.w_adv * g_adv if step >= cfg.adv_start else 0.0)
-        logs = {"l1": l1.item(), "dssim": dssim.item(), "g_adv": g_adv.item(), "d": d_loss.item()}
+        logs = {"l1": l1.detach(), "dssim": dssim.detach(), "g_adv": g_adv.detach(), "d": d_loss.detach()}
         speech = batch["speech"]
         if expert is not None and bool(speech.any()):
             expert = expert.to(fake.device)
             video = sync_view((fake.reshape(-1, FRAMES, *fake.shape[1:])[speech] + 1) / 2)
             s_loss = sync.sync_loss(expert, video, batch["mel"][speech])
             total = total + cfg.w_sync * s_loss
-            logs["sync"] = s_loss.item()
+            logs["sync"] = s_loss.detach()
         return total, logs
 
     @torch.no_grad()
@@ -414,7 +415,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None):
         n = max(n, 1.0)
         return {"l1": l1 / n, "ssim": 1 - dssim / n, "psnr": float(10 * np.log10(1 / max(mse / n, 1e-10)))}
 
-    meta = {"train_windows": len(train_set), "speakers": sorted(train_set.pool) if len(train_set) else []}
+    meta = {"train_windows": len(train_set), **training_data(sorted(train_set.pool) if len(train_set) else [])}
     return Task(
         name="render",
         model=Render(cfg),

@@ -293,7 +293,7 @@ def contrastive(model: Seed, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     labels = torch.arange(len(a), device=a.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     acc = (logits.argmax(1) == labels).float().mean()
-    return loss, {"nce": loss.item(), "sync_acc": acc.item()}
+    return loss, {"nce": loss.detach(), "sync_acc": acc.detach()}
 
 
 def joint(model: Seed, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -305,7 +305,7 @@ def joint(model: Seed, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, di
     g_adv = _bce(torch.func.functional_call(model.disc, frozen, (fake,)), True)
     d_loss = (_bce(model.disc(real), True) + _bce(model.disc(fake.detach()), False)) / 2
     loss = l1 + model.config.adv_weight * g_adv + d_loss
-    return loss, {"l1": l1.item(), "g_adv": g_adv.item(), "d": d_loss.item()}
+    return loss, {"l1": l1.detach(), "g_adv": g_adv.detach(), "d": d_loss.detach()}
 
 
 def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:

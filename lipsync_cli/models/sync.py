@@ -22,6 +22,7 @@ window t matches audio window t - offset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import balance_speakers, split_clips
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models.task import Task, unwrap
@@ -60,6 +62,8 @@ class Config:
     warmup_steps: int = 100
     val_stride: int = 2  # validation windows every this many frames
     repeat_max: int = 4  # small speakers' windows repeat up to this often (sqrt of the size ratio to the largest)
+    split: str = "disjoint"  # manifest split scheme (data.dataset.split_clips): validate on speakers never trained on
+    augment_voice_face: bool = True  # mel-axis warp (other voices) and contrast/brightness (other faces, light)
 
 
 def build(config: dict) -> SyncNet:
@@ -294,7 +298,7 @@ class SyncWindows(Dataset):
         limit: int | None = None,
         repeat_max: int = 1,
     ):
-        root, _, clips = split_clips(manifest, split)
+        root, _, clips = split_clips(manifest, split, cfg.split)
         clips = clips[:limit]
         self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
         self.mouths, self.mels, self.index = [], [], []
@@ -314,6 +318,13 @@ class SyncWindows(Dataset):
             raise LipsyncError(f"split {split!r} of {manifest} has no usable sync windows")
         speaker = [f"{c['corpus']}/{c['speaker']}" for c in clips]
         self.index = balance_speakers(self.index, [speaker[c] for c, _ in self.index], repeat_max)
+
+    def data(self) -> dict:
+        """The clips behind these windows, as a checkpoint records them (`data.corpus.training_data`)."""
+        return {
+            "clips": len(self.clips),
+            **training_data(sorted({f"{c['corpus']}/{c['speaker']}" for c in self.clips})),
+        }
 
     def __len__(self) -> int:
         return len(self.index)
@@ -339,8 +350,9 @@ def _windows(strip: torch.Tensor, k: int, lags: torch.Tensor) -> torch.Tensor:
     return strip[:, idx]
 
 
-def augment(batch: dict, gen: torch.Generator) -> dict:
-    """Train-time: mirror half the mouths, shift each by up to 3 px (same for its 5 frames), +-3 dB audio gain."""
+def augment(batch: dict, gen: torch.Generator, voice_face: bool = False) -> dict:
+    """Train-time: mirror half the mouths, shift each by up to 3 px (same for its 5 frames), +-3 dB audio gain;
+    with `voice_face` also `warp_mel` and `jitter_light`, for voices and faces never trained on."""
     video = batch["video"]
     b, _, h, w = video.shape
     dev = video.device
@@ -351,7 +363,33 @@ def augment(batch: dict, gen: torch.Generator) -> dict:
     dx, dy = (torch.randint(0, 2 * p + 1, (2, b), generator=gen, device=gen.device)).tolist()
     video = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)]).to(torch.uint8)
     gain = (torch.rand(b, 1, 1, generator=gen, device=gen.device).to(dev) - 0.5) * 0.6  # log10 power: +-3 dB
-    return {**batch, "video": video, "mel": batch["mel"] + gain}
+    mel = batch["mel"] + gain
+    if voice_face:
+        mel, video = warp_mel(mel, gen), jitter_light(video, gen)
+    return {**batch, "video": video, "mel": mel}
+
+
+def warp_mel(mel: torch.Tensor, gen: torch.Generator, lo: float = 0.88, hi: float = 1.12) -> torch.Tensor:
+    """Another voice, roughly: stretch each item's mel axis by a factor in [lo, hi] (vocal-tract length / pitch),
+    as `lips.augment_logmel` does for the lips model."""
+    b, n = mel.shape[0], mel.shape[-1]
+    a = lo + (hi - lo) * torch.rand(b, 1, generator=gen, device=gen.device).to(mel.device)
+    src = (torch.arange(n, device=mel.device) / a).clamp(0, n - 1)  # (B, n)
+    i0 = src.floor().long()
+    i1, w = (i0 + 1).clamp(max=n - 1), (src - i0).to(mel.dtype)
+    shape = (b, *[1] * (mel.ndim - 2), n)
+    take = lambda i: torch.gather(mel, -1, i.view(shape).expand_as(mel))  # noqa: E731
+    return take(i0) * (1 - w.view(shape)) + take(i1) * w.view(shape)
+
+
+def jitter_light(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Other faces and light, roughly: per-window contrast x0.7-1.3 about the window's mean and brightness +-25."""
+    b = video.shape[0]
+    r = lambda: torch.rand(b, *[1] * (video.ndim - 1), generator=gen, device=gen.device).to(video.device)  # noqa: E731
+    x = video.float()
+    mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    x = (x - mean) * (0.7 + 0.6 * r()) + mean + 50 * (r() - 0.5)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def loss(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -374,7 +412,7 @@ def loss(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[s
     loss_v = F.cross_entropy(logits, target)
     loss_a = F.cross_entropy(in_batch.T, target)
     acc = (logits.argmax(1) == target).float().mean()
-    return (loss_v + loss_a) / 2, {"loss_v": loss_v.item(), "loss_a": loss_a.item(), "acc": acc.item()}
+    return (loss_v + loss_a) / 2, {"loss_v": loss_v.detach(), "loss_a": loss_a.detach(), "acc": acc.detach()}
 
 
 @torch.no_grad()
@@ -429,14 +467,14 @@ def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
     return Task(
         name="sync",
         model=SyncNet(cfg),
-        config=dataclasses.asdict(cfg),
+        config={**dataclasses.asdict(cfg), "data": {"train_windows": len(train_set), **train_set.data()}},
         train_set=train_set,
         val_set=val_set,
         loss=loss,
         validate=validate,
         metric="metric",
         higher_is_better=True,
-        augment=augment,
+        augment=functools.partial(augment, voice_face=cfg.augment_voice_face),
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         warmup_steps=cfg.warmup_steps,
