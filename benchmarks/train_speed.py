@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py --model sync [--manifest M] [--steps 30] [--batch-size B] [--out speed.json]
     python benchmarks/train_speed.py --model lips --devices cuda --precisions 32,bf16,16 --out /tmp/lips.json
 
-Each (device, precision) pair is a real `lipsync_cli.train.train()` run of --steps optimiser steps in a temporary
+Each (device, precision) pair is a real `lipsync_cli.training.train()` run of --steps optimiser steps in a temporary
 output folder, from the same seed: data loading, forward, backward, AdamW, all of it. samples/s is the steady rate,
 the first log window (a fifth of the steps: allocator and autotune warm-up) left out, validation and checkpoints
 never counted. The ratio column is each precision's rate over precision 32 on the same device, in the same run.
@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync_cli import progress
-from lipsync_cli.train import TrainOptions, train
+from lipsync_cli.training import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +50,12 @@ def measure(model: str, manifest: Path, device: str, precision: str, args) -> di
     return {
         "device": device,
         "precision": precision,
-        "samples_per_s": s["samples_per_s"],
-        "batch": s["batch"]["per_process"],
-        "steps": s["steps"],
-        "wall_s": s["wall_s"],
-        "cpu_s": s["cpu_s"],
-        "final_loss": s["loss"],
+        "samples_per_s": s.samples_per_s,
+        "batch": s.batch,
+        "steps": s.steps,
+        "wall_s": s.wall_s,
+        "cpu_s": s.cpu_s,
+        "final_loss": s.loss,
     }
 
 
