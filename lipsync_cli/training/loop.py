@@ -107,14 +107,13 @@ class _Run:
     lr: float
     warmup: int
     weight_decay: float
-    t_start: float = field(default_factory=time.perf_counter)
-    cpu_start: os.times_result = field(default_factory=os.times)
-    # the objects, built by _setup
-    net: nn.Module = None  # type: ignore[assignment]  # the bare model
-    model: nn.Module = None  # type: ignore[assignment]  # what the loss runs: net, in DDP / compiled when asked
-    optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
-    scaler: torch.amp.GradScaler = None  # type: ignore[assignment]
-    gen: torch.Generator = None  # type: ignore[assignment]  # the augmentation's generator, on the device
+    t_start: float  # perf_counter and os.times when train() began
+    cpu_start: os.times_result
+    net: nn.Module  # the bare model, on its device
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # the augmentation's generator, on the device
+    model: nn.Module | None = None  # what the loss runs: net, in DDP / compiled when asked (set by _loaders)
     writer: object = None  # TensorBoard SummaryWriter (rank 0)
     # where it stands
     step: int = 0
@@ -157,8 +156,7 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
     t_start, cpu_start = time.perf_counter(), os.times()
     if not d.main:
         progress.set_quiet(True)
-    run = _setup(factory, manifest, opts, d)
-    run.t_start, run.cpu_start = t_start, cpu_start
+    run = _setup(factory, manifest, opts, d, t_start, cpu_start)
     if opts.resume:
         _resume(run)
     run.start_step = run.step
@@ -174,7 +172,9 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
     return _result(run)
 
 
-def _setup(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOptions, d: Dist) -> _Run:
+def _setup(
+    factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOptions, d: Dist, t_start: float, cpu_start
+) -> _Run:
     """The task (built from the base seed on every process: DDP also broadcasts rank 0's weights), its
     hyper-parameters under the options, the model on its device, the optimiser, scaler and generators."""
     precision = _precision(opts.precision, d.device)
@@ -183,35 +183,34 @@ def _setup(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
         task = factory(manifest, dict(opts.overrides))
     except ValueError as e:  # the task's own complaint about its data or settings
         raise LipsyncError(f"cannot set up the task: {str(e).splitlines()[0]}") from None
-    run = _Run(
-        opts, d, task, opts.name or task.name, precision,
-        batch=opts.batch_size or task.batch_size,
-        lr=opts.lr if opts.lr is not None else task.lr,
-        warmup=opts.warmup_steps if opts.warmup_steps is not None else task.warmup_steps,
-        weight_decay=opts.weight_decay if opts.weight_decay is not None else task.weight_decay,
-    )  # fmt: skip
-    _check_sizes(run, manifest)
-    check_checkpoints(run.ckpt_dir, opts)
+    name, batch = opts.name or task.name, opts.batch_size or task.batch_size
+    _check_sizes(task, manifest, batch, opts.accumulate, d.world)
+    check_checkpoints(opts.out_dir / "checkpoints" / name, opts)
 
-    run.net = task.model.to(d.device)
+    net = task.model.to(d.device)
     if opts.channels_last:
-        _to_channels_last(run.net)
-    run.optimizer = _optimizer(run.net, run.lr, run.weight_decay, d.device)
-    run.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "16")
-    run.gen = torch.Generator(d.device)
+        _to_channels_last(net)
+    weight_decay = opts.weight_decay if opts.weight_decay is not None else task.weight_decay
+    lr = opts.lr if opts.lr is not None else task.lr
+    optimizer = _optimizer(net, lr, weight_decay, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "16")
+    gen = torch.Generator(d.device)
     state.seed_all(opts.seed + d.rank)  # from here on each process draws its own dropout and augmentation
-    run.gen.manual_seed(opts.seed + d.rank)
-    return run
+    gen.manual_seed(opts.seed + d.rank)
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else task.warmup_steps
+    return _Run(
+        opts, d, task, name, precision, batch, lr, warmup, weight_decay, t_start, cpu_start, net, optimizer, scaler, gen
+    )
 
 
-def _check_sizes(run: _Run, manifest: Path) -> None:
-    n, task = len(run.task.train_set), run.task
+def _check_sizes(task: Task, manifest: Path, batch: int, accumulate: int, world: int) -> None:
+    n = len(task.train_set)
     if n == 0:
         raise LipsyncError(f"the train split of {manifest} is empty: prep more clips (see `lipsync data list`)")
-    if n < run.per_step:
+    if n < batch * accumulate * world:
         raise LipsyncError(
             f"the train split has {n} samples, fewer than one step's "
-            f"{run.batch} x {run.opts.accumulate} x {run.d.world} (batch x accumulate x processes): lower --batch-size"
+            f"{batch} x {accumulate} x {world} (batch x accumulate x processes): lower --batch-size"
         )
     if task.val_set is not None and len(task.val_set) == 0:
         raise LipsyncError(f"the val split of {manifest} is empty: prep more clips or choose another split scheme")
