@@ -1,9 +1,9 @@
 """The training loop, once for every model: AMP, accumulation, DDP, validation, checkpoints, exact resume.
 
 A model file hands the loop a `Task` (models/task.py): the model, its datasets, a loss and a validation function.
-Everything else (optimiser, schedule, precision, devices, logging, checkpoints) lives here. `train` reads as its
-steps: set up the run (`_setup`, `_resume`), then per optimiser step `_step`, `_log` and `_validate_and_save`,
-then `_result`.
+Everything else (optimiser, schedule, precision, devices, logging, checkpoints) lives here. `_train` reads as its
+steps: set up the run (`_setup`, `_resume`, `_wrap`, `_loaders`), then per optimiser step (`_loop`): `_step`, `_log`
+and `_validate_and_save`; then `_result`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     gen: torch.Generator  # the augmentation's generator, on the device
-    model: nn.Module | None = None  # what the loss runs: net, in DDP / compiled when asked (set by _loaders)
+    model: nn.Module | None = None  # what the loss runs: net, in DDP / compiled when asked (set by _wrap)
     writer: object = None  # TensorBoard SummaryWriter (rank 0)
     # where it stands
     step: int = 0
@@ -160,6 +160,7 @@ def _train(factory: Callable[[Path, dict], Task], manifest: Path, opts: TrainOpt
     if opts.resume:
         _resume(run)
     run.start_step = run.step
+    run.model = _wrap(run)
     train_iter, val_loader = _loaders(run)
     if d.main and opts.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -232,13 +233,15 @@ def _resume(run: _Run) -> None:
     progress.log(f"resumed {run.name} at step {run.step}")
 
 
+def _wrap(run: _Run) -> nn.Module:
+    """The model as the loss runs it: in DDP with several processes, compiled when asked."""
+    model = distributed.wrap(run.net, run.d, run.task.find_unused_parameters)
+    return torch.compile(model) if run.opts.compile else model
+
+
 def _loaders(run: _Run) -> tuple[Iterator, DataLoader | None]:
-    """The model as the loss runs it (DDP, compiled), this process's endless train batches from the run's step, and
-    the validation loader (rank 0)."""
+    """This process's endless train batches from the run's step, and the validation loader (rank 0)."""
     opts, d, task = run.opts, run.d, run.task
-    run.model = distributed.wrap(run.net, d, task.find_unused_parameters)
-    if opts.compile:
-        run.model = torch.compile(run.model)
     workers = opts.workers if opts.workers is not None else (4 if d.cuda else 0)
     loader_kw = dict(
         collate_fn=task.collate or default_collate,
