@@ -6,7 +6,7 @@
     python benchmarks/train_speed.py --model render --devices cuda --precisions bf16 --batch-size 4,32 \\
         --variants base,channels_last,compile --seconds 8
 
-Each row is a real `lipsync_cli.train.train()` run in a temporary output folder, from the same seed: data loading
+Each row is a real `lipsync_cli.training.train()` run in a temporary output folder, from the same seed: data loading
 (DataLoader workers, pinned memory on CUDA), forward, backward, AdamW, all of it. samples/s is the steady rate: the
 first log window (allocator, cuDNN autotune, compilation) left out, validation and checkpoints never counted. Runs
 last --steps optimiser steps, or --seconds of wall time each from the second step on (setup, CUDA start-up and
@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync_cli import progress
-from lipsync_cli.train import TrainOptions, resolve, train
+from lipsync_cli.training import TrainOptions, resolve, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def measure(model: str, manifest: Path, device: str, precision: str, batch: int 
 
         with GpuSampler() if cuda else _nothing() as sampler:
             s = train(timed_factory, manifest, opts)
-    hist = s["history"]
+    hist = s.history
     util = None
     if cuda and sampler.ok and len(hist) >= 2:  # the steady windows: from the end of the first to the last
         util = sampler.mean(t_call + hist[0]["t"], t_call + hist[-1]["t"])
@@ -124,14 +124,14 @@ def measure(model: str, manifest: Path, device: str, precision: str, batch: int 
         "device": device,
         "precision": precision,
         "variant": variant,
-        "samples_per_s": s["samples_per_s"],
-        "batch": s["batch"]["per_process"],
-        "steps": s["steps"],
-        "wall_s": s["wall_s"],
-        "cpu_s": s["cpu_s"],
+        "samples_per_s": s.samples_per_s,
+        "batch": s.batch,
+        "steps": s.steps,
+        "wall_s": s.wall_s,
+        "cpu_s": s.cpu_s,
         "gpu_util": util,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-        "final_loss": s["loss"],
+        "final_loss": s.loss,
     }
 
 

@@ -416,15 +416,11 @@ def train_(
     name: Annotated[str | None, typer.Option(help="Run name (default: the model's).")] = None,
 ) -> None:
     """Train a model on prepped shards: checkpoints in <output_dir>/checkpoints/<name>/, TensorBoard in runs/<name>/."""
-    from dataclasses import replace
-
-    from lipsync_cli.train import TrainOptions, check, launch, launched, read_config, train
+    from lipsync_cli import training
 
     s = _settings(ctx)
-    overrides, trainer = read_config(config) if config is not None else ({}, {})
-    opts = TrainOptions(
+    base = training.TrainOptions(
         out_dir=s.output_dir,
-        overrides=overrides,
         precision=s.train_precision,
         val_every=s.train_val_every,
         save_every=s.train_save_every,
@@ -435,31 +431,14 @@ def train_(
     )
     flags = dict(
         name=name, gpus=gpus, precision=precision, batch_size=batch_size, accumulate=accumulate, max_steps=max_steps,
-        max_minutes=max_minutes, lr=lr, val_every=val_every, save_every=save_every, workers=workers,
+        max_minutes=max_minutes, lr=lr, val_every=val_every, save_every=save_every, workers=workers, resume=resume,
+        fresh=fresh,
     )  # fmt: skip
-    opts = replace(opts, **trainer, resume=resume, fresh=fresh)  # settings < config file < flags
-    opts = replace(opts, **{k: v for k, v in flags.items() if v is not None})
-    if procs is not None and procs > 1 and (opts.gpus or 0) > 0:
-        raise LipsyncError("--procs is for CPU processes; with GPUs use --gpus N")
-    if procs is not None:
-        opts = replace(opts, gpus=0)
-    if opts.max_steps is None and opts.max_minutes is None:
-        opts = replace(opts, max_steps=s.train_max_steps)
+    opts = training.merge(base, config, flags, procs=procs, default_max_steps=s.train_max_steps)
     manifest = manifest or s.data_dir / "prep" / str(s.prep_size) / "manifest.json"
-    nproc = max(opts.gpus or 1, procs or 1)
-    if nproc > 1 and not launched():
-        check(manifest, opts, opts.name or (model if ":" not in model else None))
-        progress.log(f"starting {nproc} {'GPU' if opts.gpus else 'CPU'} processes under torchrun")
-        if code := launch(nproc):
-            raise LipsyncError(f"training failed in a process (exit code {code}): see its message above")
-        return
-    r = train(model, manifest, opts)
-    best = f"{r['metric']} {r['best']:.4g} at step {r['best_step']}, " if r["best"] is not None else ""
-    speed = f"{r['samples_per_s']:.1f} samples/s" if r["samples_per_s"] else "no steps run"
-    progress.log(
-        f"[green]done[/] {r['model']}: step {r['steps']}, {best}{speed} ({r['precision']}, {r['device']} "
-        f"x{r['processes']}) -> {Path(r['checkpoints']['last']).parent}"
-    )
+    result = training.start(model, manifest, opts, procs)
+    if result is not None:
+        progress.log(f"[green]done[/] {result.describe()}")
 
 
 @config_app.command("show")

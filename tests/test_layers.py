@@ -30,7 +30,7 @@ LAYERS = (
     "compositing",  # timing plan and compositing
     "data",  # corpora, import, prep, shards, datasets
     "models",  # the learned models (and the self-fitted map) with their training tasks
-    "train",  # the training loop
+    "training",  # the training loop: options, schedule, processes, checkpoint state, result
     "engine",  # mouth engines: models driven per video
     "dub",  # the dubbing pipeline
     "eval",  # metrics and protocols over the pipeline
@@ -146,7 +146,7 @@ def test_no_import_cycle() -> None:
 def training_path() -> list[str]:
     """Every lipsync_cli module the training loop and the models' task factories can reach, lazily or not."""
     graph = import_graph()
-    todo = ["lipsync_cli.train", "lipsync_cli.models", *[f"lipsync_cli.models.{n}" for n in _model_names()]]
+    todo = ["lipsync_cli.training", "lipsync_cli.models", *[f"lipsync_cli.models.{n}" for n in _model_names()]]
     seen: set[str] = set()
     while todo:
         m = todo.pop()

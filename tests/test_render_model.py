@@ -201,11 +201,11 @@ def test_committed_renderer_repaints_a_real_mouth_better_than_copying_the_refere
 
 
 def test_lipsync_train_model_render_writes_a_checkpoint_the_engine_loads(tiny_prep, tmp_path):
-    from lipsync_cli.train import TrainOptions, train
+    from lipsync_cli.training import TrainOptions, train
 
     opts = TrainOptions(out_dir=tmp_path, max_steps=3, val_every=3, precision="bf16", overrides=TINY)
-    summary = train("render", tiny_prep, opts)
-    assert summary["steps"] == 3
+    result = train("render", tiny_prep, opts)
+    assert result.steps == 3
     best = tmp_path / "checkpoints" / "render" / "best.safetensors"
     model = neural.load(best)
     assert isinstance(model, render.Render) and model.cfg.img == 32

@@ -1,4 +1,4 @@
-"""The training loop (lipsync_cli/train.py) on a tiny real task: tests/train_tiny.py over the tiny_prep shards, CPU."""
+"""The training loop (lipsync_cli/training/) on a tiny real task: tests/train_tiny.py over the tiny_prep shards, CPU."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from lipsync_cli import progress
 from lipsync_cli.cli import app
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.train import StepBatches, TrainOptions, lr_at, read_config, train
+from lipsync_cli.training import StepBatches, TrainOptions, lr_at, read_config, train
 
 TINY = "train_tiny:make_task"
 
@@ -80,20 +80,20 @@ def test_loss_goes_down_and_checkpoints_load(tiny_prep, tmp_path):
     before = val_mae(tiny_prep, train_tiny.make_task(tiny_prep, {}).model)
     s = train(TINY, tiny_prep, options(tmp_path, max_steps=40, val_every=20, log_every=10, tensorboard=True))
 
-    losses = [h["loss"] for h in s["history"]]
+    losses = [h["loss"] for h in s.history]
     assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], losses
-    assert s["best"] < 0.8 * before, (s["best"], before)
-    assert s["steps"] == 40 and s["samples"] == 40 * 8 and s["samples_per_s"] > 0
+    assert s.best < 0.8 * before, (s.best, before)
+    assert s.steps == 40 and s.samples == 40 * 8 and s.samples_per_s > 0
 
     ckpt = tmp_path / "checkpoints" / "tiny"
     for f in ("last.safetensors", "last.json", "last.state.safetensors", "last.state.json", "best.safetensors"):
         assert (ckpt / f).is_file(), f
     assert list((tmp_path / "runs" / "tiny").glob("events.out.tfevents.*"))
     config = json.loads((ckpt / "best.json").read_text())
-    assert config["meta"]["step"] == s["best_step"] and config["meta"]["metric"] == "mae"
+    assert config["meta"]["step"] == s.best_step and config["meta"]["metric"] == "mae"
     model = train_tiny.build(config)
     model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
-    assert val_mae(tiny_prep, model) == pytest.approx(s["best"], rel=1e-5)
+    assert val_mae(tiny_prep, model) == pytest.approx(s.best, rel=1e-5)
 
 
 def test_resume_is_exact(tiny_prep, tmp_path):
@@ -101,11 +101,11 @@ def test_resume_is_exact(tiny_prep, tmp_path):
     train(TINY, tiny_prep, options(tmp_path / "straight", max_steps=12, **kw))
     # stopped half way (same LR horizon), then resumed: validation at step 6 must not disturb anything either
     half = train(TINY, tiny_prep, options(tmp_path / "split", max_steps=6, schedule_steps=12, **kw))
-    assert half["steps"] == 6
+    assert half.steps == 6
     with pytest.raises(LipsyncError, match="--resume to continue"):
         train(TINY, tiny_prep, options(tmp_path / "split", max_steps=12, **kw))
     rest = train(TINY, tiny_prep, options(tmp_path / "split", max_steps=12, resume=True, **kw))
-    assert rest["start_step"] == 6 and rest["steps"] == 12 and rest["samples"] == 12 * 8
+    assert rest.start_step == 6 and rest.steps == 12 and rest.samples == 12 * 8
 
     assert max_diff(weights(tmp_path / "straight"), weights(tmp_path / "split")) == 0.0
     states = [
@@ -145,10 +145,10 @@ def test_two_cpu_processes_agree(tiny_prep, tmp_path):
 
 def test_bf16_autocast_on_cpu_and_val_loss_without_validate(tiny_prep, tmp_path):
     s = train(TINY, tiny_prep, options(tmp_path, max_steps=12, precision="bf16", overrides={"validate": False}))
-    losses = [h["loss"] for h in s["history"]]
-    assert s["precision"] == "bf16" and all(map(torch.isfinite, torch.tensor(losses)))
+    losses = [h["loss"] for h in s.history]
+    assert s.precision == "bf16" and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0]
-    assert s["metric"] == "val_loss" and s["best"] == s["val"]["val_loss"] and 0 < s["best"] < 1  # mean task.loss
+    assert s.metric == "val_loss" and s.best == s.val["val_loss"] and 0 < s.best < 1  # mean task.loss
     assert json.loads((tmp_path / "checkpoints" / "tiny" / "last.json").read_text())["meta"]["precision"] == "bf16"
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lipsync_cli import models, progress
-from lipsync_cli.train import TrainOptions, train
+from lipsync_cli.training import TrainOptions, train
 
 MODELS = ("sync", "lips", "render", "seed")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
@@ -50,16 +50,16 @@ def test_one_training_step(model, device, precision, tiny_prep, tmp_path):
     finally:
         torch.set_num_threads(threads)
         progress.set_quiet(quiet)
-    assert s["steps"] == 1 and s["device"].startswith(device) and math.isfinite(s["loss"])
-    assert s["val"] is not None and all(math.isfinite(v) for v in s["val"].values())
-    trained = load_file(s["checkpoints"]["last"])
+    assert s.steps == 1 and s.device.startswith(device) and math.isfinite(s.loss)
+    assert s.val is not None and all(math.isfinite(v) for v in s.val.values())
+    trained = load_file(str(s.last))
     torch.manual_seed(0)  # train() builds the model from seed 0: these are its initial weights
     fresh = models.module(model).make_task(tiny_prep, {}).model.state_dict()
     moved = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v.float(), fresh[k].float())]
     if precision == "16" and not moved:  # GradScaler skips a step whose scaled gradients overflow, and backs off
-        state = json.loads((tmp_path / "checkpoints" / s["model"] / "last.state.json").read_text())
+        state = json.loads((tmp_path / "checkpoints" / s.name / "last.state.json").read_text())
         assert state["scaler"]["scale"] < 2.0**16, "fp16: no weight changed, yet the scaler did not back off"
     else:
         assert moved, "one optimiser step changed no weight"
-    net, _ = models.load(s["checkpoints"]["last"])
+    net, _ = models.load(s.last)
     assert sum(p.numel() for p in net.parameters()) > 0

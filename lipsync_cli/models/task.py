@@ -1,6 +1,6 @@
 """What a model file hands the training loop (`Task`), kept beside the models so that they never import the loop.
 
-`lipsync_cli.train` runs a Task; each model file's `make_task(manifest, overrides)` builds one.
+`lipsync_cli.training` runs a Task; each model file's `make_task(manifest, overrides)` builds one.
 """
 
 from __future__ import annotations
