@@ -20,6 +20,7 @@ LAYERS = (
     "errors",  # the one exception type
     "files",  # file kinds, atomic writes
     "progress",  # logging and progress bars
+    "background",  # a decoder ahead in a thread, a job in its own process
     "settings",  # the settings object (read by the CLI only; everything else receives it or its values)
     "audio",  # signal processing on speech
     "media",  # decode / encode (PyAV, ffmpeg)

@@ -242,24 +242,26 @@ class _Clip:
 
     path: Path
     source: SourceFaces
-    store: np.ndarray | None  # the frames (disk memmap) when a plan needs random access
+    video: media.VideoInfo  # at the working rate: plans index the 25 fps view, frames are re-decoded from it
     voice: voice_speech.SpeakerVoice | None
     info: dict
     height: int = 0
     width: int = 0
 
 
-def _analyse(path: Path, settings: Settings, workdir: Path, keep_frames: bool) -> _Clip:
+def _analyse(path: Path, settings: Settings, workdir: Path) -> _Clip:
     info = media.probe(path)
     info = dataclasses.replace(info, duration=min(info.duration, MAX_CLIP_S))
-    source, store = dub.analyse_video(path, info, settings, workdir, keep_frames=keep_frames)
+    n = info.n_frames(settings.fps)
+    # every frame analysed and kept (clips are short); crops on disk, where the neural row paints on them
+    source = dub.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), workdir)
     facts: dict = {"frames": source.n_frames, "faces": float(source.found.mean())}
     try:
         voice = voice_speech.speaker_voice(settings, source.audio, path.name)
     except LipsyncError as e:  # no usable speech: the plain TTS voice, as --voice-fallback would
         voice, facts["voice"] = None, f"tts ({e})"
     facts.setdefault("voice", "tts" if voice is None else "own")
-    return _Clip(path, source, store, voice, facts, info.height, info.width)
+    return _Clip(path, source, dataclasses.replace(info, fps=settings.fps), voice, facts, info.height, info.width)
 
 
 def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
@@ -294,9 +296,9 @@ def _dub_row(
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
         wav = Path(tmp) / "speech.wav"
         media.write_wav(wav, speech, SR)
-        h, w = clip.store.shape[1:3] if clip.store is not None else (clip.height, clip.width)
+        h, w = clip.height, clip.width
         with media.VideoWriter(out, w, h, fps=src.fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg) as vw:
-            for frame in dub.render_frames(clip.path, src, clip.store, plan, track, settings):
+            for frame in dub.render_frames(clip.path, clip.video, src, plan, track, settings):
                 vw.write(frame)
     scale = _scale_for_sync(src.landmarks)
     tap = _Tap(scale, src.matrices[plan], src.size)
@@ -356,9 +358,7 @@ def evaluate_text(
             t_clip = time.perf_counter()
             try:
                 with quiet_bars(), tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
-                    n_src = min(media.probe(path).n_frames(settings.fps), int(MAX_CLIP_S * settings.fps))
-                    longest = max((int(round(len(s) / SR * settings.fps)) for s, _ in tts), default=0)
-                    clip = _analyse(path, settings, Path(tmp), keep_frames=longest > n_src)
+                    clip = _analyse(path, settings, Path(tmp))
                     advance(1)
                     _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
             except (LipsyncError, ValueError) as e:
