@@ -258,11 +258,13 @@ def test_dub_keeps_frame_rate_and_audio_quality(tmp_path):
     # the mouth follows the speech on the output's own frames
     with face.FaceTracker() as tr:
         lm = np.array([x if (x := tr.update(f)) is not None else np.full((478, 2), np.nan) for f in frames])
-    op = opening_series(lm)
-    env = rms_envelope(speech, SR, fps=info.fps, n_frames=len(op))
-    ok = ~np.isnan(op)
+    ok = ~np.isnan(lm[:, 0, 0])
     assert ok.mean() > 0.9
-    assert np.corrcoef(op[ok], env[ok])[0, 1] > 0.3
+    # the mouth says the words on the output's own frames: re-tracked and force-aligned at 29.97 fps
+    from lipsync_cli.eval import articulation
+
+    s = articulation.measure(out, text).scores
+    assert s["bilabial"] >= 0.8 and s["contrast"] >= 2.5, s
     # and outside the lower face the picture is the input's own frame at the same time
     src_frames = list(media.iter_frames(video, info.fps))
     t = 20
