@@ -45,14 +45,17 @@ def train(
     check(manifest, opts)
     factory = resolve(model) if isinstance(model, str) else model
     d = distributed.init(opts)
+    finished = False
     try:
-        return _train(factory, Path(manifest), opts, d)
+        result = _train(factory, Path(manifest), opts, d)
+        finished = True
+        return result
     except LipsyncError:
         if d.rank > 0:  # every process meets the same complaint: rank 0 says it once
             raise SystemExit(1) from None
         raise
     finally:
-        distributed.close(d)
+        distributed.close(d, finished)
 
 
 def start(model: str, manifest: Path, opts: TrainOptions, procs: int | None = None) -> TrainResult | None:
