@@ -41,7 +41,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from lipsync_cli import progress
-from lipsync_cli.dub import dub
+from lipsync_cli.dubbing import dub
 from lipsync_cli.settings import Settings
 progress.set_quiet(True)
 a = json.loads(sys.argv[1])

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from lipsync_cli import audio, dub, face, models
+from lipsync_cli import audio, dubbing, face, models
 from lipsync_cli.data.dataset import clip_key
 from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
@@ -66,7 +66,7 @@ def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str
     fps, n = src.fps, len(bg)
     speech = src.audio[int(bg[0] / fps * audio.SR) : int((bg[-1] + 1) / fps * audio.SR)]
     speech = np.pad(speech, (0, max(0, int(n / fps * audio.SR) - len(speech))))
-    close = dub.mouth_must_close(speech, n, fps, text)
+    close = dubbing.mouth_must_close(speech, n, fps, text)
     aligned = src.aligned_landmarks()
     real = aligned[bg][:, face.LIPS]
     right = aligned[bg][:, [33, 133]].mean(1)

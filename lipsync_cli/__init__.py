@@ -16,13 +16,13 @@ __all__ = ["DubResult", "Dubber", "LipsyncError", "Settings", "SpeechResult", "_
 
 if TYPE_CHECKING:
     from lipsync_cli.api import Dubber, dub, speak
-    from lipsync_cli.dub import DubResult
+    from lipsync_cli.dubbing import DubResult
     from lipsync_cli.errors import LipsyncError
     from lipsync_cli.settings import Settings
     from lipsync_cli.voice.speech import SpeechResult
 
 _WHERE = {
-    "dub": "api", "speak": "api", "Dubber": "api", "DubResult": "dub", "SpeechResult": "voice.speech",
+    "dub": "api", "speak": "api", "Dubber": "api", "DubResult": "dubbing", "SpeechResult": "voice.speech",
     "LipsyncError": "errors", "Settings": "settings",
 }  # fmt: skip
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lipsync_cli import progress
-from lipsync_cli.dub import DubResult
+from lipsync_cli.dubbing import DubResult
+from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speech import SpeechResult
 
@@ -84,25 +85,34 @@ class Dubber:
         audio: str | Path | None = None,
         output: str | Path | None = None,
         force: bool = False,
+        transcript: str | None = None,
+        measure: bool = False,
         on_progress: progress.Listener | None = None,
         **settings: Any,
     ) -> DubResult:
-        """Make the person in `video` say `text` (or the speech in `audio`); writes `output` (default
-        <video>.dubbed.mp4). `on_progress(stage, done, total)` is called as each stage advances; `**settings`
-        override this Dubber's settings for this call. Raises LipsyncError with a one-line reason on bad input."""
-        from lipsync_cli.dub import dub
+        """Make the person in `video` say `text` (or the speech in `audio`, whose words `transcript` may give: text
+        or a text file); writes `output` (default <video>.dubbed.mp4). `measure`: re-track the output and fill
+        `result.articulation` (see measure_articulation). `on_progress(stage, done, total)` is called as each stage
+        advances; `**settings` override this Dubber's settings for this call. Raises LipsyncError with a one-line
+        reason on bad input."""
+        from lipsync_cli.dubbing import dub, read_transcript
 
         s = self.settings.with_overrides(**settings)
+        words = text if audio is None else read_transcript(transcript)
+        if measure and not (words or "").strip():  # before any work
+            raise LipsyncError("measuring articulation needs the words: give text, or a transcript with the audio")
         with self._lock, progress.scope(quiet=s.quiet, listener=on_progress):
-            return dub(
+            result = dub(
                 Path(video),
                 text,
                 None if audio is None else Path(audio),
                 None if output is None else Path(output),
                 s,
                 force=force,
+                transcript=transcript,
                 tracker=self._face_tracker(),
             )
+            return measure_articulation(result, words) if measure else result
 
     def speak(
         self, video: str | Path, text: str, *, output: str | Path | None = None, force: bool = False, **settings: Any
@@ -126,6 +136,21 @@ class Dubber:
         self.close()
 
 
+def measure_articulation(result: DubResult, words: str | None) -> DubResult:
+    """Does the output say the words? The articulation stick of `lipsync eval --metric articulation` on the OUTPUT
+    video (face mesh re-tracked, `words` force-aligned to its own soundtrack): share of p/b/m closed (`bilabial`),
+    open-vowel / closure aperture (`contrast`), pauses at rest (`silence`), in `result.articulation`.
+    LipsyncError when the words are unknown (an --audio dub without a transcript)."""
+    from lipsync_cli.eval.articulation import measure
+
+    if not (words or "").strip():
+        raise LipsyncError("measuring articulation needs the words: give text, or a transcript with the audio")
+    scores = measure(result.output, words).scores
+    keys = ("bilabial", "contrast", "silence", "n_bilabial", "n_open", "n_silence", "face_frames")
+    result.articulation = {k: float(scores[k]) for k in keys}
+    return result
+
+
 def dub(
     video: str | Path,
     text: str | None = None,
@@ -133,13 +158,15 @@ def dub(
     audio: str | Path | None = None,
     output: str | Path | None = None,
     force: bool = False,
+    transcript: str | None = None,
+    measure: bool = False,
     config: str | Path | None = None,
     quiet: bool = True,
     **settings: Any,
 ) -> DubResult:
     """One dub with the given settings (see Dubber.dub); for many inputs, a Dubber keeps the models loaded."""
     with Dubber(config, quiet=quiet, **settings) as dubber:
-        return dubber.dub(video, text, audio=audio, output=output, force=force)
+        return dubber.dub(video, text, audio=audio, output=output, force=force, transcript=transcript, measure=measure)
 
 
 def speak(

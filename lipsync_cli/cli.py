@@ -87,6 +87,10 @@ FALLBACK_HELP = "No usable speech to learn the voice from: speak in the plain TT
 MODEL_DIR_HELP = "--tts xtts: folder with the XTTS v2 files (config.json, model.pth, vocab.json); never downloaded."
 ADAPT_HELP = _d("--engine neural: minutes of fine-tuning the renderer on this face first (0: none).", "adapt_minutes")
 TTS_HELP = _d("Text-to-speech backend.", "tts")
+MEASURE_HELP = (
+    "Re-track the output and report whether it says the words: p/b/m closed, vowel contrast, rest in pauses "
+    "(with --audio: needs --transcript)."
+)
 BATCH_HELP = (
     "Dub every job in this .jsonl (or .csv) file, models loaded once: one result line each, failed jobs reported "
     "and skipped. Fields: video, text or audio, output (optional), any setting (engine, voice, ...). Relative paths "
@@ -135,6 +139,7 @@ def dub(
         str | None,
         typer.Option(help="The words spoken in --audio (text, or a text file): p/b/m and vowels timed exactly."),
     ] = None,
+    measure: Annotated[bool, typer.Option("--measure", metavar="", help=MEASURE_HELP)] = False,
     batch: Annotated[Path | None, typer.Option("--batch", help=BATCH_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
@@ -151,9 +156,16 @@ def dub(
         return
     if video is None:
         raise typer.BadParameter("give a VIDEO (or --batch FILE)", param_hint="VIDEO")
-    from lipsync_cli.dub import dub as run_dub
+    if measure and audio is not None and transcript is None:
+        raise typer.BadParameter("--measure with --audio needs --transcript (the words to look for)")
+    from lipsync_cli.dubbing import dub as run_dub
+    from lipsync_cli.dubbing import read_transcript
 
     result = run_dub(video, text, audio, output, s, force=force, transcript=transcript)
+    if measure:
+        from lipsync_cli.api import measure_articulation
+
+        measure_articulation(result, text if audio is None else read_transcript(transcript))
     if as_json:
         _print_json(result.to_json())
         return
@@ -161,6 +173,12 @@ def dub(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
     )
+    if a := result.articulation:
+        progress.log(
+            f"re-tracked output: p/b/m closed {a['bilabial']:.0%} of {a['n_bilabial']:.0f}, "
+            f"open-vowel/closure contrast {a['contrast']:.2f}, at rest in pauses {a['silence']:.0%} "
+            "(targets: >= 90%, >= 3.5, >= 90%)"
+        )
 
 
 @app.command("voice")

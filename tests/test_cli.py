@@ -41,7 +41,7 @@ def test_user_error_bug_and_quiet_anywhere(tmp_path):
     r = cli("dub", tmp_path / "missing.mp4", "hi", "-q", cwd=tmp_path)  # -q after the subcommand
     assert r.returncode == 1 and r.stderr == f"error: no such file: {tmp_path / 'missing.mp4'}\n"
     bug = (
-        "import lipsync_cli.cli as c, lipsync_cli.dub as d\n"
+        "import lipsync_cli.cli as c, lipsync_cli.dubbing as d\n"
         "def boom(*a, **k): raise ZeroDivisionError('division by zero')\n"
         "d.dub = boom\n"
         "c.main(['dub', 'a.mp4', 'hi'])\n"
@@ -89,6 +89,8 @@ def test_api_settings_are_explicit(tmp_path, monkeypatch):
     with pytest.raises(LipsyncError, match="did you mean 'crf'"):
         lipsync.Dubber(config=tmp_path / "lipsync.toml")
     assert lipsync.Dubber(env=True).settings.crf == 30
+    with pytest.raises(LipsyncError, match="measuring articulation needs the words"):  # said before any work
+        lipsync.dub(tmp_path / "nowhere.mp4", audio=tmp_path / "speech.wav", measure=True)
 
 
 def test_dubber_and_batch_on_a_real_clip(tmp_path):
@@ -99,7 +101,7 @@ def test_dubber_and_batch_on_a_real_clip(tmp_path):
     clip = shared_file("media/pcavs_00086.mp4")
     fd2, threads = os.readlink("/proc/self/fd/2"), threading.active_count()
     with lipsync.Dubber(voice="tts") as dubber:
-        first = dubber.dub(clip, "Bob bought a big map.", output=tmp_path / "a.mp4")
+        first = dubber.dub(clip, "Bob bought a big map.", output=tmp_path / "a.mp4", measure=True)
         tracker = dubber._tracker
         seen = []
         second = dubber.dub(
@@ -109,6 +111,8 @@ def test_dubber_and_batch_on_a_real_clip(tmp_path):
     assert os.readlink("/proc/self/fd/2") == fd2 and threading.active_count() == threads
     assert first.output.is_file() and second.output.is_file() and first.faces_found > 0.9
     assert first.engine == "retrieval" and first.voice == "tts" and 1.0 < first.duration < 3.0
+    assert first.articulation["n_bilabial"] >= 4 and first.articulation["bilabial"] >= 0.75, first.articulation
+    assert second.articulation is None  # measured only when asked
     assert {"speech", "analyse", "engine", "render", "total"} <= set(first.timings)
     assert any(stage == "rendering" and done == total for stage, done, total in seen)
 

@@ -33,7 +33,7 @@ LAYERS = (
     "models",  # the learned models (and the self-fitted map) with their training tasks
     "training",  # the training loop: options, schedule, processes, checkpoint state, result
     "engine",  # mouth engines: models driven per video
-    "dub",  # the dubbing pipeline
+    "dubbing",  # the dubbing pipeline
     "eval",  # metrics and protocols over the pipeline
     "api",  # the Python API: Dubber, dub, speak
     "batch",  # dub --batch: many jobs through one Dubber
@@ -188,7 +188,7 @@ raise SystemExit(1 if bad else 0)
 
 def test_training_imports_without_the_media_stack() -> None:
     path = training_path()
-    for stage in ("media", "phones", "voice", "engine", "dub", "eval", "cli"):
+    for stage in ("media", "phones", "voice", "engine", "dubbing", "eval", "cli"):
         assert not [m for m in path if _stage(m) == stage], f"training reaches {stage}: {path}"
     code = BLOCKER.format(blocked=BLOCKED, modules=path)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

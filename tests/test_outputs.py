@@ -150,7 +150,7 @@ def test_temp_folder_too_small_is_one_clear_error(tmp_path, speech, monkeypatch)
     else:  # in-process, with disk_usage saying the folder is nearly full
         import shutil
 
-        from lipsync_cli import dub
+        from lipsync_cli import dubbing
         from lipsync_cli.settings import Settings
 
         real = shutil.disk_usage
@@ -158,7 +158,7 @@ def test_temp_folder_too_small_is_one_clear_error(tmp_path, speech, monkeypatch)
         monkeypatch.setattr("tempfile.tempdir", None)
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=256 << 10))
         with pytest.raises(LipsyncError) as e:
-            dub.dub(video, None, speech, out, Settings(quiet=True))
+            dubbing.dub(video, None, speech, out, Settings(quiet=True))
         err, left = f"error: {e.value}", list(small.iterdir())
     line = err.strip()
     assert line.startswith("error:") and len(line.splitlines()) == 1 and "TMPDIR" in line, err
@@ -195,7 +195,7 @@ def test_signal_mid_render_leaves_no_temp_file(tmp_path, sig):
 
 
 def test_sample_frames_bounds_the_pool():
-    from lipsync_cli.dub import POOL_BLOCK, POOL_FRAMES, POOL_MIN_FRAMES, sample_frames
+    from lipsync_cli.dubbing import POOL_BLOCK, POOL_FRAMES, POOL_MIN_FRAMES, sample_frames
 
     ranges, pool = sample_frames(15000, 15000)  # a 10-minute bounce: all analysed, a bounded pool
     assert ranges == [(0, 15000)] and pool.sum() == POOL_FRAMES

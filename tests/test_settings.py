@@ -87,7 +87,7 @@ def test_nothing_below_the_cli_reads_settings_or_writes_the_environment():
 def test_settings_passed_to_dub_win_over_file_and_environment(tmp_path, monkeypatch):
     """dub(..., Settings(lips="map")) from Python uses the map although lipsync.toml and LIPSYNC_LIPS say model."""
     from lipsync_cli import media, progress
-    from lipsync_cli.dub import dub
+    from lipsync_cli.dubbing import dub
     from lipsync_cli.engine import retrieval
     from tests.conftest import shared_file
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import compositing, dub, face, media, progress
+from lipsync_cli import compositing, dubbing, face, media, progress
 from lipsync_cli.audio import SR, rms_envelope, voice_activity
 from lipsync_cli.data.dataset import HOLD_OUT, MAX_CLIP_S
 from lipsync_cli.engine import MouthTrack, SourceFaces, get_engine
@@ -236,13 +236,13 @@ def quiet_bars() -> Iterator[None]:
 
 
 def analyse(path: Path, settings: Settings, max_s: float | None = MAX_CLIP_S) -> tuple[SourceFaces, np.ndarray]:
-    """dub.analyse_video on the first max_s seconds; returns the source (in memory) and the frames (T, H, W, 3)."""
+    """dubbing.analyse_video on the first max_s seconds; returns the source (in memory) and the frames (T, H, W, 3)."""
     info = media.probe(path)
     if max_s:
         info = dataclasses.replace(info, duration=min(info.duration, max_s))
     n = info.n_frames(settings.fps)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
-        src = dub.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), Path(tmp))
+        src = dubbing.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), Path(tmp))
         frames = np.stack(list(media.iter_frames(path, settings.fps, settings.ffmpeg, count=n)))
         src = SourceFaces(
             crops=np.array(src.crops[:n]),
@@ -393,7 +393,7 @@ def cross_case(path: Path, speech: np.ndarray, speech_name: str, text: str | Non
 
 
 def composite(source: SourceFaces, frames: np.ndarray, background: np.ndarray, track: MouthTrack) -> np.ndarray:
-    """The output frames: each background frame with the track's mouth blended in (as dub.render_frames)."""
+    """The output frames: each background frame with the track's mouth blended in (as dubbing.render_frames)."""
     aligned = source.aligned_landmarks()
     out = np.array(frames)
     for i, b in enumerate(background):
@@ -509,7 +509,7 @@ def mouth_crops(frames: np.ndarray, matrices: np.ndarray, size: int) -> tuple[np
 
 def _must_close(audio: np.ndarray, n: int, fps: float, text: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(must close, speaking) per frame: pauses and p/b/m exactly as dub tells the engine, and voice activity."""
-    return dub.mouth_must_close(audio, n, fps, text), voice_activity(audio, SR, fps=fps, n_frames=n)
+    return dubbing.mouth_must_close(audio, n, fps, text), voice_activity(audio, SR, fps=fps, n_frames=n)
 
 
 def score_output(

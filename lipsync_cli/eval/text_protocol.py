@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync_cli import compositing, dub, face, media, progress
+from lipsync_cli import compositing, dubbing, face, media, progress
 from lipsync_cli.audio import SR
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
@@ -254,7 +254,7 @@ def _analyse(path: Path, settings: Settings, workdir: Path) -> _Clip:
     info = dataclasses.replace(info, duration=min(info.duration, MAX_CLIP_S))
     n = info.n_frames(settings.fps)
     # every frame analysed and kept (clips are short); crops on disk, where the neural row paints on them
-    source = dub.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), workdir)
+    source = dubbing.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), workdir)
     facts: dict = {"frames": source.n_frames, "faces": float(source.found.mean())}
     try:
         voice = voice_speech.speaker_voice(settings, source.audio, path.name)
@@ -291,14 +291,14 @@ def _dub_row(
     t0 = time.perf_counter()
     src = clip.source
     engine, kw = ROWS[row]
-    targets = {} if engine == "seed" else {"phones": dub.speech_phones(speech, text, spoken)}  # as `lipsync dub`
+    targets = {} if engine == "seed" else {"phones": dubbing.speech_phones(speech, text, spoken)}  # as `lipsync dub`
     track = get_engine(engine)(src, speech, plan, close=close, **targets, **kw)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
         wav = Path(tmp) / "speech.wav"
         media.write_wav(wav, speech, SR)
         h, w = clip.height, clip.width
         with media.VideoWriter(out, w, h, fps=src.fps, audio=wav, crf=settings.crf, ffmpeg=settings.ffmpeg) as vw:
-            for frame in dub.render_frames(clip.path, clip.video, src, plan, track, settings):
+            for frame in dubbing.render_frames(clip.path, clip.video, src, plan, track, settings):
                 vw.write(frame)
     scale = _scale_for_sync(src.landmarks)
     tap = _Tap(scale, src.matrices[plan], src.size)
@@ -388,7 +388,7 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
         n_out = max(1, int(round(len(speech) / SR * fps)))
         plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
         speech = speech[: int(round(len(plan) / fps * SR))]
-        close = dub.mouth_must_close(speech, len(plan), fps, text, spoken)
+        close = dubbing.mouth_must_close(speech, len(plan), fps, text, spoken)
         for row in rows:
             if row == REAL:
                 continue
