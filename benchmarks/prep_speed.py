@@ -5,7 +5,7 @@
 Runs `prep()` into a fresh temporary folder (nothing is skipped), so the figure includes worker start-up
 (spawn + one FaceTracker each) and the manifest. Real-time factor = seconds of video prepped / wall seconds;
 the target is >= 10x (1200 s of GRID in <= 120 s). Stage times are each worker's wall time per stage, summed over
-workers: mesh = FaceTracker.update, decode = waiting for the next frame from ffmpeg, crops = smoothing + warps,
+workers: mesh = face.track_faces (tracking + smoothing), decode = waiting for the next frame from ffmpeg, crops = warps,
 write = the shard; audio (read + loudness + mel/MFCC) runs in a thread beside the mesh, so it overlaps the others.
 CPU time (workers and their ffmpeg children) is printed too: on a machine shared with other jobs the wall figure
 measures the share of the CPUs prep got, while CPU per clip says what an idle machine could do at best.

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from lipsync_cli import models
 from lipsync_cli.data.dataset import clip_key
-from lipsync_cli.models import sync as S
+from lipsync_cli.models import sync
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,20 +71,21 @@ def main() -> None:
             emb = {}
             for k in keys:  # each clip embedded once: a shift of the inputs is a shift of the window embeddings
                 crops, mel, found = data[k]
-                v, a = S.embed_video(model, crops).numpy(), S.embed_audio(model, mel).numpy()
-                ok = np.lib.stride_tricks.sliding_window_view(found[: len(v) + S.FRAMES - 1], S.FRAMES).all(1)
+                v, a = sync.embed_video(model, crops).numpy(), sync.embed_audio(model, mel).numpy()
+                ok = np.lib.stride_tricks.sliding_window_view(found[: len(v) + sync.FRAMES - 1], sync.FRAMES).all(1)
                 emb[k] = (v, a, ok)
             for i, k in enumerate(keys):
                 v, a, ok = emb[k]
                 for d in offs:
                     vs, as_, oks = (v, a[d:], ok) if d > 0 else (v[-d:], a, ok[-d:])
-                    r = S.offset_scores(vs, as_, ok=oks)
+                    r = sync.offset_scores(vs, as_, ok=oks)
                     hits[d].append(abs(r["offset"] - d) <= 1)
                     if d == 0:
                         conf["real"].append(r["confidence"])
                 frozen = np.repeat(v[np.flatnonzero(ok)[0]][None], len(v), 0)  # one window's mouth, held
-                conf["frozen"].append(S.offset_scores(frozen, a)["confidence"])
-                conf["other audio"].append(S.offset_scores(v, emb[keys[(i + 1) % len(keys)]][1], ok=ok)["confidence"])
+                conf["frozen"].append(sync.offset_scores(frozen, a)["confidence"])
+                other = emb[keys[(i + 1) % len(keys)]][1]
+                conf["other audio"].append(sync.offset_scores(v, other, ok=ok)["confidence"])
             all_hits = [h for v in hits.values() for h in v]
             rep[name] = {
                 "clips": len(keys),

@@ -2,7 +2,7 @@
 
 text --voice.tts--> speech                                        (or --audio FILE, used exactly as given)
 video --media.iter_frames (a 25 fps view; the frames the output shows + a mouth pool)--> frames
-      --face.FaceTracker--> landmarks + aligned crops of the pool                                   (pass 1)
+      --face.track_faces--> landmarks + aligned crops of the pool                                   (pass 1)
 speech --voice.convert (towards the person's own speech in the video, or --voice-ref)--> their voice, same timing
        (in its own process, beside pass 1, the engine and the render)
 speech (loudness matched to the video's own) + its phones (visemes) + pool --engine.animate-->
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import shutil
 import tempfile
 import time
@@ -165,9 +166,7 @@ def analyse_video(
     memmap there: the neural and seed engines paint on the crops of the frames they show). Frames are decoded a few
     ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs stay loaded: the API's
     Dubber), else one is made for this video."""
-    fps = settings.fps
     T = ranges[-1][1]
-    raw = np.full((T, 478, 2), np.nan, np.float32)
     raw_M = np.full((T, 2, 3), np.nan)
     keep = pool.copy()
     if workdir is not None:
@@ -176,44 +175,44 @@ def analyse_video(
             keep[a:b] = True
     crops: PoolCrops | np.ndarray | None = None
     size, n = 0, 0
-    if tracker is not None:
-        tracker.reset()
-        tracker.face_index = settings.face_index
-    with (
-        contextlib.nullcontext(tracker) if tracker is not None else face.FaceTracker(settings.face_index) as tracker,
-        progress.task("analysing video", sum(b - a for a, b in ranges)) as adv,
-    ):
+
+    def stretches() -> Iterator[tuple[int, Iterator[np.ndarray]]]:
         for a, b in ranges:
-            if a > 0:
-                tracker.reset()  # a jump in time: find the face afresh
-            make = functools.partial(media.iter_frames, video, fps, settings.ffmpeg, a, b - a)
+            make = functools.partial(media.iter_frames, video, settings.fps, settings.ffmpeg, a, b - a)
             with Prefetch(make, size=4) as frames:
-                for t, frame in zip(range(a, b), frames, strict=False):
-                    n += 1
-                    lm = tracker.update(frame)
-                    adv(1)
-                    if lm is None:
-                        continue
-                    raw[t] = lm
-                    if crops is None:
-                        size = crop_size(face.align_matrix(lm, 128), 128)
-                        if workdir is None:
-                            crops = PoolCrops(keep, size)
-                        else:
-                            check_temp_space(keep.sum() * size * size * 3, "the face crops")
-                            crops = np.lib.format.open_memmap(
-                                workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(T, size, size, 3)
-                            )
-                    if keep[t]:
-                        raw_M[t] = face.align_matrix(lm, size)
-                        crops[t] = face.warp_to_aligned(frame, raw_M[t], size)
+                yield a, itertools.islice(frames, b - a)
+
+    def keep_crop(t: int, frame: np.ndarray, lm: np.ndarray | None) -> None:
+        """The crop of a pool frame, at its raw pose while the frame is at hand (frames are never stored)."""
+        nonlocal crops, size, n
+        n += 1
+        if lm is None:
+            return
+        if crops is None:
+            size = crop_size(face.align_matrix(lm, 128), 128)
+            if workdir is None:
+                crops = PoolCrops(keep, size)
+            else:
+                check_temp_space(keep.sum() * size * size * 3, "the face crops")
+                crops = np.lib.format.open_memmap(
+                    workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(T, size, size, 3)
+                )
+        if keep[t]:
+            raw_M[t] = face.align_matrix(lm, size)
+            crops[t] = face.warp_to_aligned(frame, raw_M[t], size)
+
+    with contextlib.closing(stretches()) as parts:
+        track = face.track_faces(
+            face_index=settings.face_index, smooth_sigma=settings.smooth, total=sum(b - a for a, b in ranges),
+            stretches=parts, n_frames=T, tracker=tracker, on_frame=keep_crop, label="analysing video",
+        )  # fmt: skip
     if n == 0:
         raise LipsyncError(f"could not decode any frame from {video}")
-    found = ~np.isnan(raw[:, 0, 0])
+    found = track.found
     if crops is None or not found.any():
         raise LipsyncError(f"no face found in {video}")
 
-    smoothed, matrices = face.align_track(raw, found, size, settings.smooth)
+    smoothed, matrices = track.landmarks, track.align(size)
     matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
     for t in np.flatnonzero(found & keep):
         # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
@@ -233,7 +232,7 @@ def analyse_video(
         matrices=matrices,
         size=size,
         audio=own,
-        fps=fps,
+        fps=settings.fps,
         usable=keep if workdir is None else None,
     )
 

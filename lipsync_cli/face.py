@@ -622,50 +622,89 @@ def smooth_landmarks(
 # --- whole clip ----------------------------------------------------------------------------------------
 
 
-def align_track(raw: np.ndarray, found: np.ndarray, size: int, smooth: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
-    """A clip's raw mesh landmarks (T, 478, 2; NaN where no face) -> (smoothed landmarks, (T, 2, 3) frame -> aligned
-    crop matrices at `size`). Frames without a face borrow the nearest found frame's matrix; needs one at least.
-    The one smooth -> align step behind prep's shards, the sync expert's inputs and dub's crops."""
-    lm = smooth_landmarks(np.asarray(raw, dtype=np.float32), found, smooth)
-    return lm, align_matrix(lm[nearest_found(found)], size)
-
-
 @dataclass
 class FaceTrack:
+    """One face through a clip: what dub, prep, the sync expert and eval all start from."""
+
     landmarks: np.ndarray  # (T, 478, 2) float32 full-frame pixels, temporally smoothed; NaN where no face
     raw: np.ndarray  # (T, 478, 2) the same before smoothing
     found: np.ndarray  # (T,) bool
     boxes: np.ndarray  # (T, 4) x0, y0, x1, y1 of the tracked face's raw landmarks (NaN where none)
-    n_faces: np.ndarray  # (T,) faces seen by the latest detection at each frame
+    n_faces: np.ndarray  # (T,) faces seen by the latest detection at each frame (-1: frame not tracked here)
 
     def __len__(self) -> int:
         return len(self.found)
 
+    def align(self, size: int) -> np.ndarray:
+        """(T, 2, 3) frame -> aligned size x size crop matrices from the smoothed landmarks. Frames without a face
+        borrow the nearest found frame's matrix; needs one at least."""
+        return align_matrix(self.landmarks[nearest_found(self.found)], size)
+
+
+def smooth_track(raw: np.ndarray, sigma: float, n_faces: np.ndarray | None = None) -> FaceTrack:
+    """A FaceTrack from raw mesh landmarks (T, 478, 2; NaN where no face) smoothed over `sigma` frames: the one
+    smoothing step, also for landmarks tracked elsewhere (eval hands the sync expert its raw tracks)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    found = np.isfinite(raw[:, 0, 0])
+    return FaceTrack(
+        landmarks=smooth_landmarks(raw, found, sigma),
+        raw=raw,
+        found=found,
+        boxes=np.concatenate([raw.min(1), raw.max(1)], -1).astype(np.float64),
+        n_faces=np.full(len(raw), -1, np.int64) if n_faces is None else np.asarray(n_faces, np.int64),
+    )
+
+
+def _grown(a: np.ndarray, n: int, fill) -> np.ndarray:
+    """`a` with at least n rows along axis 0 (doubling: appends stay cheap), new rows set to `fill`."""
+    if n <= len(a):
+        return a
+    extra = np.full((max(n - len(a), len(a)), *a.shape[1:]), fill, a.dtype)
+    return np.concatenate([a, extra])
+
 
 def track_faces(
-    frames: Iterable[np.ndarray],
+    frames: Iterable[np.ndarray] = (),
     face_index: int = 0,
     smooth_sigma: float = 1.5,
     total: int | None = None,
     progress: bool = True,
+    *,
+    stretches: Iterable[tuple[int, Iterable[np.ndarray]]] | None = None,
+    n_frames: int | None = None,
+    tracker: FaceTracker | None = None,
+    on_frame: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None,
+    label: str = "face tracking",
 ) -> FaceTrack:
-    """Track one face through RGB frames (streamed, one pass) and smooth its landmarks."""
-    raw, boxes, n_faces = [], [], []
-    nan_lm = np.full((N_LANDMARKS, 2), np.nan, np.float32)
-    bar = task("face tracking", total) if progress else contextlib.nullcontext(lambda n=1: None)
-    with FaceTracker(face_index=face_index) as tracker, bar as advance:
-        for frame in frames:
-            lm = tracker.update(frame)
-            raw.append(nan_lm if lm is None else lm)
-            boxes.append(np.full(4, np.nan) if tracker.box is None else tracker.box)
-            n_faces.append(tracker.n_faces)
-            advance(1)
-    raw_a = np.stack(raw) if raw else np.zeros((0, N_LANDMARKS, 2), np.float32)
-    found = np.isfinite(raw_a[:, 0, 0])
-    return FaceTrack(
-        landmarks=smooth_landmarks(raw_a, found, smooth_sigma),
-        raw=raw_a,
-        found=found,
-        boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
-        n_faces=np.array(n_faces, dtype=np.int64),
-    )
+    """The face pass (track -> smooth; FaceTrack.align aligns): one face through RGB frames, streamed in one pass
+    and never stored, so memory stays flat in the clip's length.
+
+    `frames` run from the clip's start; or `stretches` gives (index of the first frame, its frames) in order, and
+    the tracker starts afresh at each one after 0 (a jump in time: dub reads a few stretches of a long video).
+    Frames not read count as "no face"; the track is `n_frames` long, or up to the last frame read. `tracker`: one
+    to reuse (reset here; its graphs stay loaded), else one is made and closed. `on_frame(index, frame, raw
+    landmarks or None)` runs as each frame is tracked, for what needs the frame itself (dub's crops)."""
+    parts = [(0, frames)] if stretches is None else stretches
+    raw = np.full((n_frames or 0, N_LANDMARKS, 2), np.nan, np.float32)
+    n_faces = np.full(len(raw), -1, np.int64)
+    last = -1
+    bar = task(label, total) if progress else contextlib.nullcontext(lambda n=1: None)
+    own = contextlib.nullcontext(tracker) if tracker is not None else FaceTracker(face_index=face_index)
+    with own as tr, bar as advance:
+        if tracker is not None:
+            tr.reset()
+            tr.face_index = face_index
+        for start, part in parts:
+            if start > 0:
+                tr.reset()
+            for t, frame in enumerate(part, start):
+                lm = tr.update(frame)
+                raw, n_faces = _grown(raw, t + 1, np.nan), _grown(n_faces, t + 1, -1)
+                if lm is not None:
+                    raw[t] = lm
+                n_faces[t], last = tr.n_faces, max(last, t)
+                advance(1)
+                if on_frame is not None:
+                    on_frame(t, frame, lm)
+    n = max(n_frames or 0, last + 1)
+    return smooth_track(raw[:n], smooth_sigma, n_faces[:n])

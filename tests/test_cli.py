@@ -41,10 +41,10 @@ def test_user_error_bug_and_quiet_anywhere(tmp_path):
     r = cli("dub", tmp_path / "missing.mp4", "hi", "-q", cwd=tmp_path)  # -q after the subcommand
     assert r.returncode == 1 and r.stderr == f"error: no such file: {tmp_path / 'missing.mp4'}\n"
     bug = (
-        "import lipsync_cli.cli as c, lipsync_cli.dubbing as d\n"
+        "from lipsync_cli import cli, dubbing\n"
         "def boom(*a, **k): raise ZeroDivisionError('division by zero')\n"
-        "d.dub = boom\n"
-        "c.main(['dub', 'a.mp4', 'hi'])\n"
+        "dubbing.dub = boom\n"
+        "cli.main(['dub', 'a.mp4', 'hi'])\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", bug], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}

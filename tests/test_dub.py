@@ -255,8 +255,7 @@ def test_dub_keeps_frame_rate_and_audio_quality(tmp_path):
     frames = list(media.iter_frames(out, info.fps))
     assert abs(len(frames) - len(speech) / SR * info.fps) <= 2
     # the mouth follows the speech on the output's own frames
-    with face.FaceTracker() as tr:
-        lm = np.array([x if (x := tr.update(f)) is not None else np.full((478, 2), np.nan) for f in frames])
+    lm = face.track_faces(frames, progress=False).raw
     ok = ~np.isnan(lm[:, 0, 0])
     assert ok.mean() > 0.9
     # the mouth says the words on the output's own frames: re-tracked and force-aligned at 29.97 fps

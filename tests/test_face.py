@@ -272,3 +272,27 @@ def test_track_faces_with_progress_bar():
     frames = read_frames(shared_file("media/pcavs_00086.mp4"), 8)
     tr = track_faces(iter(frames), total=len(frames), progress=True)
     assert len(tr) == 8 and tr.found.all()
+
+
+def test_track_faces_in_stretches_with_a_reused_tracker():
+    """dub's sparse pass: each stretch starts the tracker afresh, frames not read count as no face, a reused tracker
+    gives what a new one gives, on_frame sees each frame read with its index, and frames without a face borrow
+    the nearest found frame's alignment."""
+    frames = read_frames(shared_file("media/pcavs_00086.mp4"), 30)
+    seen = []
+    with FaceTracker() as tracker:
+        tracker.update(frames[-1])  # it was following the face elsewhere: the pass resets it
+        tr = track_faces(
+            stretches=[(0, frames[:10]), (20, iter(frames[20:30]))], n_frames=35, tracker=tracker, progress=False,
+            on_frame=lambda t, frame, lm: seen.append((t, lm is not None and frame is frames[t])),
+        )  # fmt: skip
+    assert seen == [(t, True) for t in [*range(10), *range(20, 30)]]
+    assert len(tr) == 35 and np.flatnonzero(tr.found).tolist() == [*range(10), *range(20, 30)]
+    assert (tr.n_faces[10:20] == -1).all() and (tr.n_faces[tr.found] >= 1).all()
+    np.testing.assert_array_equal(tr.raw[:10], track_faces(frames[:10], progress=False).raw)
+    np.testing.assert_array_equal(tr.raw[20:30], track_faces(frames[20:30], progress=False).raw)
+    M = tr.align(64)
+    np.testing.assert_allclose(M[9], align_matrix(tr.landmarks[9], 64), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(M[12], M[9])
+    np.testing.assert_array_equal(M[17], M[20])
+    np.testing.assert_array_equal(M[34], M[29])

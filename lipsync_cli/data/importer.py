@@ -25,7 +25,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from lipsync_cli import audio, face, media, progress
+from lipsync_cli import audio, face, media
 from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import VIDEO_EXT, write_json
@@ -176,14 +176,12 @@ def import_source(
     if not spans:
         return [Segment(video, 0, 0.0, n_frames / FPS, reason="no speech")]
 
-    tracker.reset()
-    found = np.zeros(n_frames, bool)
-    crowded = np.zeros(n_frames, bool)  # the latest detection saw more than one face
-    with progress.task(f"tracking {video.name}", n_frames) as advance:
-        for i, frame in enumerate(media.iter_frames(video, FPS, ffmpeg=ffmpeg)):
-            found[i] = tracker.update(frame) is not None
-            crowded[i] = tracker.n_faces > 1
-            advance(1)
+    track = face.track_faces(
+        media.iter_frames(video, FPS, ffmpeg=ffmpeg), smooth_sigma=0, total=n_frames, n_frames=n_frames,
+        tracker=tracker, label=f"tracking {video.name}",
+    )  # fmt: skip
+    found = track.found
+    crowded = track.n_faces > 1  # the latest detection saw more than one face
 
     segments = []
     for k, (s, e) in enumerate(spans):

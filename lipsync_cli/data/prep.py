@@ -211,6 +211,17 @@ def _drain(q: queue.SimpleQueue) -> Iterator[np.ndarray]:
         yield item
 
 
+def _timed(frames: Iterator[np.ndarray], tm: dict[str, float]) -> Iterator[np.ndarray]:
+    """The frames, adding the time spent waiting for each to tm["decode"]."""
+    while True:
+        t0 = time.perf_counter()
+        frame = next(frames, None)
+        tm["decode"] += time.perf_counter() - t0
+        if frame is None:
+            return
+        yield frame
+
+
 def prep_clip(
     clip: Clip,
     out: Path,
@@ -229,8 +240,7 @@ def prep_clip(
         raise LipsyncError("no audio stream")
     n_frames = info.n_frames(FPS)
     keep = n_frames * info.width * info.height * 3 <= FRAME_BUDGET
-    tracker.reset()  # one worker's tracker serves clip after clip
-    frames, raw = [], []
+    frames: list[np.ndarray] = []
     with ThreadPoolExecutor(2) as bg:  # audio and decoding overlap the mesh, which leaves the CPU idle between frames
         sound = bg.submit(clip_audio, clip, n_frames, target_db, ffmpeg)
         it = media.iter_frames(clip.video, FPS, ffmpeg=ffmpeg)
@@ -239,36 +249,29 @@ def prep_clip(
             bg.submit(_read_ahead, it, q)
             it = _drain(q)
         tm["decode"] += time.perf_counter() - t0
-        while True:
-            t0 = time.perf_counter()
-            frame = next(it, None)
-            t1 = time.perf_counter()
-            tm["decode"] += t1 - t0
-            if frame is None:
-                break
-            raw.append(tracker.update(frame))
-            tm["mesh"] += time.perf_counter() - t1
-            if keep:
-                frames.append(frame)
+        t0, decode0 = time.perf_counter(), tm["decode"]
+        # one worker's tracker serves clip after clip (track_faces resets it)
+        track = face.track_faces(
+            _timed(it, tm), smooth_sigma=smooth, progress=False, tracker=tracker,
+            on_frame=(lambda _t, frame, _lm: frames.append(frame)) if keep else None,
+        )  # fmt: skip
+        tm["mesh"] += time.perf_counter() - t0 - (tm["decode"] - decode0)
         t0 = time.perf_counter()
         audio = sound.result()
         tm["audio"] = audio["seconds"]
         tm["wait_audio"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    T = len(raw)
-    found = np.array([lm is not None for lm in raw])
+    T, found = len(track), track.found
     if not found.any():
         raise LipsyncError(f"no face found in {T} frames")
-    lm_raw = np.full((T, face.N_LANDMARKS, 2), np.nan, np.float32)
-    lm_raw[found] = np.stack([lm for lm in raw if lm is not None])
-    lm, M = face.align_track(lm_raw, found, size, smooth)  # frames without a face borrow the nearest one's matrix
+    lm, M = track.landmarks, track.align(size)  # frames without a face borrow the nearest one's matrix
     lips = np.full((T, len(face.LIPS), 2), np.nan, np.float32)
     for i in np.flatnonzero(found):
         lips[i] = face.lip_shape(lm[i], M[i])
     crops = np.empty((T, size, size, 3), np.uint8)
     for i, frame in enumerate(frames if keep else media.iter_frames(clip.video, FPS, ffmpeg=ffmpeg)):
         crops[i] = face.warp_to_aligned(frame, M[i], size)
-    del frames
+    frames.clear()  # free them before the write
     tm["crops"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -114,10 +114,11 @@ def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth
     from lipsync_cli.data import shard
 
     n = len(frames)
-    found = np.isfinite(landmarks[:, 0, 0])
+    track = face.smooth_track(landmarks, smooth)
+    found = track.found
     if not found.any():
         raise LipsyncError("no face in any frame: nothing to measure sync on")
-    _, mats = face.align_track(landmarks, found, 128, smooth)
+    mats = track.align(128)
     crops = np.stack([face.warp_to_aligned(np.ascontiguousarray(f), m, 128) for f, m in zip(frames, mats, strict=True)])
     x = match_loudness(np.asarray(audio, np.float32), shard.SR, shard.TARGET_DB)
     x = np.pad(x, (0, max(0, n * shard.SR // shard.FPS - len(x))))[: n * shard.SR // shard.FPS]
