@@ -497,6 +497,7 @@ def dub(
         if job is not None:
             t = time.perf_counter()
             converted, _ = job.result()
+            timings["voice wait"] = time.perf_counter() - t  # how far the voice process finished after the render
             out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
             media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
             media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
