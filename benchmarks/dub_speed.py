@@ -49,7 +49,8 @@ s = Settings(quiet=True).with_overrides(voice=a["voice"], sync_mode=a["mode"])
 t1 = time.perf_counter()
 r = dub(Path(a["video"]), a["text"], Path(a["audio"]) if a["audio"] else None, Path(a["out"]), s, force=True)
 r.timings["imports"] = t1 - t0
-print(json.dumps({"timings": r.timings, "frames": r.frames, "duration": r.duration}))
+import lipsync_cli
+print(json.dumps({"timings": r.timings, "frames": r.frames, "duration": r.duration, "code": lipsync_cli.__file__}))
 """
 
 
@@ -109,7 +110,10 @@ def run_dub(
     arg = dict(video=str(video), text=text, audio=str(audio) if audio else None, out=str(out), voice=voice, mode=mode)
     peak = {"rss": 0, "disk": 0}
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", DUB, json.dumps(arg)], env=env, stdout=subprocess.PIPE, text=True)
+    # cwd=src: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH (before, a --compare run
+    # imported this tree's code, not src's)
+    cmd = [sys.executable, "-c", DUB, json.dumps(arg)]
+    proc = subprocess.Popen(cmd, env=env, cwd=src, stdout=subprocess.PIPE, text=True)
     stop = threading.Event()
 
     def sample() -> None:
@@ -133,6 +137,8 @@ def run_dub(
     if proc.returncode != 0:
         raise SystemExit(f"dub failed ({proc.returncode})")
     res = json.loads(stdout.strip().splitlines()[-1])
+    if not Path(res["code"]).resolve().is_relative_to(Path(src).resolve()):
+        raise SystemExit(f"the dub ran {res['code']}, not the code in {src}")
     res.update(
         wall=wall, cpu=usage.ru_utime + usage.ru_stime, peak_rss=peak["rss"], peak_disk=peak["disk"], load=load()
     )

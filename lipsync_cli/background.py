@@ -77,10 +77,10 @@ class Prefetch(Generic[T]):
         self.close()
 
 
-def _child(conn, fn: Callable, args: tuple) -> None:
+def _child(conn, fn: Callable, args: tuple, inbox=None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides and kills us
     try:
-        conn.send((True, fn(*args)))
+        conn.send((True, fn(*args, inbox.recv) if inbox is not None else fn(*args)))
     except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
         try:
             conn.send((False, e))
@@ -92,15 +92,36 @@ def _child(conn, fn: Callable, args: tuple) -> None:
 
 class Job:
     """`fn(*args)` in a fresh process (spawned: no fork of a parent running threads), started at once.
-    `result()` waits and returns its value or raises its exception; `kill()` ends it (both idempotent)."""
+    `result()` waits and returns its value or raises its exception; `kill()` ends it (all idempotent).
 
-    def __init__(self, fn: Callable, *args: Any):
+    With `feed=True` the job starts before all its input exists: it is called as `fn(*args, receive)`, and each
+    `receive()` returns the next value the parent gives `send()` (so a job can learn a voice while the parent is
+    still synthesising the speech it will convert)."""
+
+    def __init__(self, fn: Callable, *args: Any, feed: bool = False):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
+        inbox, self._outbox = ctx.Pipe(duplex=False) if feed else (None, None)
+        self._proc = ctx.Process(target=_child, args=(child, fn, args, inbox), daemon=True)
         self._proc.start()
         child.close()
+        if inbox is not None:
+            inbox.close()
+        self._senders: list[threading.Thread] = []
         self._done: tuple[bool, Any] | None = None
+
+    def send(self, value: Any) -> None:
+        """Give the job its next input, without waiting for it to read it (a pipe holds only 64 KB: the sending is
+        done by a thread). A job that has already ended (an error, or no use for the input) is not an error here:
+        `result()` tells what happened."""
+
+        def put() -> None:
+            with contextlib.suppress(OSError, ValueError):  # the job ended, or was killed, first
+                self._outbox.send(value)
+
+        t = threading.Thread(target=put, name="job-send", daemon=True)
+        t.start()
+        self._senders.append(t)
 
     def result(self) -> Any:
         if self._done is None:
@@ -122,6 +143,10 @@ class Job:
             self._proc.kill()
         self._proc.join()
         self._conn.close()
+        for t in self._senders:  # the job is gone: a pending send fails at once (broken pipe)
+            t.join()
+        if self._outbox is not None:
+            self._outbox.close()
 
     def __enter__(self) -> Job:
         return self

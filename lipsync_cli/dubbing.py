@@ -416,11 +416,18 @@ def dub(
     with contextlib.ExitStack() as stack:
         publish = files.atomic(output, output.suffix.lower(), force=force)  # proves the folder writable, first
         stack.callback(publish.discard)
-        # the voice is learned after speaking, beside the face pass, unless needed to speak (XTTS clones itself)
+        # the voice is learned in its own process while the TTS speaks, and converted beside the face pass, unless
+        # it is needed to speak (XTTS clones by itself)
         voice, voice_known = None, audio is not None
         if not voice_known and settings.tts == "xtts":
             voice = speaker_voice(settings, soundtrack(video, settings) if info.has_audio else None, video.name)
             voice_known = True
+        clone = not voice_known and settings.voice == "clone"
+        job = (
+            stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, feed=True))
+            if clone
+            else None
+        )
         speech = load_speech_full(text, audio, settings, voice)
         timings["speech"] = time.perf_counter() - t0
 
@@ -430,7 +437,8 @@ def dub(
         if len(plan) / rate < len(speech.analysis) / SR - 0.5 / rate:  # `cut`: the output ends with the video
             speech.cut(len(plan) / rate)
         plan_w = retime(plan, rate, info.n_frames(fps), fps)
-        clone = not voice_known and settings.voice == "clone"
+        if job is not None:
+            job.send(speech.analysis)
         check_temp_space(2 * len(speech.out) + 16e6, "the speech")
         est = (info.width * info.height * rate * 0.15 + 20e3) * len(plan) / rate  # ~1.2 bits/pixel at crf 18
         free = shutil.disk_usage(folder).free
@@ -439,11 +447,6 @@ def dub(
                 f"not enough space in {folder} for the output: ~{est * (2 if clone else 1) / 1e6:.0f} "
                 f"MB needed, {free / 1e6:.0f} MB free"
             )
-        job = (
-            stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, speech.analysis))
-            if clone
-            else None
-        )
 
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
@@ -493,6 +496,7 @@ def dub(
         if job is not None:
             t = time.perf_counter()
             converted, _ = job.result()
+            timings["voice wait"] = time.perf_counter() - t  # how far the voice process finished after the render
             out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
             media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
             media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)

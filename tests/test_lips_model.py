@@ -159,3 +159,14 @@ def test_committed_weights_load_and_are_small():
     assert path.stat().st_size < 8 << 20
     speech = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     assert np.isfinite(lips.run(model, speech, 25)).all()
+
+
+def test_long_speech_runs_in_windows_with_the_same_numbers():
+    """Windows with the model's whole receptive field as context give what one call over the whole speech gives
+    (one call holds T x T attention weights: ~9 GB for 10 minutes)."""
+    model = models.default("lips")[0]
+    speech = np.random.default_rng(0).normal(0, 0.1, 16000 * 24).astype(np.float32)  # 600 frames
+    whole = lips.run(model, speech, 600, chunk=10**9)
+    windowed = lips.run(model, speech, 600, chunk=100)
+    assert windowed.shape == whole.shape == (600, 80)
+    np.testing.assert_allclose(windowed, whole, atol=1e-4)

@@ -293,8 +293,8 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
     v10 = np.interp(np.arange(P.shape[0]) * hop / HOP, np.arange(len(voicing)), voicing)  # 5 ms -> 10 ms
     classes = torch.from_numpy(np.stack([v10, 1 - v10], 1)).float()
     w = torch.zeros(2, SHAPE_COSINES, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=SHAPE_LR)
-    for _ in range(SHAPE_STEPS):
+    m, v2 = torch.zeros_like(w), torch.zeros_like(w)
+    for step in range(1, SHAPE_STEPS + 1):
         Pg = P * torch.exp(classes @ (w @ basis.T))
         Pg = Pg * (P.sum() / Pg.sum())
         mel = Pg @ mel_fb.T
@@ -302,12 +302,24 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
         mel = torch.nn.functional.pad(mel, (0, 0, 0, pad))
         e = encoder(torch.stack([mel[s] for s in parts])).mean(0)
         loss = -(e @ target) / e.norm() + SHAPE_L2 * (w**2).sum() + spectrum
-        opt.zero_grad()
+        w.grad = None
         loss.backward()
-        opt.step()
+        _adam_step(w, m, v2, step)
     lim = SHAPE_MAX_DB * np.log(10) / 10
     g = np.clip(w.detach().numpy().astype(np.float64) @ _cosines(np.linspace(0, SR / 2, FFT // 2 + 1)).T, -lim, lim)
     return voicing[:, None] * g[0] + (1 - voicing[:, None]) * g[1]
+
+
+def _adam_step(w, m, v, step: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step on `w` (moments `m`, `v`), the same operations as torch.optim.Adam's single-tensor path (the
+    same numbers): torch.optim's first use imports torch._dynamo, ~1.2 s of CPU in every voice process."""
+    import torch
+
+    with torch.no_grad():
+        m.lerp_(w.grad, 1 - b1)
+        v.mul_(b2).addcmul_(w.grad, w.grad, value=1 - b2)
+        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+        w.addcdiv_(m, denom, value=-SHAPE_LR / (1 - b1**step))
 
 
 def _cosines(freqs: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ Conversion keeps the length, so a timing plan and phone timings made on the TTS 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -195,17 +196,18 @@ def check_voice(audio: Path | None, settings: Settings) -> None:
 
 
 def learn_and_convert(
-    settings: Settings, video: Path, has_audio: bool, speech: np.ndarray
+    settings: Settings, video: Path, has_audio: bool, receive: Callable[[], np.ndarray]
 ) -> tuple[np.ndarray | None, str]:
-    """Learn the person's voice (from --voice-ref, else `video`'s soundtrack) and convert `speech` (16 kHz) into it:
-    (converted, where the voice came from), or (None, "tts") for the plain TTS voice (--voice-fallback). `dub` runs
-    this in its own process beside the face pass, so it imports only what the voice needs."""
+    """Learn the person's voice (from --voice-ref, else `video`'s soundtrack), then convert the speech `receive()`
+    gives (16 kHz) into it: (converted, where the voice came from), or (None, "tts") for the plain TTS voice
+    (--voice-fallback). `dub` runs this in its own process from its start: the voice is learned while the TTS
+    speaks, and converted beside the face pass. It imports only what the voice needs."""
     progress.set_quiet(True)  # the parent's bars own the terminal; warnings still print
     own = soundtrack(video, settings) if has_audio else None
     voice = speaker_voice(settings, own, video.name)
     if voice is None:
         return None, "tts"
-    return apply_voice(speech, voice), voice.source
+    return apply_voice(receive(), voice), voice.source
 
 
 @dataclass

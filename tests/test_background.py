@@ -1,0 +1,38 @@
+"""background.Job with input fed after it starts: the send never waits for the job, a job that ends without
+reading is no hang, and its errors reach the parent."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lipsync_cli.background import Job
+
+
+def _scaled(k: float, receive) -> np.ndarray:
+    time.sleep(1.0)  # busy with something else (learning a voice) before it reads its input
+    return receive() * k
+
+
+def _refuses(receive) -> None:
+    raise ValueError("no usable speech")
+
+
+def test_fed_job_gets_its_input_and_send_does_not_wait():
+    x = np.arange(2_000_000, dtype=np.float32)  # 8 MB: far more than a pipe holds
+    with Job(_scaled, 3.0, feed=True) as job:
+        t = time.perf_counter()
+        job.send(x)
+        assert time.perf_counter() - t < 0.5  # the job sleeps 1 s before reading: the send went to a thread
+        np.testing.assert_array_equal(job.result(), x * 3)
+
+
+def test_fed_job_that_ends_without_reading():
+    with Job(_refuses, feed=True) as job:
+        job.send(np.zeros(2_000_000, np.float32))
+        with pytest.raises(ValueError, match="no usable speech"):
+            job.result()
+    # leaving the block joined the pending send (broken pipe), with nothing left running
+    assert not any(t.is_alive() for t in job._senders)
