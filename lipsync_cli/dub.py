@@ -206,7 +206,7 @@ def analyse_video(
                             )
                     if keep[t]:
                         raw_M[t] = face.align_matrix(lm, size)
-                        crops[t] = face.warp_to_aligned(frame, raw_M[t], size)
+                        crops[t] = face.warp_to_aligned(frame, raw_M[t], size, face.SHARP)
     if n == 0:
         raise LipsyncError(f"could not decode any frame from {video}")
     found = ~np.isnan(raw[:, 0, 0])
@@ -222,7 +222,7 @@ def analyse_video(
             np.ascontiguousarray(crops[t]),
             fix,
             (size, size),
-            flags=cv2.INTER_CUBIC,
+            flags=face.SHARP,
             borderMode=cv2.BORDER_REPLICATE,
         )
     own = soundtrack(video, settings) if info.has_audio else None

@@ -99,3 +99,12 @@ def test_retrieval_shows_only_allowed_mouths_on_anchored_frames():
     assert (gap[free[5:8]] > retrieval.CLOSED_GAP).any()
     # every frame its own phone: no mouth is held from one phone into the next
     assert (np.diff(path) != 0).all()
+
+
+def test_lips_choices():
+    """The "phones" choice (the viseme targets alone) needs no model; an unknown choice is an error."""
+    import pytest
+
+    assert retrieval.lips_model("phones") is None and retrieval.lips_model("map") is None
+    with pytest.raises(ValueError, match="phones"):
+        retrieval.lips_model("nope")

@@ -42,6 +42,7 @@ APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, how
 # 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
 # wide-open frames as half open
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
+LIPS = ("model", "map", "phones")  # what shapes the motion between the viseme anchors (`lips`)
 
 
 def animate(
@@ -62,7 +63,7 @@ def animate(
     else:
         tg = visemes.from_close(np.zeros(n, bool) if close is None else np.asarray(close, bool))
     aligned, shapes, lm, target = shape_targets(source, speech, n, sr, lips)
-    return choose(source, aligned, shapes, lm, target, background, tg)
+    return choose(source, aligned, shapes, lm, target, background, tg, every_frame=lips == "phones")
 
 
 def choose(
@@ -73,11 +74,13 @@ def choose(
     target: np.ndarray,
     background: np.ndarray,
     tg: visemes.Targets,
+    every_frame: bool = False,
 ) -> MouthTrack:
     """Step 3: the mouth shown on each output frame. The lips target shapes the motion; the viseme targets are
     hard: a p/b/m frame may only show a shut mouth, an open vowel only one open at least OPEN_MIN of its target, a
     pause only a resting one. Where no real mouth of a head pose qualifies, the bank supplies one of the person's
-    own mouths re-shaped (engine/warp.py)."""
+    own mouths re-shaped (engine/warp.py). `every_frame`: the viseme openness also steers the frames without a
+    hard target (consonants), for when no lips target does."""
     T = source.n_frames
     pool = source.pool.copy()
     gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
@@ -105,7 +108,7 @@ def choose(
     resting = gap[:T][pool & (gap[:T] < REST_GAP)]
     want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
     rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
-    weight = np.where(tg.kind == visemes.FREE, 0.0, GAP_WEIGHT / wide**2)
+    weight = np.where((tg.kind == visemes.FREE) & ~every_frame, 0.0, GAP_WEIGHT / wide**2)
     extra = SYNTH_COST * (np.arange(len(gap)) >= T)
     index = select_mouths(
         src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
@@ -213,7 +216,9 @@ def shape_targets(
 
     lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
     model = lips_model(lips)
-    if model is None:
+    if lips == "phones":  # no speech -> lips mapping at all: the person's mean lip shape, the phones do the rest
+        target = np.zeros((n_out, lm.basis.shape[0]))
+    elif model is None:
         target = lipmap.predict(lm, speech, n_out, source.fps, sr=sr)
     else:
         from lipsync_cli.models import lips as lips_net
@@ -223,9 +228,10 @@ def shape_targets(
 
 
 def lips_model(choice: str = "model"):
-    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
-    if choice not in ("model", "map"):
-        raise ValueError(f"unknown lips choice {choice!r} (model or map)")
+    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights) and for
+    "phones" (the viseme targets alone: the ablation that shows what the lips model or map adds between them)."""
+    if choice not in LIPS:
+        raise ValueError(f"unknown lips choice {choice!r} ({', '.join(LIPS)})")
     return _default_lips() if choice == "model" else None
 
 
