@@ -38,7 +38,8 @@ MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID t
 WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
 OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
 VOWEL_MIN = 0.4  # the other vowels show at least this share of their target gap
-APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, however wide the person opens: a
+APPROACH_GAP = 0.05  # after a closure the lips are at most this far apart (before it: in proportion to
+# visemes.APPROACH_IN, 0.02), however wide the person opens: a
 # 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
 # wide-open frames as half open
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
@@ -86,15 +87,20 @@ def choose(
     gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
     wide = max(float(np.percentile(gap[pool], WIDE_PCT)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
-    # the closures no real shut mouth of that head pose can show: the background frame's own mouth, shut
+    # the closures no real shut mouth of that head pose can show: the least open mouth of that pose, shut (the
+    # less a warp moves the lips, the better the pixels follow: from a wide-open mouth the smoothed landmarks
+    # trail the real lips, and teeth showed between "shut" lips on liveportrait_d11)
     shut_real = pool & (gap <= CLOSED_GAP)
     scale = _pose_scale(pose, pool)
-    lonely = [
-        int(b)
-        for b in np.unique(background[tg.kind == visemes.CLOSED])
-        if source.found[b] and not (((pose[shut_real] - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2).any()
-    ]
-    bank = make_bank(gap, pose, pool, wide, lonely)
+    lonely = set()
+    for b in np.unique(background[tg.kind == visemes.CLOSED]):
+        if not source.found[b]:
+            continue
+        near = ((pose - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2
+        if not (near & shut_real).any():
+            same = np.flatnonzero(near & pool)
+            lonely.add(int(same[np.argmin(gap[same])]) if len(same) else int(b))
+    bank = make_bank(gap, pose, pool, wide, sorted(lonely))
     bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
     pts = np.concatenate([aligned, bank_pts])
     bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
@@ -127,7 +133,7 @@ def allowed_sets(
     per viseme kind (and narrow mouths for rounded ones). Where no mouth falls in the range, the N_CANDIDATES
     nearest to it."""
     narrow = width <= np.median(width[valid])
-    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
+    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP * tg.cap / visemes.APPROACH), np.inf)
     rows, keys = [], {}
     rules = np.empty(len(tg.kind), np.int64)
     for i, (k, w, top) in enumerate(zip(tg.kind, want, tops, strict=True)):
