@@ -56,6 +56,10 @@ def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
     grow = max(1, round(size * GROW))
     mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
     sigma = max(1.0, size * FEATHER)
+    # a turned head's jaw side can fall outside the crop: the mask must fade out inside it, or its cut at the crop's
+    # edge shows as a bright line on the cheek (retalking_face1)
+    m = int(np.ceil(3 * sigma)) + 1
+    mask[:m], mask[-m:], mask[:, :m], mask[:, -m:] = 0, 0, 0, 0
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
 
 
