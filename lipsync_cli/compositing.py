@@ -21,6 +21,12 @@ MASK_OUTLINE = np.array(
     [58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 436, 391, 393, 164, 167, 165, 216]
 )
 
+GROW = 1 / 40  # the mask reaches this far (crop sides) beyond the outline
+# Gaussian feather of its edge (crop sides). Narrow: the colour match already evens out lighting, and inside the
+# feather two different mouths are averaged (a ghost of the upper lip, -5% mouth sharpness at 1/72, twice that at
+# 1/36) and the band reached the nose wings (alpha 0.11 at 1/36, 0.01 at 1/72): docs/articulation_engine.md
+FEATHER = 1 / 72
+
 
 def timing_plan(n_src: int, n_out: int, mode: str) -> np.ndarray:
     """Source frame index behind each output frame. Speech longer than the video: `bounce` plays it forward and
@@ -47,9 +53,13 @@ def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
     for pts in points:
         hull = cv2.convexHull(np.round(pts[MASK_OUTLINE] * 4).astype(np.int32))
         cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
-    grow = max(1, size // 40)
+    grow = max(1, round(size * GROW))
     mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    sigma = max(1.0, size / 36)
+    sigma = max(1.0, size * FEATHER)
+    # a turned head's jaw side can fall outside the crop: the mask must fade out inside it, or its cut at the crop's
+    # edge shows as a bright line on the cheek (retalking_face1)
+    m = int(np.ceil(3 * sigma)) + 1
+    mask[:m], mask[-m:], mask[:, :m], mask[:, -m:] = 0, 0, 0, 0
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
 
 
@@ -108,10 +118,10 @@ def composite(
     to_box = Minv.copy()
     to_box[:, 2] -= (x0, y0)
     dsize = (x1 - x0, y1 - y0)
-    flags = cv2.INTER_CUBIC
-    # premultiplied alpha, so the background is never resampled, only covered
-    alpha = cv2.warpAffine(mask, to_box, dsize, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    color = cv2.warpAffine(fixed * mask[..., None], to_box, dsize, flags=flags, borderMode=cv2.BORDER_CONSTANT)
+    # premultiplied alpha, so the background is never resampled, only covered; the mouth's pixels with the
+    # sharpest interpolation (face.SHARP), the smooth mask needs none
+    alpha = cv2.warpAffine(mask, to_box, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    color = cv2.warpAffine(fixed * mask[..., None], to_box, dsize, flags=face.SHARP, borderMode=cv2.BORDER_CONSTANT)
     alpha = np.clip(alpha, 0.0, 1.0)[..., None]
     box = frame[y0:y1, x0:x1].astype(np.float32)
     out = box * (1.0 - alpha) + np.clip(color, 0, 255)

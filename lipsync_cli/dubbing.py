@@ -199,7 +199,7 @@ def analyse_video(
                 )
         if keep[t]:
             raw_M[t] = face.align_matrix(lm, size)
-            crops[t] = face.warp_to_aligned(frame, raw_M[t], size)
+            crops[t] = face.warp_to_aligned(frame, raw_M[t], size, face.SHARP)
 
     with contextlib.closing(stretches()) as parts:
         track = face.track_faces(
@@ -221,7 +221,7 @@ def analyse_video(
             np.ascontiguousarray(crops[t]),
             fix,
             (size, size),
-            flags=cv2.INTER_CUBIC,
+            flags=face.SHARP,
             borderMode=cv2.BORDER_REPLICATE,
         )
     own = soundtrack(video, settings) if info.has_audio else None

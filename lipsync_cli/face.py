@@ -180,12 +180,14 @@ def invert_affine(M: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(np.asarray(M, dtype=np.float64))
 
 
-def _warp(img: np.ndarray, M: np.ndarray, dsize: tuple[int, int], border: int) -> np.ndarray:
+def _warp(
+    img: np.ndarray, M: np.ndarray, dsize: tuple[int, int], border: int, flags: int = cv2.INTER_LINEAR
+) -> np.ndarray:
     """cv2.warpAffine, but when shrinking more than 1.5x the covered region is first box-averaged by an
     integer factor (fast in OpenCV), so the output is not aliased."""
     k = round(1 / float(np.sqrt(abs(np.linalg.det(M[:, :2])))))
     if k < 2:
-        return cv2.warpAffine(img, M, dsize, flags=cv2.INTER_LINEAR, borderMode=border)
+        return cv2.warpAffine(img, M, dsize, flags=flags, borderMode=border)
     w, h = dsize
     corners = transform_points(np.array([[0, 0], [w, 0], [0, h], [w, h]], float) - 0.5, invert_affine(M))
     x0, y0 = np.floor(corners.min(0)).astype(int) - k
@@ -193,7 +195,7 @@ def _warp(img: np.ndarray, M: np.ndarray, dsize: tuple[int, int], border: int) -
     x1, y1 = x0 + -(-(x1 - x0) // k) * k, y0 + -(-(y1 - y0) // k) * k  # whole k x k blocks
     H, W = img.shape[:2]
     if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
-        return cv2.warpAffine(img, M, dsize, flags=cv2.INTER_LINEAR, borderMode=border)
+        return cv2.warpAffine(img, M, dsize, flags=flags, borderMode=border)
     region = img[max(y0, 0) : min(y1, H), max(x0, 0) : min(x1, W)]
     pad = (max(0, -y0), max(0, y1 - H), max(0, -x0), max(0, x1 - W))
     if any(pad):
@@ -201,12 +203,18 @@ def _warp(img: np.ndarray, M: np.ndarray, dsize: tuple[int, int], border: int) -
     small = cv2.resize(region, ((x1 - x0) // k, (y1 - y0) // k), interpolation=cv2.INTER_AREA)
     # small pixel i averages region pixels [i*k, (i+1)*k): its centre is frame pixel k*i + (k-1)/2 + x0
     S = np.array([[k, 0, (k - 1) / 2 + x0], [0, k, (k - 1) / 2 + y0], [0, 0, 1]])
-    return cv2.warpAffine(small, M @ S, dsize, flags=cv2.INTER_LINEAR, borderMode=border)
+    return cv2.warpAffine(small, M @ S, dsize, flags=flags, borderMode=border)
 
 
-def warp_to_aligned(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
-    """The aligned size x size crop of frame (edges replicated so the crop never has black borders)."""
-    return _warp(frame, np.asarray(M, dtype=np.float64), (size, size), cv2.BORDER_REPLICATE)
+def warp_to_aligned(frame: np.ndarray, M: np.ndarray, size: int, flags: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """The aligned size x size crop of frame (edges replicated so the crop never has black borders). `flags`:
+    the interpolation; crops whose pixels go back into a video want INTER_LANCZOS4 (SHARP): bilinear at a
+    sub-pixel offset is a low-pass filter, and a mouth resampled three times on its way out loses ~25% of its
+    Laplacian variance (docs/articulation_engine.md)."""
+    return _warp(frame, np.asarray(M, dtype=np.float64), (size, size), cv2.BORDER_REPLICATE, flags)
+
+
+SHARP = cv2.INTER_LANCZOS4  # the interpolation of every resampling a shown mouth goes through
 
 
 def warp_from_aligned(crop: np.ndarray, M: np.ndarray, frame_shape: tuple) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -122,7 +123,8 @@ def test_rows_and_transcripts():
     from lipsync_cli.errors import LipsyncError
     from lipsync_cli.eval import text_protocol
 
-    assert text_protocol.parse_rows(None) == ["lips model", "map", "real"]
+    assert text_protocol.parse_rows(None) == ["lips model", "map", "phone targets", "real"]
+    assert text_protocol.ROWS["phone targets"] == ("retrieval", {"lips": "phones"})
     assert text_protocol.parse_rows("map, real,map") == ["map", "real"]
     assert text_protocol.parse_rows("retrieval:lips=map;x=3") == ["retrieval:lips=map;x=3"]
     assert text_protocol.ROWS["retrieval:lips=map;x=3"] == ("retrieval", {"lips": "map", "x": 3})
@@ -149,6 +151,38 @@ def test_warp_measures_the_largest_shift():
     assert text_protocol.warp(moved, lm) == pytest.approx(0.05)
     moved[1, 14] += 50.0  # the lips are free to move
     assert text_protocol.warp(moved, lm) == pytest.approx(0.05)
+    assert text_protocol.warp(moved, lm, trim=2) == 0.0  # the last frames (a track's end) left out
+
+
+def test_lag_finds_a_mouth_that_trails_the_sound():
+    fps = 25.0
+    ph = [Phone(lab, i * 0.16, i * 0.16 + 0.12) for i, lab in enumerate(["M", "AA", "P", "AE", "B", "AH"] * 3)]
+    want = np.full(80, 0.03)
+    for p in ph:
+        idx = articulation.phone_frames(p, 80, fps)
+        want[idx] = 0.12 if p.label.startswith("A") else 0.0
+    assert articulation.lag(want, ph, fps) == 0.0
+    assert articulation.lag(np.r_[np.full(2, 0.03), want[:-2]], ph, fps) == 2.0  # shown two frames late
+    assert np.isnan(articulation.lag(np.full(80, 0.03), ph, fps))  # a frozen mouth: undecidable
+
+
+def test_pixel_warp_sees_the_image_move_not_the_mesh():
+    """A nose patch shifted by 3 px in the output reads 3 px / eye distance; the same pixels read 0."""
+    from lipsync_cli.eval import text_protocol
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3)).astype(np.uint8), (0, 0), 2.0)
+    lm = face_with_gap(2.0)
+    lm[text_protocol.WARP_POINTS] = [(100 + 15 * k, 120 + 5 * k) for k in range(len(text_protocol.WARP_POINTS))]
+    pts = text_protocol._around(lm[None])[0]
+    eyes = float(np.linalg.norm(pts[-1] - pts[-2]))
+    a = text_protocol.patches(img, pts)
+    assert a.shape[0] == len(text_protocol.WARP_POINTS)
+    assert text_protocol.pixel_warp([a], [a], np.array([eyes])) == pytest.approx(0.0, abs=1e-6)
+    shifted = np.roll(img, 3, axis=1)
+    b = text_protocol.patches(shifted, pts)
+    assert text_protocol.pixel_warp([b], [a], np.array([eyes])) == pytest.approx(3.0 / eyes, rel=0.1)
+    assert text_protocol.patches(img, np.full_like(pts, np.nan)) is None
 
 
 def test_text_protocol_on_a_grid_clip(tmp_path):
@@ -169,7 +203,8 @@ def test_text_protocol_on_a_grid_clip(tmp_path):
     dubbed = next(r for r in run.results if r.row == "map")
     s = dubbed.scores
     assert s["n_bilabial"] >= 4 and s["aligned"] == 1.0 and s["face_frames"] == 1.0
-    assert 0.3 < s["sharpness"] < 1.5 and 0 <= s["warp"] < 0.2 and np.isfinite(s["contrast"])
+    assert 0.3 < s["sharpness"] < 1.5 and 0.3 < s["sharp_shown"] < 1.5 and np.isfinite(s["contrast"])
+    assert 0 <= s["warp"] < 0.2 and 0 <= s["warp_px"] < 0.05 and abs(s["lag"]) <= articulation.LAG_MAX
     assert (tmp_path / "bbaf2n__map__s0.mp4").exists()
     index = text_report.write_text_report(run, tmp_path / "report")
     assert (tmp_path / "report" / "strip_bbaf2n.png").exists() and (tmp_path / "report" / "gap_bbaf2n.png").exists()

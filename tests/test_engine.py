@@ -65,7 +65,8 @@ def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
     pts[:, 0], pts[:, 1] = 64 + 30 * np.cos(ang), 80 + 30 * np.sin(ang)
     mask = lower_face_mask([pts], size)
     assert mask[80, 64] > 0.99 and mask[5, 5] == 0.0
-    assert 0.05 < mask[80, 64 + 31] < 0.95  # soft edge
+    soft = ((mask[80, 64:] > 0.05) & (mask[80, 64:] < 0.95)).sum()
+    assert 2 <= soft <= 128 / 12  # a soft edge, a few pixels wide: inside it two different mouths are averaged
     rng = np.random.default_rng(0)
     target = rng.integers(60, 200, (size, size, 3)).astype(np.uint8)
     mouth = np.clip(target.astype(int) - 30, 0, 255).astype(np.uint8)  # same content, darker

@@ -15,7 +15,8 @@ def test_bilabials_always_shut_even_between_frames_and_are_never_overwritten():
     tg = visemes.targets(ph, 20, fps, lead=0.0)
     # the 20 ms P holds no frame time (0.2, 0.24): the MIN_CLOSED frames around its middle shut anyway
     assert (tg.kind[4:6] == visemes.CLOSED).all() and (tg.openness[4:6] == 0.0).all()
-    assert tg.openness[3] <= visemes.APPROACH and tg.cap[6] == visemes.APPROACH  # on their way in and out
+    assert tg.openness[3] <= visemes.APPROACH_IN == tg.cap[3]  # on their way in: nearly together already
+    assert tg.cap[6] == visemes.APPROACH > visemes.APPROACH_IN  # on their way out: a release is faster
     assert (tg.kind[15:18] == visemes.CLOSED).all()
     assert tg.kind[3] == visemes.OPEN and tg.kind[8] == visemes.OPEN
     assert tg.kind[19] == visemes.REST  # after the last phone: rest
@@ -99,3 +100,12 @@ def test_retrieval_shows_only_allowed_mouths_on_anchored_frames():
     assert (gap[free[5:8]] > retrieval.CLOSED_GAP).any()
     # every frame its own phone: no mouth is held from one phone into the next
     assert (np.diff(path) != 0).all()
+
+
+def test_lips_choices():
+    """The "phones" choice (the viseme targets alone) needs no model; an unknown choice is an error."""
+    import pytest
+
+    assert retrieval.lips_model("phones") is None and retrieval.lips_model("map") is None
+    with pytest.raises(ValueError, match="phones"):
+        retrieval.lips_model("nope")

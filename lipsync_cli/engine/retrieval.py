@@ -38,10 +38,12 @@ MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID t
 WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
 OPEN_MIN = 0.85  # an open vowel shows at least this share of its target gap
 VOWEL_MIN = 0.4  # the other vowels show at least this share of their target gap
-APPROACH_GAP = 0.05  # beside a closure the lips are at most this far apart, however wide the person opens: a
+APPROACH_GAP = 0.05  # after a closure the lips are at most this far apart (before it: in proportion to
+# visemes.APPROACH_IN, 0.02), however wide the person opens: a
 # 40 ms frame is too short to go from wide open to shut, and a re-tracked mesh reads a 2-frame closure between two
 # wide-open frames as half open
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
+LIPS = ("model", "map", "phones")  # what shapes the motion between the viseme anchors (`lips`)
 
 
 def animate(
@@ -62,7 +64,7 @@ def animate(
     else:
         tg = visemes.from_close(np.zeros(n, bool) if close is None else np.asarray(close, bool))
     aligned, shapes, lm, target = shape_targets(source, speech, n, sr, lips)
-    return choose(source, aligned, shapes, lm, target, background, tg)
+    return choose(source, aligned, shapes, lm, target, background, tg, every_frame=lips == "phones")
 
 
 def choose(
@@ -73,25 +75,32 @@ def choose(
     target: np.ndarray,
     background: np.ndarray,
     tg: visemes.Targets,
+    every_frame: bool = False,
 ) -> MouthTrack:
     """Step 3: the mouth shown on each output frame. The lips target shapes the motion; the viseme targets are
     hard: a p/b/m frame may only show a shut mouth, an open vowel only one open at least OPEN_MIN of its target, a
     pause only a resting one. Where no real mouth of a head pose qualifies, the bank supplies one of the person's
-    own mouths re-shaped (engine/warp.py)."""
+    own mouths re-shaped (engine/warp.py). `every_frame`: the viseme openness also steers the frames without a
+    hard target (consonants), for when no lips target does."""
     T = source.n_frames
     pool = source.pool.copy()
     gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
     wide = max(float(np.percentile(gap[pool], WIDE_PCT)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
-    # the closures no real shut mouth of that head pose can show: the background frame's own mouth, shut
+    # the closures no real shut mouth of that head pose can show: the least open mouth of that pose, shut (the
+    # less a warp moves the lips, the better the pixels follow: from a wide-open mouth the smoothed landmarks
+    # trail the real lips, and teeth showed between "shut" lips on liveportrait_d11)
     shut_real = pool & (gap <= CLOSED_GAP)
     scale = _pose_scale(pose, pool)
-    lonely = [
-        int(b)
-        for b in np.unique(background[tg.kind == visemes.CLOSED])
-        if source.found[b] and not (((pose[shut_real] - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2).any()
-    ]
-    bank = make_bank(gap, pose, pool, wide, lonely)
+    lonely = set()
+    for b in np.unique(background[tg.kind == visemes.CLOSED]):
+        if not source.found[b]:
+            continue
+        near = ((pose - pose[b]) ** 2).sum(1) <= (POSE_TOL * scale) ** 2
+        if not (near & shut_real).any():
+            same = np.flatnonzero(near & pool)
+            lonely.add(int(same[np.argmin(gap[same])]) if len(same) else int(b))
+    bank = make_bank(gap, pose, pool, wide, sorted(lonely))
     bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
     pts = np.concatenate([aligned, bank_pts])
     bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
@@ -105,7 +114,7 @@ def choose(
     resting = gap[:T][pool & (gap[:T] < REST_GAP)]
     want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
     rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
-    weight = np.where(tg.kind == visemes.FREE, 0.0, GAP_WEIGHT / wide**2)
+    weight = np.where((tg.kind == visemes.FREE) & ~every_frame, 0.0, GAP_WEIGHT / wide**2)
     extra = SYNTH_COST * (np.arange(len(gap)) >= T)
     index = select_mouths(
         src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
@@ -124,7 +133,7 @@ def allowed_sets(
     per viseme kind (and narrow mouths for rounded ones). Where no mouth falls in the range, the N_CANDIDATES
     nearest to it."""
     narrow = width <= np.median(width[valid])
-    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP), np.inf)
+    tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP * tg.cap / visemes.APPROACH), np.inf)
     rows, keys = [], {}
     rules = np.empty(len(tg.kind), np.int64)
     for i, (k, w, top) in enumerate(zip(tg.kind, want, tops, strict=True)):
@@ -213,7 +222,9 @@ def shape_targets(
 
     lm = lipmap.fit(shapes, opening, source.audio, source.fps, valid, sr)
     model = lips_model(lips)
-    if model is None:
+    if lips == "phones":  # no speech -> lips mapping at all: the person's mean lip shape, the phones do the rest
+        target = np.zeros((n_out, lm.basis.shape[0]))
+    elif model is None:
         target = lipmap.predict(lm, speech, n_out, source.fps, sr=sr)
     else:
         from lipsync_cli.models import lips as lips_net
@@ -223,9 +234,10 @@ def shape_targets(
 
 
 def lips_model(choice: str = "model"):
-    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights)."""
-    if choice not in ("model", "map"):
-        raise ValueError(f"unknown lips choice {choice!r} (model or map)")
+    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights) and for
+    "phones" (the viseme targets alone: the ablation that shows what the lips model or map adds between them)."""
+    if choice not in LIPS:
+        raise ValueError(f"unknown lips choice {choice!r} ({', '.join(LIPS)})")
     return _default_lips() if choice == "model" else None
 
 

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from scipy.interpolate import LinearNDInterpolator
 
+from lipsync_cli import face
+
 # inner-lip vertical pairs (upper, lower) from corner to corner, and the corners themselves
 INNER_PAIRS = np.array(
     [[191, 95], [80, 88], [81, 178], [82, 87], [13, 14], [312, 317], [311, 402], [310, 318], [415, 324]]
@@ -77,7 +79,7 @@ def _warp(img: np.ndarray, dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     map_x = (gx + disp[..., 0]).astype(np.float32)
     map_y = (gy + disp[..., 1]).astype(np.float32)
     out = img.copy()
-    out[y0:y1, x0:x1] = cv2.remap(img, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    out[y0:y1, x0:x1] = cv2.remap(img, map_x, map_y, face.SHARP, borderMode=cv2.BORDER_REPLICATE)
     still = (np.abs(disp) < 1e-6).all(-1)
     out[y0:y1, x0:x1][still] = img[y0:y1, x0:x1][still]  # untouched pixels stay bit-exact
     return out

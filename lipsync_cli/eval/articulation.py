@@ -36,6 +36,7 @@ WINDOW = 1  # frames either side of a p/b/m phone in which the closure may fall
 BILABIALS = ("P", "B", "M")
 OPEN_VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY")
 FPS = 25.0
+LAG_MAX = 5  # frames searched either way by `lag`
 
 
 def mouth_gap(lm: np.ndarray) -> np.ndarray:
@@ -114,6 +115,29 @@ def _nanmin(x: np.ndarray) -> float:
     return float(x.min()) if len(x) else float("nan")
 
 
+def lag(gap: np.ndarray, phone_list: Sequence[Phone], fps: float = FPS, max_lag: int = LAG_MAX) -> float:
+    """Frames the mouth trails the sound (negative: leads): the shift that best correlates the gap with the
+    phones' openness (+1 on open vowels, -1 on p/b/m, 0 elsewhere). A sync check from the face mesh and the
+    aligned phones alone, independent of the sync expert (which has not seen these faces); NaN if undecidable."""
+    gap = np.asarray(gap, dtype=np.float64)
+    n = len(gap)
+    want = np.zeros(n)
+    for p in phone_list:
+        sign = 1.0 if p.label in OPEN_VOWELS else -1.0 if p.label in BILABIALS else 0.0
+        if sign:
+            want[phone_frames(p, n, fps)] = sign
+    best, best_r = float("nan"), -np.inf
+    for k in range(-max_lag, max_lag + 1):
+        a, b = want[max(0, -k) : n - max(0, k)], gap[max(0, k) : n - max(0, -k)]  # gap[i + k] against want[i]
+        ok = np.isfinite(b) & (a != 0)
+        if ok.sum() < 4 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+            continue
+        r = float(np.corrcoef(a[ok], b[ok])[0, 1])
+        if r > best_r:
+            best, best_r = float(k), r
+    return best
+
+
 def score(gap: np.ndarray, phone_list: Sequence[Phone], fps: float = FPS, words: Sequence[Word] | None = None) -> dict:
     """bilabial, contrast and silence of a gap series (T,) against timed phones (see the module docstring), with
     counts (n_bilabial, n_open, n_silence: items that had a face) and `phones`: per-phone detail for reports
@@ -156,6 +180,7 @@ def score(gap: np.ndarray, phone_list: Sequence[Phone], fps: float = FPS, words:
         "bilabial": bilabial,
         "contrast": float(contrast),
         "silence": silence,
+        "lag": lag(gap, phone_list, fps),
         "n_bilabial": len(bil_closed),
         "n_open": len(open_mean),
         "n_silence": len(rest_gap),

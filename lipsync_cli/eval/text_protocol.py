@@ -4,8 +4,10 @@ Each clip is dubbed from every sentence of SENTENCES (fixed: rich in p/b/m and o
 for pauses) exactly as `lipsync dub` makes it (piper TTS in the person's voice, loudness, timing plan, the engine,
 the compositor, an H.264 file with the speech). The OUTPUT file is then decoded and measured like any video
 (eval/articulation.py: re-tracked, the sentence force-aligned to its audio), never the engine's own targets. Beside
-the articulation scores: the sync expert's |offset| and LSE-C, mouth sharpness against the source frames behind
-it, and `warp`, how far the composite moved points the mouth should never move (WARP_POINTS).
+the articulation scores: `lag` (frames the re-tracked mouth trails the aligned phones), the sync expert's |offset|
+and LSE-C, mouth sharpness against the source frames behind it (`sharp`) and against the very source mouth shown
+(`sharp (shown)`: blur alone, not which mouth shapes are shown; both cropped from decoded frames the same way), and
+`warp`, how far the composite moved points the mouth should never move (WARP_POINTS).
 
 Rows (ROWS, extend freely): one per engine and lips setting, plus `real`, the clip's own footage with its own speech
 and transcript (TRANSCRIPTS, or a GRID id's sentence): the ceiling. The face pass, the voice and each sentence's TTS
@@ -50,14 +52,19 @@ NEURAL_STEPS = 20  # neural rows adapt the renderer for exactly this many steps:
 ROWS: dict[str, tuple[str, dict]] = {
     "lips model": ("retrieval", {"lips": "model"}),
     "map": ("retrieval", {"lips": "map"}),
+    "phone targets": ("retrieval", {"lips": "phones"}),  # the viseme targets alone, nothing between them
     "neural": ("neural", {"lips": "model", "adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
 }
-DEFAULT_ROWS = ("lips model", "map", REAL)
+DEFAULT_ROWS = ("lips model", "map", "phone targets", REAL)
 MAX_CLIP_S = 20.0  # seconds of each clip analysed (the whole of every shared clip)
 TRANSCRIPTS = Path(__file__).with_name("media_transcripts.json")
 # Mesh points the composite must not move (inter-ocular units): nose tip 1, nose wings 98 / 327, cheeks beside the
 # nose wings 205 / 425 and on the cheekbones 50 / 280. All lie outside the lips' reach but near the mouth mask's edge.
 WARP_POINTS = np.array([1, 98, 327, 205, 425, 50, 280], dtype=np.int64)
+PATCH_IOD = 0.2  # half-side of the patch around each of them whose pixel motion `warp px` measures (inter-ocular)
+# phase-correlation peak a patch shift needs to count: the same texture shifted peaks at 0.8-1.0 (median 0.84-0.99
+# per point on tpsmm_driving), a flat cheek under H.264 noise at 0.07 with a random 6 px "shift"
+MIN_PEAK = 0.3
 SYNC_PX = 128  # the sync expert's aligned crop side: frames are kept only as large as that needs
 
 # (key, label, better: high | low | one, format)
@@ -65,10 +72,13 @@ COLUMNS = (
     ("bilabial", "bilabial", "high", "{:.2f}"),
     ("contrast", "contrast", "high", "{:.2f}"),
     ("silence", "silence", "high", "{:.2f}"),
+    ("lag", "gap lag", "", "{:+.1f}"),
     ("lse_off", "sync |off|", "low", "{:.1f}"),
     ("lse_c", "LSE-C", "high", "{:.2f}"),
     ("sharpness", "sharp", "one", "{:.2f}"),
+    ("sharp_shown", "sharp (shown)", "one", "{:.2f}"),
     ("warp", "warp", "low", "{:.3f}"),
+    ("warp_px", "warp px", "low", "{:.3f}"),
     ("n_bilabial", "n p/b/m", "", "{:.0f}"),
 )
 
@@ -186,19 +196,54 @@ class _Tap:
     """Sees every decoded frame once on its way to the tracker: keeps the frames small (for the sync expert) and the
     output's mouth crops (for sharpness and the strips), so no video is held in memory at full size."""
 
-    def __init__(self, scale: float, matrices: np.ndarray | None, size: int):
-        self.scale, self.matrices, self.size = scale, matrices, size
+    def __init__(
+        self, scale: float, matrices: np.ndarray | None, size: int, small: bool = True, around: np.ndarray | None = None
+    ):
+        self.scale, self.matrices, self.size, self.keep_small, self.around = scale, matrices, size, small, around
         self.small: list[np.ndarray] = []
         self.mouths: list[np.ndarray] = []
+        self.patches: list[np.ndarray | None] = []  # grey patches around `around` (T, P, 2) landmarks, per frame
 
     def __call__(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         for i, f in enumerate(frames):
-            h, w = f.shape[:2]
-            dsize = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
-            self.small.append(f if self.scale >= 1 else cv2.resize(f, dsize, interpolation=cv2.INTER_AREA))
+            if self.keep_small:
+                h, w = f.shape[:2]
+                dsize = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+                self.small.append(f if self.scale >= 1 else cv2.resize(f, dsize, interpolation=cv2.INTER_AREA))
             if self.matrices is not None and i < len(self.matrices):
                 self.mouths.append(mouth_crops(f[None], self.matrices[i : i + 1], self.size)[0][0])
+            if self.around is not None and i < len(self.around):
+                self.patches.append(patches(f, self.around[i]))
             yield f
+
+
+def patches(frame: np.ndarray, pts: np.ndarray) -> np.ndarray | None:
+    """Grey square patches (P, 2r, 2r) around pts (P + 2, 2): WARP_POINTS then the outer eye corners, which set
+    r = PATCH_IOD x their distance (edges replicated); None where the face is missing."""
+    if not np.isfinite(pts).all():
+        return None
+    r = max(4, int(round(PATCH_IOD * np.linalg.norm(pts[-1] - pts[-2]))))
+    grey = cv2.copyMakeBorder(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), r, r, r, r, cv2.BORDER_REPLICATE)
+    c = np.round(pts[:-2]).astype(np.int64) + r
+    c = np.clip(c, r, np.array(grey.shape[::-1]) - r)
+    return np.stack([grey[y - r : y + r, x - r : x + r] for x, y in c])
+
+
+def pixel_warp(out: list, src: list, iod: np.ndarray) -> float:
+    """Largest shift of the image content around WARP_POINTS between output and source frames (phase correlation
+    of each patch pair), over the outer-eye distance: what a viewer sees move, unlike the mesh's points, which
+    the face mesh predicts jointly with the mouth and so moves when only the mouth changed. A pair without a
+    clear correlation peak (MIN_PEAK) reads 0: flat skin under codec noise gives random shifts there."""
+    worst, win = float("nan"), None
+    for a, b, e in zip(out, src, iod, strict=False):
+        if a is None or b is None or not np.isfinite(e) or a.shape != b.shape:
+            continue
+        if win is None or win.shape != a.shape[1:]:
+            win = cv2.createHanningWindow(a.shape[1:][::-1], cv2.CV_64F)
+        for pa, pb in zip(a, b, strict=True):
+            (dx, dy), peak = cv2.phaseCorrelate(pb.astype(np.float64), pa.astype(np.float64), win)
+            worst = float(np.nanmax([worst, np.hypot(dx, dy) / e if peak >= MIN_PEAK else 0.0]))
+    return worst
 
 
 def _sync(frames_small: list[np.ndarray], landmarks: np.ndarray, scale: float, audio: np.ndarray) -> dict:
@@ -215,11 +260,14 @@ def _sync(frames_small: list[np.ndarray], landmarks: np.ndarray, scale: float, a
     return {"lse_off": float(abs(r["offset"])), "lse_c": float(r["confidence"])}
 
 
-def warp(out_lm: np.ndarray, in_lm: np.ndarray) -> float:
+def warp(out_lm: np.ndarray, in_lm: np.ndarray, trim: int = 0) -> float:
     """Largest shift of WARP_POINTS between output and input landmarks of the same frames, over the outer-eye
-    distance (frames without a face in either left out); NaN when none."""
-    a, b = out_lm[:, WARP_POINTS], in_lm[:, WARP_POINTS]
-    eyes = np.linalg.norm(in_lm[:, articulation.EYE_OUTER[1]] - in_lm[:, articulation.EYE_OUTER[0]], axis=-1)
+    distance (frames without a face in either left out); NaN when none. The last `trim` frames are left out: there
+    the output's track ends while the input's goes on, so their smoothing windows differ (the source re-tracked
+    alone over the same frames reads 0.000 except there: 0.03 on tpsmm_driving's last frame)."""
+    n = max(len(out_lm) - trim, 0)
+    a, b = out_lm[:n, WARP_POINTS], in_lm[:n, WARP_POINTS]
+    eyes = np.linalg.norm(in_lm[:n, articulation.EYE_OUTER[1]] - in_lm[:n, articulation.EYE_OUTER[0]], axis=-1)
     d = np.linalg.norm(a - b, axis=-1).max(-1) / eyes
     d = d[np.isfinite(d)]
     return float(d.max()) if len(d) else float("nan")
@@ -247,6 +295,28 @@ class _Clip:
     info: dict
     height: int = 0
     width: int = 0
+    mouths: np.ndarray | None = None  # (T, h, w, 3) the source frames' mouth boxes, cropped as the output's are
+    patches: list | None = None  # per source frame: grey patches around WARP_POINTS (`patches`)
+
+
+def _source_mouths(clip: _Clip, settings: Settings) -> np.ndarray:
+    """The source frames' mouth boxes, decoded once per clip and cropped exactly as the output's (same matrices,
+    same interpolation): the sharpness reference. Not the engine's stored crops, whose own resampling would
+    be counted as the source's."""
+    if clip.mouths is None:
+        src = clip.source
+        tap = _Tap(1.0, src.matrices, src.size, small=False, around=_around(src.landmarks))
+        with contextlib.closing(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)) as frames:
+            for _ in tap(frames):
+                if len(tap.mouths) >= src.n_frames:
+                    break
+        clip.mouths, clip.patches = np.stack(tap.mouths), tap.patches
+    return clip.mouths
+
+
+def _around(landmarks: np.ndarray) -> np.ndarray:
+    """(T, P + 2, 2): WARP_POINTS and the outer eye corners, what `patches` cuts around."""
+    return landmarks[:, [*WARP_POINTS, *articulation.EYE_OUTER]]
 
 
 def _analyse(path: Path, settings: Settings, workdir: Path) -> _Clip:
@@ -301,7 +371,7 @@ def _dub_row(
             for frame in dubbing.render_frames(clip.path, clip.video, src, plan, track, settings):
                 vw.write(frame)
     scale = _scale_for_sync(src.landmarks)
-    tap = _Tap(scale, src.matrices[plan], src.size)
+    tap = _Tap(scale, src.matrices[plan], src.size, around=_around(src.landmarks[plan]))
     frames, total = articulation.frames_of(out, src.fps)
     audio = media.read_audio(out, SR, ffmpeg=settings.ffmpeg)
     res = articulation.measure_frames(tap(frames), audio, text, src.fps, total, settings.face_index, out)
@@ -310,19 +380,31 @@ def _dub_row(
     n = min(len(tap.mouths), len(plan))
     ok = src.found[plan[:n]]
     if ok.any():
-        y0, y1, x0, x1 = _mouth_box(src.size)
-        real = np.asarray(src.crops[plan[:n][ok]])[:, y0:y1, x0:x1]
-        scores["sharpness"] = sharpness_ratio(np.stack(tap.mouths[:n])[ok], real)
+        mouths, own = np.stack(tap.mouths[:n])[ok], _source_mouths(clip, settings)
+        scores["sharpness"] = sharpness_ratio(mouths, own[plan[:n][ok]])
+        shown = _shown_frames(track, src.n_frames)[:n][ok]
+        if (shown >= 0).any():  # the same pixels before and after: blur alone, whatever mouth shapes are shown
+            scores["sharp_shown"] = sharpness_ratio(mouths[shown >= 0], own[shown[shown >= 0]])
     m = min(len(res.landmarks), len(plan))
-    scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]])
+    ends = m < src.n_frames  # the source goes on after the output's last frame
+    scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], int(np.ceil(3 * articulation.SMOOTH)) * ends)
+    behind = src.landmarks[plan[:m]]
+    eyes = np.linalg.norm(behind[:, articulation.EYE_OUTER[1]] - behind[:, articulation.EYE_OUTER[0]], axis=-1)
+    _source_mouths(clip, settings)
+    scores["warp_px"] = pixel_warp(tap.patches[:m], [clip.patches[b] for b in plan[:m]], eyes)
     mouths = _strip_mouths(tap.mouths) if keep_mouths else None
     return RowResult(clip.path.stem, row, k, scores, res.gap, res.words, src.fps, res.scores["phones"], mouths,
                      time.perf_counter() - t0)  # fmt: skip
 
 
-def _mouth_box(size: int) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = (np.array(face.MOUTH_BOX) * size).round().astype(int)
-    return y0, y1, x0, x1
+def _shown_frames(track, n_src: int) -> np.ndarray:
+    """(N,) the source frame whose mouth each output frame shows (a re-shaped mouth: the frame it was made from;
+    -1: none)."""
+    idx = np.asarray(track.source_index).copy()
+    bank = idx >= n_src
+    if bank.any():
+        idx[bank] = np.asarray(track.bank)[idx[bank] - n_src, 0].astype(np.int64)
+    return idx
 
 
 # ----------------------------------------------------------------------------- the run
