@@ -11,9 +11,6 @@ from lipsync_cli import models
 from lipsync_cli.data.corpus import REDISTRIBUTABLE, training_data
 
 SHIPPED = sorted(p for p in models.WEIGHTS.glob("*.json"))
-# checkpoints still trained partly on the shared clips, each with what must happen to it; the test fails once one
-# of them is clean, so this list can only shrink
-PENDING = {"render": "retrain on GRID alone (MODEL_CARD 'render'): not done in issue 15"}
 
 
 def corpora(doc: dict) -> list[str]:
@@ -29,9 +26,6 @@ def test_shipped_checkpoint_names_only_redistributable_corpora(path):
     found = corpora(doc)
     assert found, f"{path.name} does not record its training corpora (config 'data')"
     bad = sorted(set(found) - set(REDISTRIBUTABLE))
-    if path.stem in PENDING:
-        assert bad, f"{path.name} is clean now: drop it from PENDING"
-        pytest.xfail(f"{path.name} was trained on {bad}: {PENDING[path.stem]}")
     assert not bad, f"{path.name} was trained on {bad}, which may not be redistributed"
     assert "licences" in doc["data"] and all(doc["data"]["licences"][c] == REDISTRIBUTABLE[c] for c in found)
 

@@ -55,6 +55,7 @@ class Config:
     adv_start: int = 300  # steps of reconstruction before the discriminator's verdict reaches the generator
     nearest_refs: float = 0.5  # share of training references chosen by lip shape (the rest: random)
     repeat_max: int = 8  # small speakers' windows repeat up to this often (data.dataset.balance_speakers)
+    split: str = "disjoint"  # manifest split scheme (data.dataset.split_clips): validate on faces never trained on
 
 
 def config_from(d: dict) -> Config:
@@ -252,7 +253,7 @@ class RenderWindows(Dataset):
     from a generator seeded by the item index, so validation is deterministic."""
 
     def __init__(self, manifest: str | Path, split: str, cfg: Config, train: bool = True, limit: int | None = None):
-        root, meta, clips = split_clips(manifest, split)
+        root, meta, clips = split_clips(manifest, split, cfg.split)
         clips = clips[:limit]
         spans = eval_spans(meta["clips"], root)
         self.cfg, self.train = cfg, train
