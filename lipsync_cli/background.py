@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing as mp
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -90,6 +91,22 @@ def _child(conn, fn: Callable, args: tuple, inbox=None) -> None:
         conn.close()
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """While a job starts, spawn sees no __main__ module: it would re-run the parent's script in the child (to find
+    functions defined there), so a user's `lipsync.dub(...)` script without an `if __name__ == "__main__":` guard
+    dubbed again in the child, which died. Jobs run lipsync_cli functions only; the child needs nothing from it."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        for k in saved:
+            setattr(main, k, None) if k == "__spec__" else delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class Job:
     """`fn(*args)` in a fresh process (spawned: no fork of a parent running threads), started at once.
     `result()` waits and returns its value or raises its exception; `kill()` ends it (all idempotent).
@@ -103,7 +120,8 @@ class Job:
         self._conn, child = ctx.Pipe(duplex=False)
         inbox, self._outbox = ctx.Pipe(duplex=False) if feed else (None, None)
         self._proc = ctx.Process(target=_child, args=(child, fn, args, inbox), daemon=True)
-        self._proc.start()
+        with _main_hidden():
+            self._proc.start()
         child.close()
         if inbox is not None:
             inbox.close()

@@ -36,3 +36,20 @@ def test_fed_job_that_ends_without_reading():
             job.result()
     # leaving the block joined the pending send (broken pipe), with nothing left running
     assert not any(t.is_alive() for t in job._senders)
+
+
+def test_a_script_without_a_main_guard_runs_its_job_once(tmp_path):
+    """spawn would re-run the parent's script in the child: `lipsync.dub(...)` at a script's top level dubbed twice
+    and the child died ('background job died'). The job runs once and the script's top level runs once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "s.py"
+    top_level = "import math\nfrom lipsync_cli.background import Job\n"
+    script.write_text(top_level + "print('top', Job(math.sqrt, 9.0).result())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "top 3.0\n"
