@@ -62,12 +62,12 @@ class Dubber:
             if s.tts == "piper":
                 from lipsync_cli.voice import tts
 
-                if tts._piper_available():
-                    tts._piper_voice()
+                if tts.piper_available():
+                    tts.piper_voice()
             if s.voice == "clone" and s.tts != "xtts":
                 from lipsync_cli.voice import speaker
 
-                speaker._encoder()
+                speaker.load_encoder()
         return self
 
     def _face_tracker(self):

@@ -63,7 +63,7 @@ def test_silence_and_empty_audio():
 @pytest.fixture(scope="module")
 def bob():
     tts = pytest.importorskip("lipsync_cli.voice.tts")
-    if not tts._piper_available():
+    if not tts.piper_available():
         pytest.skip("piper-tts not installed")
     x, ipa = tts.synthesize_with_phones("Bob bought my map.", progress=False)
     return x, phones.from_ipa(ipa)

