@@ -339,7 +339,7 @@ def eval_(
         str | None,
         typer.Option(
             help="articulation: rows, e.g. 'lips model,map,neural,real' or ENGINE:KEY=VALUE;... (default: "
-            "lips model,map,real)."
+            "lips model,map,phone targets,real)."
         ),
     ] = None,  # fmt: skip
     as_json: Annotated[
