@@ -398,6 +398,9 @@ def eval_(
         progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
     if as_json:
         _print_json(found)
+    if not run.clips and "voice" not in found:  # nothing measured is a failure, not an empty success
+        reasons = "; ".join(f"{group} {clip}: {why}" for group, clip, why in run.skipped[:3])
+        raise LipsyncError(f"no clip could be evaluated ({reasons or 'no clips found'})")
 
 
 @app.command("train")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +130,17 @@ def test_cli_rejects_unknown_metric():
     )
     assert r.returncode == 1
     assert "unknown metric 'blur'" in r.stderr and "lve, sync" in r.stderr
+
+
+def test_cli_with_nothing_to_evaluate_is_an_error(tmp_path):
+    """No clip measured is a failure (exit 1, one error line naming why), not an empty table and exit 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    cmd = [sys.executable, "-m", "lipsync_cli.cli", "--quiet", "eval", "--protocol", "reconstruct", "--metric", "lve"]
+    r = subprocess.run(  # run where no ../shared exists: no GRID found, and the video folder is missing
+        [*cmd, "--videos", tmp_path / "none"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no clip could be evaluated (") and "no such folder" in last
+    assert "Traceback" not in r.stderr
