@@ -354,23 +354,28 @@ def eval_(
     names = [n.strip().lower() for n in metric.split(",") if n.strip()]
     if protocol.strip().lower() == "text" and "articulation" not in names:
         names = ["articulation"]
+    found: dict[str, Any] = {}
     if "articulation" in names:  # the text protocol: its own dubs, rows and table
         from lipsync_cli.eval import text_protocol as tp
         from lipsync_cli.eval import text_report as trep
 
         trun = tp.evaluate_text(s, videos, tp.parse_rows(rows), limit=limit or None,
                                 keep=report / "videos" if report is not None else None)  # fmt: skip
-        trep.print_text_report(trun)
+        if as_json:
+            found["articulation"] = trep.to_json(trun)
+        else:
+            trep.print_text_report(trun)
         if report is not None:
             progress.log(f"[green]wrote[/] {trep.write_text_report(trun, report)}")
         names = [n for n in names if n != "articulation"]
         if not names:
+            if as_json:
+                _print_json(found)
             return
         metric = ",".join(names)
     video_metrics = [n for n in names if n != "voice"]
     metrics = protocols.parse_metrics(",".join(video_metrics) or metric) if video_metrics or not names else []
     chosen = protocols.parse_protocols(protocol)
-    found: dict[str, Any] = {}
     if "voice" in names:  # measured on speech alone, not on video clips
         from lipsync_cli.eval import voice as ev
 
@@ -398,7 +403,7 @@ def eval_(
         progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
     if as_json:
         _print_json(found)
-    if not run.clips and "voice" not in found:  # nothing measured is a failure, not an empty success
+    if not run.clips:  # video metrics asked for and no clip measured: a failure, not an empty success
         reasons = "; ".join(f"{group} {clip}: {why}" for group, clip, why in run.skipped[:3])
         raise LipsyncError(f"no clip could be evaluated ({reasons or 'no clips found'})")
 

@@ -219,3 +219,16 @@ def test_cli_rejects_unknown_row_before_any_work():
 
     r = CliRunner().invoke(app, ["--quiet", "eval", "--metric", "articulation", "--rows", "map,bogus"])
     assert isinstance(r.exception, LipsyncError) and "unknown row 'bogus'" in str(r.exception)
+
+
+def test_cli_json_carries_the_articulation_table(tmp_path):
+    """`eval --metric articulation --json`: the figures on stdout as JSON (they were only ever printed as tables)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    clip = shared_file(GRID_CLIP)
+    r = run_cli("eval", "--metric", "articulation", "--videos", clip, "--rows", "real", "--json")
+    assert r.returncode == 0, r.stderr
+    art = json.loads(r.stdout)["articulation"]
+    assert "bilabial" in json.dumps(art) and "real" in json.dumps(art)
