@@ -75,16 +75,27 @@ def default_output(video: Path) -> Path:
     return video.with_name(video.stem + ".dubbed.mp4")
 
 
-def crop_size(M: np.ndarray, size: int) -> int:
-    """A crop size at the face's native resolution (no blur from downscaling), within sane bounds."""
-    scale = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))  # crop pixels per frame pixel
-    native = size / max(scale, 1e-6)
-    return int(np.clip(round(native / 16) * 16, 96, 256))
-
-
+MAX_CROP = 384  # largest aligned crop of a shown mouth: faces up to ~380 px keep their own resolution (was 256: a
+# 305 px face's mouth lost 0.04 of its sharpness to the shrink, docs/articulation_engine.md "Crop size")
 POOL_FRAMES = 1500  # at most 60 s (at 25 fps) of the person's mouths are kept for the engine to show
 POOL_MIN_FRAMES = 500  # and at least 20 s where the video has them, even when the output needs fewer frames
 POOL_BLOCK = 50  # they are sampled in 2 s stretches: retrieval shows source frames in their own order for free
+POOL_BYTES = 300e6  # and their crops take at most this much memory (fewer frames when the face is large)
+
+
+def crop_size(M: np.ndarray, size: int, most: int = MAX_CROP) -> int:
+    """A crop size at or above the face's native resolution (never shrunk: the mouth is resampled three times on
+    its way back), in steps of 16, within [96, most]."""
+    native = size / max(float(np.sqrt(abs(np.linalg.det(M[:, :2])))), 1e-6)  # M: crop pixels per frame pixel
+    return int(np.clip(np.ceil(native / 16) * 16, 96, most))
+
+
+def spread_blocks(frames: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of `frames` (indices in order), as POOL_BLOCK runs spread evenly over them."""
+    if len(frames) <= most:
+        return frames
+    starts = np.linspace(0, len(frames) - POOL_BLOCK, max(most // POOL_BLOCK, 1)).round().astype(int)
+    return np.unique(np.concatenate([frames[i : i + POOL_BLOCK] for i in starts]))
 
 
 def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -94,7 +105,7 @@ def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.nd
     of POOL_BLOCK frames spread over the rest of the video (a short dub of a long clip still sees the person's
     mouth at many moments). Pool: all analysed frames when they are at most POOL_FRAMES, else POOL_FRAMES of them
     in POOL_BLOCK stretches spread evenly: 60 s covers every mouth shape of a speaker many times over, and bounds
-    both memory (a 256 px crop each: <= 300 MB) and the engine's search (linear in the pool's size).
+    the engine's search (linear in the pool's size); POOL_BYTES bounds its memory once the crop size is known.
     Returns ([start, stop) ranges in order, pool mask over 0 .. the last stop)."""
     needed = min(max(needed, 1), n_src)
     ranges = [(0, needed)]
@@ -111,12 +122,7 @@ def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.nd
                     ranges.append((a, min(a + POOL_BLOCK, n_src)))
     analysed = np.concatenate([np.arange(a, b) for a, b in ranges])
     pool = np.zeros(ranges[-1][1], bool)
-    if len(analysed) <= POOL_FRAMES:
-        pool[analysed] = True
-    else:
-        blocks = np.linspace(0, len(analysed) - POOL_BLOCK, POOL_FRAMES // POOL_BLOCK).round().astype(int)
-        for i in blocks:
-            pool[analysed[i : i + POOL_BLOCK]] = True
+    pool[spread_blocks(analysed, POOL_FRAMES)] = True
     return ranges, pool
 
 
@@ -152,6 +158,12 @@ def check_temp_space(need: float, what: str) -> None:
         )
 
 
+def engine_crops(engine: str, workdir: Path) -> tuple[Path | None, int]:
+    """(workdir, max_crop) for analyse_video: retrieval shows the crops' own pixels (in memory, up to MAX_CROP);
+    the neural and seed engines paint a 64 px box on every frame's crop (on disk, 256 px is plenty)."""
+    return (None, MAX_CROP) if engine == "retrieval" else (workdir, 256)
+
+
 def analyse_video(
     video: Path,
     info: media.VideoInfo,
@@ -160,12 +172,14 @@ def analyse_video(
     pool: np.ndarray,
     workdir: Path | None = None,
     tracker: face.FaceTracker | None = None,
+    max_crop: int = MAX_CROP,
 ) -> SourceFaces:
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
-    keep aligned crops of the `pool` frames (in memory), or of every analysed frame when `workdir` is given (a disk
-    memmap there: the neural and seed engines paint on the crops of the frames they show). Frames are decoded a few
-    ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs stay loaded: the API's
-    Dubber), else one is made for this video."""
+    keep aligned crops of the `pool` frames (in memory, at most POOL_BYTES of them), or of every analysed frame when
+    `workdir` is given (a disk memmap there: the neural and seed engines paint on the crops of the frames they
+    show; they want no more than 256 px: `max_crop`).
+    Frames are decoded a few ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs
+    stay loaded: the API's Dubber), else one is made for this video."""
     T = ranges[-1][1]
     raw_M = np.full((T, 2, 3), np.nan)
     keep = pool.copy()
@@ -189,8 +203,11 @@ def analyse_video(
         if lm is None:
             return
         if crops is None:
-            size = crop_size(face.align_matrix(lm, 128), 128)
+            size = crop_size(face.align_matrix(lm, 128), 128, max_crop)
             if workdir is None:
+                held = np.flatnonzero(keep)
+                keep[:] = False
+                keep[spread_blocks(held, max(int(POOL_BYTES // (size * size * 3)), POOL_BLOCK))] = True
                 crops = PoolCrops(keep, size)
             else:
                 check_temp_space(keep.sum() * size * size * 3, "the face crops")
@@ -451,9 +468,8 @@ def dub(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
         ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
-        source = analyse_video(
-            video, info, settings, ranges, pool, None if settings.engine == "retrieval" else workdir, tracker
-        )
+        crops_dir, most = engine_crops(settings.engine, workdir)
+        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most)
         plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 

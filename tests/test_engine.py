@@ -73,3 +73,40 @@ def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
     fixed = colour_match(mouth, target, mask)
     inner = mask > 0.9
     assert np.abs(fixed[inner] - target[inner].astype(float)).mean() < 3.0
+
+
+def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
+    """Retrieval's path for a mouth's pixels (frame -> crop -> sub-pixel pose fix -> composite into the frame) on a
+    305 px face: a crop at the face's own resolution keeps more of the mouth's Laplacian variance than the 256 px
+    crop it used to be shrunk to."""
+    import cv2
+
+    from lipsync_cli import face, media
+    from lipsync_cli.compositing import composite
+    from lipsync_cli.dubbing import crop_size
+    from lipsync_cli.eval.metrics import sharpness
+    from tests.conftest import shared_file
+
+    frames = list(media.iter_frames(shared_file("media/retalking_face2.mp4"), start=30, count=4))
+    track = face.track_faces(frames)
+    kept = {}
+    for most in (256, 384):
+        ratios = []
+        for frame, lm in zip(frames, track.landmarks, strict=True):
+            size = crop_size(face.align_matrix(lm, 128), 128, most)
+            raw = face.align_matrix(lm, size)
+            crop = face.warp_to_aligned(frame, raw, size, face.SHARP)
+            M = raw.copy()
+            M[:, 2] += 0.3  # the smoothed pose: a sub-pixel move
+            fix = M @ np.vstack([face.invert_affine(raw), [0, 0, 1]])
+            crop = cv2.warpAffine(crop, fix, (size, size), flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
+            pts = face.transform_points(lm, M)
+            out = composite(frame.copy(), M, crop, pts, pts)
+            (x0, y0), (x1, y1) = lm[face.LIPS].min(0).astype(int), lm[face.LIPS].max(0).astype(int)
+            box = np.zeros(frame.shape[:2], bool)
+            box[y0:y1, x0:x1] = True
+            ratios.append(sharpness(out, box) / sharpness(frame, box))
+        kept[most] = (size, float(np.mean(ratios)))
+    print(f"crop size and mouth-box Laplacian variance kept: {kept}")
+    assert kept[256][0] == 256 and kept[384][0] > 300
+    assert kept[384][1] > kept[256][1] + 0.05, kept

@@ -323,7 +323,8 @@ def _analyse(path: Path, settings: Settings, workdir: Path) -> _Clip:
     info = media.probe(path)
     info = dataclasses.replace(info, duration=min(info.duration, MAX_CLIP_S))
     n = info.n_frames(settings.fps)
-    # every frame analysed and kept (clips are short); crops on disk, where the neural row paints on them
+    # every frame analysed and kept (clips are short); crops on disk, where the neural row paints on them; at
+    # retrieval's size, as `lipsync dub` makes them (the neural row cuts its 64 px box from these, maybe larger, crops)
     source = dubbing.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), workdir)
     facts: dict = {"frames": source.n_frames, "faces": float(source.found.mean())}
     try:
