@@ -1,7 +1,7 @@
 """The dub's wall time against the codec floor, measured in the same run, per stage and end to end.
 
     python benchmarks/dub_speed.py [--clip FILE] [--text TEXT | --speech FILE] [--voice clone|tts]
-    python benchmarks/dub_speed.py --long [--minutes 1 5 10] [--long-speech FILE]
+    python benchmarks/dub_speed.py --long [--minutes 1 5 10] [--long-speech FILE] [--speech-minutes 1 5 10]
 
 Short run: one dub of `--clip` (default the 512x512 shared clip of issue 13) from `--text` (TTS + voice clone: the
 whole user path), as a fresh process (start-up and imports counted). The floor: ffmpeg alone decoding the same
@@ -10,8 +10,9 @@ yuv420p). Stage rows are each stage's time / the floor's: the stages overlap (th
 so they do not add up to the total.
 
 Long run: a long 1080p input made by looping a shared clip (stream copy, so no re-encode), dubbed from a 60 s speech
-file; peak RSS (the dub's whole process tree, sampled) and peak temp-disk use (TMPDIR plus temp files beside the
-output), for each input length in `--minutes`. The machine's load average is printed beside every figure: on a
+file (or from that file looped to each of `--speech-minutes`); peak RSS (the dub's whole process tree, sampled
+every 0.25 s) and peak temp-disk use (TMPDIR plus temp files beside the output), for each input length in
+`--minutes`. The machine's load average is printed beside every figure: on a
 shared CPU the absolute times are pessimistic, the ratio to the floor measured in the same run less so.
 """
 
@@ -59,7 +60,9 @@ def load() -> str:
 
 
 def tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc)."""
+    """pid and all its descendants (from /proc), less the children that have not exec'd yet: between fork (or
+    vfork) and exec a child shares its parent's pages, and its VmRSS would count them a second time (a 0.4 s
+    spike of +1 GB was seen when the render started an ffmpeg)."""
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -72,8 +75,16 @@ def tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += kids.get(p, [])
+        todo += [k for k in kids.get(p, []) if not _same_image(k, p)]
     return out
+
+
+def _same_image(child: int, parent: int) -> bool:
+    """A child still running its parent's program image (forked, not yet exec'd)."""
+    try:
+        return Path(f"/proc/{child}/cmdline").read_bytes() == Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def rss(pids: list[int]) -> int:
@@ -211,20 +222,37 @@ def long_input(src: Path, minutes: float, work: Path) -> Path:
     return out
 
 
+def long_speech(src: Path, minutes: float, work: Path) -> Path:
+    """A speech file of `minutes` made by looping `src` (16-bit PCM wav at its own rate)."""
+    from lipsync_cli import media
+
+    out = work / f"speech_{minutes:g}min.wav"
+    if not out.exists():
+        cmd = [media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(src)]
+        subprocess.run([*cmd, "-t", f"{minutes * 60:g}", "-c:a", "pcm_s16le", str(out)], check=True)
+    return out
+
+
 def long_run(args: argparse.Namespace, work: Path) -> None:
     from lipsync_cli import media
 
-    print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name} ({args.mode})")
-    print("| input | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB | load avg |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    speeches = [long_speech(args.long_speech, m, work) for m in args.speech_minutes] or [args.long_speech]
+    print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name}"
+          f"{' looped' if args.speech_minutes else ''} ({args.mode})")  # fmt: skip
+    print("| input | speech | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB "
+          "| load avg |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in args.minutes:
         video = long_input(args.long_clip, m, work)
         info = media.probe(video)
-        res = run_dub(video, None, args.long_speech, work / "long_out.mp4", "tts", args.mode)
-        floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4")
-        print(f"| {m:g} min {info.width}x{info.height} | {res['frames']} | {res['wall']:.0f} | {floor:.0f} | "
-              f"{res['wall'] / floor:.2f} | {res['cpu'] / floor_cpu:.2f} | {res['peak_rss'] / 1e9:.2f} | "
-              f"{res['peak_disk'] / 1e6:.0f} | {res['load']} |", flush=True)  # fmt: skip
+        for speech in speeches:
+            res = run_dub(video, None, speech, work / "long_out.mp4", "tts", args.mode)
+            floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4") if args.floor else (0.0, 0.0)
+            ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+            print(f"| {m:g} min {info.width}x{info.height} | {len(media.read_audio(speech)) / 16000:.0f} s | "
+                  f"{res['frames']} | {res['wall']:.0f} | {floor:.0f} | {ratio(res['wall'], floor)} | "
+                  f"{ratio(res['cpu'], floor_cpu)} | {res['peak_rss'] / 1e9:.2f} | {res['peak_disk'] / 1e6:.0f} | "
+                  f"{res['load']} |", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -238,7 +266,15 @@ def main() -> None:
     ap.add_argument("--long-only", action="store_true")
     ap.add_argument("--long-clip", type=Path, default=SHARED / "media" / "latentsync_demo2_video.mp4")
     ap.add_argument("--long-speech", type=Path, default=SHARED / "speech" / "musetalk_eng.wav")
-    ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5, 10])
+    ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5, 10], help="long input lengths")
+    ap.add_argument(
+        "--speech-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        help="dub each long input from --long-speech looped to these lengths (default: as it is)",
+    )
+    ap.add_argument("--no-floor", dest="floor", action="store_false", help="long runs: skip the codec floor")
     ap.add_argument("--mode", default="bounce", choices=["bounce", "loop", "cut"])
     ap.add_argument("--work", type=Path, help="keep the made inputs here (default: a temp folder)")
     args = ap.parse_args()
