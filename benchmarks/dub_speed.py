@@ -120,6 +120,7 @@ def run_dub(
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(src))
     arg = dict(video=str(video), text=text, audio=str(audio) if audio else None, out=str(out), voice=voice, mode=mode)
     peak = {"rss": 0, "disk": 0}
+    trace: list[tuple[float, int, int]] = []  # (s since start, RSS, temp disk) every sample
     t = time.perf_counter()
     # cwd=src: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH (before, a --compare run
     # imported this tree's code, not src's)
@@ -129,8 +130,9 @@ def run_dub(
 
     def sample() -> None:
         while not stop.is_set():
-            peak["rss"] = max(peak["rss"], rss(tree(proc.pid)))
-            peak["disk"] = max(peak["disk"], disk([tmp, out.parent]))
+            trace.append((time.perf_counter() - t, rss(tree(proc.pid)), disk([tmp, out.parent])))
+            peak["rss"] = max(peak["rss"], trace[-1][1])
+            peak["disk"] = max(peak["disk"], trace[-1][2])
             stop.wait(0.25)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -151,7 +153,12 @@ def run_dub(
     if not Path(res["code"]).resolve().is_relative_to(Path(src).resolve()):
         raise SystemExit(f"the dub ran {res['code']}, not the code in {src}")
     res.update(
-        wall=wall, cpu=usage.ru_utime + usage.ru_stime, peak_rss=peak["rss"], peak_disk=peak["disk"], load=load()
+        wall=wall,
+        cpu=usage.ru_utime + usage.ru_stime,
+        peak_rss=peak["rss"],
+        peak_disk=peak["disk"],
+        load=load(),
+        trace=trace,
     )
     return res
 
@@ -247,6 +254,12 @@ def long_run(args: argparse.Namespace, work: Path) -> None:
         info = media.probe(video)
         for speech in speeches:
             res = run_dub(video, None, speech, work / "long_out.mp4", "tts", args.mode)
+            print(f"dub of {video.name} from {speech.name}: {res['wall']:.0f} s, peak RSS {res['peak_rss'] / 1e9:.2f} "
+                  f"GB, load {res['load']}", file=sys.stderr, flush=True)  # fmt: skip
+            if args.trace:  # RSS over the run: what stays flat and what grows
+                args.trace.mkdir(parents=True, exist_ok=True)
+                name = f"{video.stem}_{speech.stem}.json"
+                (args.trace / name).write_text(json.dumps({"timings": res["timings"], "trace": res["trace"]}))
             floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4") if args.floor else (0.0, 0.0)
             ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
             print(f"| {m:g} min {info.width}x{info.height} | {len(media.read_audio(speech)) / 16000:.0f} s | "
@@ -274,6 +287,7 @@ def main() -> None:
         default=[],
         help="dub each long input from --long-speech looped to these lengths (default: as it is)",
     )
+    ap.add_argument("--trace", type=Path, help="long runs: write each dub's RSS and temp disk over time here")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="long runs: skip the codec floor")
     ap.add_argument("--mode", default="bounce", choices=["bounce", "loop", "cut"])
     ap.add_argument("--work", type=Path, help="keep the made inputs here (default: a temp folder)")
