@@ -11,7 +11,8 @@ so they do not add up to the total.
 
 Long run: a long 1080p input made by looping a shared clip (stream copy, so no re-encode), dubbed from a 60 s speech
 file (or from that file looped to each of `--speech-minutes`); peak RSS (the dub's whole process tree, sampled
-every 0.25 s) and peak temp-disk use (TMPDIR plus temp files beside the output), for each input length in
+every 0.25 s) and peak temp-disk use (TMPDIR, in brackets, plus the temp files beside the output: the output
+itself while it is written, and the silent video before the voice is muxed in), for each input length in
 `--minutes`. The machine's load average is printed beside every figure: on a
 shared CPU the absolute times are pessimistic, the ratio to the floor measured in the same run less so.
 """
@@ -119,8 +120,8 @@ def run_dub(
     tmp = Path(tempfile.mkdtemp(prefix="bench-tmp"))
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(src))
     arg = dict(video=str(video), text=text, audio=str(audio) if audio else None, out=str(out), voice=voice, mode=mode)
-    peak = {"rss": 0, "disk": 0}
-    trace: list[tuple[float, int, int]] = []  # (s since start, RSS, temp disk) every sample
+    peak = {"rss": 0, "disk": 0, "tmpdir": 0}
+    trace: list[tuple[float, int, int, int]] = []  # (s since start, RSS, temp disk, of which TMPDIR) every sample
     t = time.perf_counter()
     # cwd=src: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH (before, a --compare run
     # imported this tree's code, not src's)
@@ -130,9 +131,11 @@ def run_dub(
 
     def sample() -> None:
         while not stop.is_set():
-            trace.append((time.perf_counter() - t, rss(tree(proc.pid)), disk([tmp, out.parent])))
+            tmp_now, beside = disk([tmp]), disk([out.parent])
+            trace.append((time.perf_counter() - t, rss(tree(proc.pid)), tmp_now + beside, tmp_now))
             peak["rss"] = max(peak["rss"], trace[-1][1])
             peak["disk"] = max(peak["disk"], trace[-1][2])
+            peak["tmpdir"] = max(peak["tmpdir"], tmp_now)
             stop.wait(0.25)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -157,6 +160,8 @@ def run_dub(
         cpu=usage.ru_utime + usage.ru_stime,
         peak_rss=peak["rss"],
         peak_disk=peak["disk"],
+        peak_tmpdir=peak["tmpdir"],
+        output_bytes=out.stat().st_size,
         load=load(),
         trace=trace,
     )
@@ -247,8 +252,8 @@ def long_run(args: argparse.Namespace, work: Path) -> None:
     print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name}"
           f"{' looped' if args.speech_minutes else ''} ({args.mode})")  # fmt: skip
     print("| input | speech | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB "
-          "| load avg |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "(TMPDIR) | output MB | load avg |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in args.minutes:
         video = long_input(args.long_clip, m, work)
         info = media.probe(video)
@@ -264,8 +269,9 @@ def long_run(args: argparse.Namespace, work: Path) -> None:
             ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
             print(f"| {m:g} min {info.width}x{info.height} | {len(media.read_audio(speech)) / 16000:.0f} s | "
                   f"{res['frames']} | {res['wall']:.0f} | {floor:.0f} | {ratio(res['wall'], floor)} | "
-                  f"{ratio(res['cpu'], floor_cpu)} | {res['peak_rss'] / 1e9:.2f} | {res['peak_disk'] / 1e6:.0f} | "
-                  f"{res['load']} |", flush=True)  # fmt: skip
+                  f"{ratio(res['cpu'], floor_cpu)} | {res['peak_rss'] / 1e9:.2f} | {res['peak_disk'] / 1e6:.0f} "
+                  f"({res['peak_tmpdir'] / 1e6:.0f}) | {res['output_bytes'] / 1e6:.0f} | {res['load']} |",
+                  flush=True)  # fmt: skip
 
 
 def main() -> None:
