@@ -1,7 +1,7 @@
 """The dub's wall time against the codec floor, measured in the same run, per stage and end to end.
 
     python benchmarks/dub_speed.py [--clip FILE] [--text TEXT | --speech FILE] [--voice clone|tts]
-    python benchmarks/dub_speed.py --long [--minutes 1 5 10] [--long-speech FILE]
+    python benchmarks/dub_speed.py --long [--minutes 1 5 10] [--long-speech FILE] [--speech-minutes 1 5 10]
 
 Short run: one dub of `--clip` (default the 512x512 shared clip of issue 13) from `--text` (TTS + voice clone: the
 whole user path), as a fresh process (start-up and imports counted). The floor: ffmpeg alone decoding the same
@@ -10,8 +10,10 @@ yuv420p). Stage rows are each stage's time / the floor's: the stages overlap (th
 so they do not add up to the total.
 
 Long run: a long 1080p input made by looping a shared clip (stream copy, so no re-encode), dubbed from a 60 s speech
-file; peak RSS (the dub's whole process tree, sampled) and peak temp-disk use (TMPDIR plus temp files beside the
-output), for each input length in `--minutes`. The machine's load average is printed beside every figure: on a
+file (or from that file looped to each of `--speech-minutes`); peak RSS (the dub's whole process tree, sampled
+every 0.25 s) and peak temp-disk use (TMPDIR, in brackets, plus the temp files beside the output: the output
+itself while it is written, and the silent video before the voice is muxed in), for each input length in
+`--minutes`. The machine's load average is printed beside every figure: on a
 shared CPU the absolute times are pessimistic, the ratio to the floor measured in the same run less so.
 """
 
@@ -59,7 +61,9 @@ def load() -> str:
 
 
 def tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc)."""
+    """pid and all its descendants (from /proc), less the children that have not exec'd yet: between fork (or
+    vfork) and exec a child shares its parent's pages, and its VmRSS would count them a second time (a 0.4 s
+    spike of +1 GB was seen when the render started an ffmpeg)."""
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -72,8 +76,16 @@ def tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += kids.get(p, [])
+        todo += [k for k in kids.get(p, []) if not _same_image(k, p)]
     return out
+
+
+def _same_image(child: int, parent: int) -> bool:
+    """A child still running its parent's program image (forked, not yet exec'd)."""
+    try:
+        return Path(f"/proc/{child}/cmdline").read_bytes() == Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def rss(pids: list[int]) -> int:
@@ -108,7 +120,8 @@ def run_dub(
     tmp = Path(tempfile.mkdtemp(prefix="bench-tmp"))
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(src))
     arg = dict(video=str(video), text=text, audio=str(audio) if audio else None, out=str(out), voice=voice, mode=mode)
-    peak = {"rss": 0, "disk": 0}
+    peak = {"rss": 0, "disk": 0, "tmpdir": 0}
+    trace: list[tuple[float, int, int, int]] = []  # (s since start, RSS, temp disk, of which TMPDIR) every sample
     t = time.perf_counter()
     # cwd=src: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH (before, a --compare run
     # imported this tree's code, not src's)
@@ -118,8 +131,11 @@ def run_dub(
 
     def sample() -> None:
         while not stop.is_set():
-            peak["rss"] = max(peak["rss"], rss(tree(proc.pid)))
-            peak["disk"] = max(peak["disk"], disk([tmp, out.parent]))
+            tmp_now, beside = disk([tmp]), disk([out.parent])
+            trace.append((time.perf_counter() - t, rss(tree(proc.pid)), tmp_now + beside, tmp_now))
+            peak["rss"] = max(peak["rss"], trace[-1][1])
+            peak["disk"] = max(peak["disk"], trace[-1][2])
+            peak["tmpdir"] = max(peak["tmpdir"], tmp_now)
             stop.wait(0.25)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -140,7 +156,14 @@ def run_dub(
     if not Path(res["code"]).resolve().is_relative_to(Path(src).resolve()):
         raise SystemExit(f"the dub ran {res['code']}, not the code in {src}")
     res.update(
-        wall=wall, cpu=usage.ru_utime + usage.ru_stime, peak_rss=peak["rss"], peak_disk=peak["disk"], load=load()
+        wall=wall,
+        cpu=usage.ru_utime + usage.ru_stime,
+        peak_rss=peak["rss"],
+        peak_disk=peak["disk"],
+        peak_tmpdir=peak["tmpdir"],
+        output_bytes=out.stat().st_size,
+        load=load(),
+        trace=trace,
     )
     return res
 
@@ -211,20 +234,44 @@ def long_input(src: Path, minutes: float, work: Path) -> Path:
     return out
 
 
+def long_speech(src: Path, minutes: float, work: Path) -> Path:
+    """A speech file of `minutes` made by looping `src` (16-bit PCM wav at its own rate)."""
+    from lipsync_cli import media
+
+    out = work / f"speech_{minutes:g}min.wav"
+    if not out.exists():
+        cmd = [media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(src)]
+        subprocess.run([*cmd, "-t", f"{minutes * 60:g}", "-c:a", "pcm_s16le", str(out)], check=True)
+    return out
+
+
 def long_run(args: argparse.Namespace, work: Path) -> None:
     from lipsync_cli import media
 
-    print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name} ({args.mode})")
-    print("| input | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB | load avg |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    speeches = [long_speech(args.long_speech, m, work) for m in args.speech_minutes] or [args.long_speech]
+    print(f"\n## long inputs: {args.long_clip.name} looped, dubbed from {args.long_speech.name}"
+          f"{' looped' if args.speech_minutes else ''} ({args.mode})")  # fmt: skip
+    print("| input | speech | output frames | dub s | floor s | x floor | CPU x floor | peak RSS GB | peak temp MB "
+          "(TMPDIR) | output MB | load avg |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in args.minutes:
         video = long_input(args.long_clip, m, work)
         info = media.probe(video)
-        res = run_dub(video, None, args.long_speech, work / "long_out.mp4", "tts", args.mode)
-        floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4")
-        print(f"| {m:g} min {info.width}x{info.height} | {res['frames']} | {res['wall']:.0f} | {floor:.0f} | "
-              f"{res['wall'] / floor:.2f} | {res['cpu'] / floor_cpu:.2f} | {res['peak_rss'] / 1e9:.2f} | "
-              f"{res['peak_disk'] / 1e6:.0f} | {res['load']} |", flush=True)  # fmt: skip
+        for speech in speeches:
+            res = run_dub(video, None, speech, work / "long_out.mp4", "tts", args.mode)
+            print(f"dub of {video.name} from {speech.name}: {res['wall']:.0f} s, peak RSS {res['peak_rss'] / 1e9:.2f} "
+                  f"GB, load {res['load']}", file=sys.stderr, flush=True)  # fmt: skip
+            if args.trace:  # RSS over the run: what stays flat and what grows
+                args.trace.mkdir(parents=True, exist_ok=True)
+                name = f"{video.stem}_{speech.stem}.json"
+                (args.trace / name).write_text(json.dumps({"timings": res["timings"], "trace": res["trace"]}))
+            floor, floor_cpu = codec_floor(video, res["frames"], work / "floor.mp4") if args.floor else (0.0, 0.0)
+            ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+            print(f"| {m:g} min {info.width}x{info.height} | {len(media.read_audio(speech)) / 16000:.0f} s | "
+                  f"{res['frames']} | {res['wall']:.0f} | {floor:.0f} | {ratio(res['wall'], floor)} | "
+                  f"{ratio(res['cpu'], floor_cpu)} | {res['peak_rss'] / 1e9:.2f} | {res['peak_disk'] / 1e6:.0f} "
+                  f"({res['peak_tmpdir'] / 1e6:.0f}) | {res['output_bytes'] / 1e6:.0f} | {res['load']} |",
+                  flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -238,7 +285,16 @@ def main() -> None:
     ap.add_argument("--long-only", action="store_true")
     ap.add_argument("--long-clip", type=Path, default=SHARED / "media" / "latentsync_demo2_video.mp4")
     ap.add_argument("--long-speech", type=Path, default=SHARED / "speech" / "musetalk_eng.wav")
-    ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5, 10])
+    ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5, 10], help="long input lengths")
+    ap.add_argument(
+        "--speech-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        help="dub each long input from --long-speech looped to these lengths (default: as it is)",
+    )
+    ap.add_argument("--trace", type=Path, help="long runs: write each dub's RSS and temp disk over time here")
+    ap.add_argument("--no-floor", dest="floor", action="store_false", help="long runs: skip the codec floor")
     ap.add_argument("--mode", default="bounce", choices=["bounce", "loop", "cut"])
     ap.add_argument("--work", type=Path, help="keep the made inputs here (default: a temp folder)")
     args = ap.parse_args()

@@ -367,7 +367,6 @@ def render_frames(
     nearest in time, placed by the face's landmarks interpolated to the frame's own time."""
     rate, fps = info.fps, source.fps
     same = abs(rate - fps) < 1e-6
-    aligned = source.aligned_landmarks() if same else None
     budget = int(np.clip(256e6 // (info.width * info.height * 3), 8, 256))  # <= 256 MB of frames for a bounce
     make = functools.partial(iter_plan_frames, video, plan, rate, settings.ffmpeg, budget)
     with Prefetch(make, size=4) as frames:
@@ -381,7 +380,7 @@ def render_frames(
                 if not source.found[b]:
                     yield frame
                     continue
-                M, pts = source.matrices[b], aligned[b]
+                M, pts = source.matrices[b], source.aligned_landmarks(b, b + 1)[0]  # per frame: no (T, 478, 2) held
             else:
                 lm = face_at(source, b / rate * fps)
                 if lm is None:

@@ -79,6 +79,21 @@ def test_match_loudness_hits_target_and_never_clips():
     assert np.abs(y).max() <= 0.5 + 1e-6
 
 
+def test_loudness_piecewise_is_one_pass(monkeypatch):
+    """Long speech is measured and limited in pieces (bounded memory): the result is that of one pass over the
+    whole signal, limiter included where a peak sits on a piece boundary (up to its running average's rounding)."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([vowel(1.0, amp=a) for a in rng.uniform(0.05, 0.3, 8)])
+    x[::3001] *= 3.0  # isolated peaks everywhere, some on the boundaries of 5000-sample pieces
+    x[5000] = 0.9
+    whole = audio.match_loudness(x, SR, -12.0), audio.speech_loudness_db(x, SR)
+    monkeypatch.setattr(audio, "PIECE", 5000)
+    pieces = audio.match_loudness(x, SR, -12.0), audio.speech_loudness_db(x, SR)
+    assert pieces[1] == whole[1]  # no limiter: exact
+    assert np.abs(pieces[0] - whole[0]).max() <= 1e-7
+    assert np.mean(pieces[0] != whole[0]) < 1e-3
+
+
 def test_speech_loudness_ignores_pauses():
     v = vowel(1.0)
     short = np.concatenate([v, np.zeros(SR // 4, np.float32)])

@@ -102,11 +102,11 @@ def choose(
             lonely.add(int(same[np.argmin(gap[same])]) if len(same) else int(b))
     bank = make_bank(gap, pose, pool, wide, sorted(lonely))
     bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
-    pts = np.concatenate([aligned, bank_pts])
     bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
     src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
     gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
-    width = warp.mouth_width(np.nan_to_num(pts))
+    # the mouths' points are `aligned` then `bank_pts`, never joined into one more (T, 478, 2) array
+    width = np.concatenate([warp.mouth_width(np.nan_to_num(p)) for p in (*np.array_split(aligned, 16), bank_pts)])
     pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
     valid = np.concatenate([pool, np.ones(len(bank), bool)])
 
@@ -120,7 +120,9 @@ def choose(
         src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
     )
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
-    points = pts[np.maximum(index, 0)]
+    shown = np.maximum(index, 0)
+    points = aligned[np.minimum(shown, T - 1)]
+    points[shown >= T] = bank_pts[shown[shown >= T] - T]
     used = np.unique(index[index >= T]) - T  # only the bank mouths shown travel on, renumbered
     index[index >= T] = T + np.searchsorted(used, index[index >= T] - T)
     return MouthTrack(source_index=index, points=points, target=target, bank=bank[used] if len(used) else None)
