@@ -407,8 +407,8 @@ def jitter_face(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def add_noise(mel: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Other rooms and microphones, roughly: stationary noise 10-40 dB under loud speech (LOUD_ROW: prep
-    normalises loudness, so one level fits), with a random spectral tilt, added in power (mel is log10 power) to
-    every row of an item alike."""
+    normalises loudness, so one level fits; the mean over bins), with a random spectral tilt of up to +-10 dB at
+    the band edges, added in power (mel is log10 power) to every row of an item alike."""
     b, n = mel.shape[0], mel.shape[-1]
     level = LOUD_ROW - (1 + 3 * _rand(gen, mel, b))  # 10-40 dB under
     tilt = (_rand(gen, mel, b, 1) * 2 - 1) * torch.linspace(-1, 1, n, device=mel.device)  # +-10 dB across bins
@@ -440,18 +440,23 @@ def jitter_light(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def step_lags(cfg: Config, step: int) -> torch.Tensor:
+    """A training step's audio offsets: 0 (the positive), then +-2..1 + near_shifts (every step: the near shifts
+    are where +-1 is decided), then `shifts_per_step` drawn from the rest of +-2..max_shift (fresh each step)."""
+    k, far = cfg.max_shift, MIN_SHIFT + cfg.near_shifts
+    near = torch.arange(MIN_SHIFT, far)
+    cand = torch.cat([torch.arange(-k, -far + 1), torch.arange(far, k + 1)])
+    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(step))[: cfg.shifts_per_step]
+    return torch.cat([torch.zeros(1, dtype=torch.long), -near, near, cand[pick]])
+
+
 def loss(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """InfoNCE both ways. Video -> audio: the batch's aligned audios plus this item's audio at `shifts_per_step`
-    random shifts of 2..K frames (a fresh draw each step); audio -> video: the batch's video windows."""
+    """InfoNCE both ways. Video -> audio: the batch's aligned audios plus this item's audio at the step's shifts
+    (`step_lags`); audio -> video: the batch's video windows."""
     cfg = unwrap(model).cfg
     k, strip, valid = cfg.max_shift, batch["mel"], batch["valid"]
     b, dev = len(strip), strip.device
-    far = MIN_SHIFT + cfg.near_shifts  # shifts from here on are drawn; those below it are always in
-    near = torch.arange(MIN_SHIFT, far)
-    near = torch.cat([-near, near])
-    cand = torch.cat([torch.arange(-k, -far + 1), torch.arange(far, k + 1)])
-    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(step))[: cfg.shifts_per_step]
-    lags = torch.cat([torch.zeros(1, dtype=torch.long), near, cand[pick]]).to(dev)
+    lags = step_lags(cfg, step).to(dev)
     wins = _windows(strip, k, lags)  # (B, 1 + S, 20, 80)
     v, a = model(batch["video"], wins.flatten(0, 1))
     a = a.view(b, len(lags), -1)
