@@ -76,8 +76,10 @@ def test_near_shifts_are_in_every_step():
         lags = sync.step_lags(cfg, step)
         assert lags[0] == 0 and len(lags) == 1 + 4 + 8 and len(set(lags.tolist())) == len(lags)
         assert {-3, -2, 2, 3} <= set(lags.tolist()) and lags[1:].abs().min() >= 2 and lags.abs().max() <= 15
-    plain = sync.build({"model": "sync"}).cfg
+    plain = sync.build({"model": "sync", "near_shifts": 0}).cfg
     assert len(sync.step_lags(plain, 0)) == 1 + 8 and not (sync.step_lags(plain, 0)[1:].abs() < 2).any()
+    small = sync.build({"model": "sync", "max_shift": 5, "near_shifts": 2}).cfg  # 4 near + all 4 others (+-4, 5)
+    assert sorted(sync.step_lags(small, 0).tolist()) == [-5, -4, -3, -2, 0, 2, 3, 4, 5]
 
 
 def test_augment_more_faces_and_noise():
