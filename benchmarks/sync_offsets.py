@@ -7,7 +7,9 @@ Sets, from the manifest's splits: `unseen` = the speaker split's held-out speake
 utterance test sentences of the other speakers, `shared` = the imported shared clips' segments (when the manifest
 has them; the pre-issue-15 weights trained on most of them). Each clip is shifted by every --offsets d (video lags
 audio by d frames: the first d frames of audio, or of video when d < 0, are dropped) and `models.sync.offsets` must
-find d within +-1 frame. Floors, as `lipsync eval` has them: `frozen` (the first frame's mouth held for the whole
+find d within +-1 frame; `tracked` asks only that the found offset moves with d (found(d) - found(0) = d +-1, over
+d != 0), which does not assume the clip itself is in sync (the shared clips are other systems' outputs). Floors,
+as `lipsync eval` has them: `frozen` (the first frame's mouth held for the whole
 clip) and `other audio` (another clip's speech of the same set); LSE-C (the confidence: median distance over
 offsets minus the best) of real footage should clearly beat both.
 """
@@ -67,6 +69,7 @@ def main() -> None:
         for name, clips in sets.items():
             keys = [clip_key(c) for c in clips]
             hits = {d: [] for d in offs}
+            tracked = []
             conf = {"real": [], "frozen": [], "other audio": []}
             emb = {}
             for k in keys:  # each clip embedded once: a shift of the inputs is a shift of the window embeddings
@@ -76,12 +79,16 @@ def main() -> None:
                 emb[k] = (v, a, ok)
             for i, k in enumerate(keys):
                 v, a, ok = emb[k]
-                for d in offs:
+                found = {}
+                for d in sorted(offs, key=abs):
                     vs, as_, oks = (v, a[d:], ok) if d > 0 else (v[-d:], a, ok[-d:])
                     r = sync.offset_scores(vs, as_, ok=oks)
                     hits[d].append(abs(r["offset"] - d) <= 1)
+                    found[d] = r["offset"]
                     if d == 0:
                         conf["real"].append(r["confidence"])
+                if 0 in found:
+                    tracked += [abs(found[d] - found[0] - d) <= 1 for d in offs if d]
                 frozen = np.repeat(v[np.flatnonzero(ok)[0]][None], len(v), 0)  # one window's mouth, held
                 conf["frozen"].append(sync.offset_scores(frozen, a)["confidence"])
                 other = emb[keys[(i + 1) % len(keys)]][1]
@@ -92,15 +99,17 @@ def main() -> None:
                 "speakers": sorted({k.rsplit("/", 1)[0] for k in keys}),
                 "recovered": float(np.mean(all_hits)),
                 "recovered_by_offset": {str(d): float(np.mean(v)) for d, v in hits.items()},
+                "tracked": float(np.mean(tracked)) if tracked else float("nan"),
                 "lse_c": {kind: float(np.mean(v)) for kind, v in conf.items()},
             }
         report[w] = rep
-    print(f"{'weights':<40} {'set':<7} {'clips':>5} {'within +-1':>10}   LSE-C real / frozen / other audio")
+    head = f"{'weights':<40} {'set':<7} {'clips':>5} {'within +-1':>10} {'tracked':>8}"
+    print(f"{head}   LSE-C real / frozen / other audio")
     for w, rep in report.items():
         for name, r in rep.items():
             c = r["lse_c"]
             print(
-                f"{w:<40} {name:<7} {r['clips']:>5} {r['recovered']:>10.1%}   "
+                f"{w:<40} {name:<7} {r['clips']:>5} {r['recovered']:>10.1%} {r['tracked']:>8.1%}   "
                 f"{c['real']:.3f} / {c['frozen']:.3f} / {c['other audio']:.3f}"
             )
         for name, r in rep.items():

@@ -70,6 +70,35 @@ def test_loss_decreases_and_validates(tiny_prep):
     assert 0 <= res["metric"] <= 1 and 0 <= res["clip_acc"] <= 1 and res["windows"] == len(task.val_set)
 
 
+def test_near_shifts_are_in_every_step():
+    cfg = sync.build({"model": "sync", "max_shift": 15, "shifts_per_step": 8, "near_shifts": 2}).cfg
+    for step in range(5):
+        lags = sync.step_lags(cfg, step)
+        assert lags[0] == 0 and len(lags) == 1 + 4 + 8 and len(set(lags.tolist())) == len(lags)
+        assert {-3, -2, 2, 3} <= set(lags.tolist()) and lags[1:].abs().min() >= 2 and lags.abs().max() <= 15
+    plain = sync.build({"model": "sync", "near_shifts": 0}).cfg
+    assert len(sync.step_lags(plain, 0)) == 1 + 8 and not (sync.step_lags(plain, 0)[1:].abs() < 2).any()
+    small = sync.build({"model": "sync", "max_shift": 5, "near_shifts": 2}).cfg  # 4 near + all 4 others (+-4, 5)
+    assert sorted(sync.step_lags(small, 0).tolist()) == [-5, -4, -3, -2, 0, 2, 3, 4, 5]
+
+
+def test_augment_more_faces_and_noise():
+    gen = torch.Generator().manual_seed(0)
+    still = torch.full((32, 5, 48, 72), 90, dtype=torch.uint8)
+    still[:, :, 20:30, 20:50] = 40  # a dark mouth on skin
+    out = sync.jitter_face(still, gen)
+    assert out.shape == still.shape and out.dtype == torch.uint8 and (out != still).any()
+    # one draw per window: its 5 frames differ by pixel noise only, while windows differ from each other
+    assert (out.float() - out[:, :1].float()).abs().mean() < 6
+    assert (out.float() - out[:1].float()).abs().mean() > 5
+    mel = torch.full((32, 40, 80), sync.LOUD_ROW)
+    mel[:, 20:] = -8.0  # silence
+    noisy = sync.add_noise(mel, gen)
+    loud = noisy[:, :20] - mel[:, :20]  # 10-40 dB under on average over bins, +-10 dB of tilt: <= +100% power
+    assert (noisy >= mel).all() and loud.mean() < 0.05 and loud.max() < np.log10(2) + 1e-4
+    assert (noisy[:, 20:] - mel[:, 20:]).mean() > 2  # silence now holds the noise floor (-3.8 .. -6.8)
+
+
 def test_make_task_rejects_unknown_settings(tiny_prep):
     with pytest.raises(LipsyncError, match="unknown sync setting"):
         sync.make_task(tiny_prep, {"layers": 3})

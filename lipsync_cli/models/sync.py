@@ -7,7 +7,8 @@ mel rows 4t..4t+19 (frame i is row 4i), so a clip of T frames has T - 4 windows 
 
 Training is contrastive (InfoNCE, learned temperature): a video window's positive is its own audio; its negatives
 are the other items' audio in the batch and the same clip's audio shifted by MIN_SHIFT..max_shift frames (+-1 is
-left out: lips and sound are not that sharply aligned, so those are not wrong answers). The shifted negatives are
+left out: lips and sound are not that sharply aligned, so those are not wrong answers; +-2 and +-3 are in every
+step, since telling them from 0 is what a +-1 offset reading needs). The shifted negatives are
 what teaches it offsets; in-batch ones teach it speakers and words.
 
     offsets(model, crops, mel)      eval --metric sync: offset over +-15 frames, LSE-C / LSE-D style scores
@@ -43,6 +44,7 @@ from lipsync_cli.models.task import Task, unwrap
 FRAMES, ROWS = 5, 20  # 0.2 s: 5 frames at 25 fps, 20 mel rows at 100 Hz
 MOUTH = (0.125, 0.28, 0.875, 0.78)  # x0, y0, x1, y1 of the aligned crop: lips (x 0.31-0.70, y 0.33-0.56) and jaw
 MIN_SHIFT = 2  # shifted negatives start here
+LOUD_ROW = -2.8  # a loud row's mean log10 mel power in the shards (GRID: 95th percentile -2.84, sd 0.24 over clips)
 MEL_MEAN, MEL_STD = -5.5, 2.0  # the shards' log10 mel power (GRID s1: mean -5.6, sd 1.9): audio input ~N(0, 1)
 
 
@@ -55,7 +57,7 @@ class Config:
     audio_channels: tuple[int, ...] = (128, 256)
     dim: int = 128
     max_shift: int = 15  # shifted negatives (training) and the offset search (validation)
-    shifts_per_step: int = 8  # of the 2 * (max_shift - MIN_SHIFT + 1) shifted audios, how many a step scores
+    shifts_per_step: int = 8  # how many of the other shifted audios (past the near ones) a step draws, at most all
     # training
     lr: float = 1e-3
     batch_size: int = 64
@@ -64,6 +66,8 @@ class Config:
     repeat_max: int = 4  # small speakers' windows repeat up to this often (sqrt of the size ratio to the largest)
     split: str = "disjoint"  # manifest split scheme (data.dataset.split_clips): validate on speakers never trained on
     augment_voice_face: bool = True  # mel-axis warp (other voices) and contrast/brightness (other faces, light)
+    near_shifts: int = 2  # shifts 2..1 + near_shifts (both signs) are among every step's negatives: the +-1 decision
+    augment_more: bool = True  # gamma, zoom, occluding patch, pixel noise (faces) and background noise (voices)
 
 
 def build(config: dict) -> SyncNet:
@@ -351,9 +355,10 @@ def _windows(strip: torch.Tensor, k: int, lags: torch.Tensor) -> torch.Tensor:
     return strip[:, idx]
 
 
-def augment(batch: dict, gen: torch.Generator, voice_face: bool = False) -> dict:
+def augment(batch: dict, gen: torch.Generator, voice_face: bool = False, more: bool = False) -> dict:
     """Train-time: mirror half the mouths, shift each by up to 3 px (same for its 5 frames), +-3 dB audio gain;
-    with `voice_face` also `warp_mel` and `jitter_light`, for voices and faces never trained on."""
+    with `voice_face` also `warp_mel` and `jitter_light`, for voices and faces never trained on; with `more` also
+    `jitter_face` and `add_noise`."""
     video = batch["video"]
     b, _, h, w = video.shape
     dev = video.device
@@ -367,7 +372,50 @@ def augment(batch: dict, gen: torch.Generator, voice_face: bool = False) -> dict
     mel = batch["mel"] + gain
     if voice_face:
         mel, video = warp_mel(mel, gen), jitter_light(video, gen)
+    if more:
+        mel, video = add_noise(mel, gen), jitter_face(video, gen)
     return {**batch, "video": video, "mel": mel}
+
+
+def _rand(gen: torch.Generator, like: torch.Tensor, *shape: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=gen, device=gen.device).to(like.device)
+
+
+def jitter_face(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Other faces, lenses and trackers, roughly (one draw per window, its 5 frames alike): gamma 0.6-1.6 (skin vs
+    lip contrast), zoom x0.9-1.15 about a point up to 4 px off centre (face box scale), a grey patch over up to a
+    fifth of the box in half the windows (moustache, hand, shadow), Gaussian noise up to 6 grey levels."""
+    b, n, h, w = video.shape
+    x = video.float() / 255
+    x = x.clamp(min=1e-3) ** torch.exp(np.log(0.6) + np.log(1.6 / 0.6) * _rand(gen, x, b, 1, 1, 1))
+    zoom = 0.9 + 0.25 * _rand(gen, x, b)
+    shift = (_rand(gen, x, b, 2) * 2 - 1) * 4 / x.new_tensor([w / 2, h / 2])
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = 1 / zoom, 1 / zoom, shift
+    grid = F.affine_grid(theta, (b, n, h, w), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ph, pw = (_rand(gen, x, 2, b) * x.new_tensor([[h / 2.2], [w / 2.2]])).long().unbind(0)
+    py, px = (_rand(gen, x, b) * (h - ph)).long(), (_rand(gen, x, b) * (w - pw)).long()
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    inside = ((ys[None] >= py[:, None]) & (ys[None] < (py + ph)[:, None]))[:, :, None] & (
+        (xs[None] >= px[:, None]) & (xs[None] < (px + pw)[:, None])
+    )[:, None]
+    inside = inside & (_rand(gen, x, b) < 0.5)[:, None, None]
+    x = torch.where(inside[:, None], _rand(gen, x, b, 1, 1, 1), x)
+    x = x + torch.randn(x.shape, generator=gen, device=gen.device).to(x.device) * _rand(gen, x, b, 1, 1, 1) * 6 / 255
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def add_noise(mel: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Other rooms and microphones, roughly: stationary noise 10-40 dB under loud speech (LOUD_ROW: prep
+    normalises loudness, so one level fits; the mean over bins), with a random spectral tilt of up to +-10 dB at
+    the band edges, added in power (mel is log10 power) to every row of an item alike."""
+    b, n = mel.shape[0], mel.shape[-1]
+    level = LOUD_ROW - (1 + 3 * _rand(gen, mel, b))  # 10-40 dB under
+    tilt = (_rand(gen, mel, b, 1) * 2 - 1) * torch.linspace(-1, 1, n, device=mel.device)  # +-10 dB across bins
+    shape = (b, *[1] * (mel.ndim - 2), n)
+    noise = (level[:, None] + tilt).view(shape)
+    return torch.logaddexp(mel * np.log(10), noise * np.log(10)) / np.log(10)
 
 
 def warp_mel(mel: torch.Tensor, gen: torch.Generator, lo: float = 0.88, hi: float = 1.12) -> torch.Tensor:
@@ -393,15 +441,24 @@ def jitter_light(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def step_lags(cfg: Config, step: int) -> torch.Tensor:
+    """A training step's audio offsets: 0 (the positive), then +-2..1 + near_shifts (every step: the near shifts
+    are where +-1 is decided), then `shifts_per_step` (or all there are) drawn from the rest of +-2..max_shift,
+    fresh each step."""
+    k, far = cfg.max_shift, MIN_SHIFT + cfg.near_shifts
+    near = torch.arange(MIN_SHIFT, far)
+    cand = torch.cat([torch.arange(-k, -far + 1), torch.arange(far, k + 1)])
+    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(step))[: cfg.shifts_per_step]
+    return torch.cat([torch.zeros(1, dtype=torch.long), -near, near, cand[pick]])
+
+
 def loss(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """InfoNCE both ways. Video -> audio: the batch's aligned audios plus this item's audio at `shifts_per_step`
-    random shifts of 2..K frames (a fresh draw each step); audio -> video: the batch's video windows."""
+    """InfoNCE both ways. Video -> audio: the batch's aligned audios plus this item's audio at the step's shifts
+    (`step_lags`); audio -> video: the batch's video windows."""
     cfg = unwrap(model).cfg
     k, strip, valid = cfg.max_shift, batch["mel"], batch["valid"]
     b, dev = len(strip), strip.device
-    cand = torch.cat([torch.arange(-k, -MIN_SHIFT + 1), torch.arange(MIN_SHIFT, k + 1)])
-    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(step))[: cfg.shifts_per_step]
-    lags = torch.cat([torch.zeros(1, dtype=torch.long), cand[pick]]).to(dev)
+    lags = step_lags(cfg, step).to(dev)
     wins = _windows(strip, k, lags)  # (B, 1 + S, 20, 80)
     v, a = model(batch["video"], wins.flatten(0, 1))
     a = a.view(b, len(lags), -1)
@@ -458,8 +515,10 @@ def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
     if unknown:
         raise LipsyncError(f"unknown sync setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()})
-    if not 0 < cfg.shifts_per_step <= 2 * (cfg.max_shift - MIN_SHIFT + 1):
-        raise LipsyncError(f"shifts_per_step must be 1..{2 * (cfg.max_shift - MIN_SHIFT + 1)}")
+    if not 0 <= cfg.near_shifts <= cfg.max_shift - MIN_SHIFT:
+        raise LipsyncError(f"near_shifts must be 0..{cfg.max_shift - MIN_SHIFT}")
+    if cfg.shifts_per_step < 1:
+        raise LipsyncError("shifts_per_step must be at least 1")
     train_set = SyncWindows(manifest, "train", cfg, repeat_max=cfg.repeat_max)
     try:
         val_set = SyncWindows(manifest, "val", cfg, stride=cfg.val_stride)
@@ -475,7 +534,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
         validate=validate,
         metric="metric",
         higher_is_better=True,
-        augment=functools.partial(augment, voice_face=cfg.augment_voice_face),
+        augment=functools.partial(augment, voice_face=cfg.augment_voice_face, more=cfg.augment_more),
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         warmup_steps=cfg.warmup_steps,
