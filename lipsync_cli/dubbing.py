@@ -77,6 +77,7 @@ def default_output(video: Path) -> Path:
 
 MAX_CROP = 384  # largest aligned crop of a shown mouth: faces up to ~380 px keep their own resolution (was 256: a
 # 305 px face's mouth lost 0.04 of its sharpness to the shrink, docs/articulation_engine.md "Crop size")
+PAINT_CROP = 256  # the crop the neural and seed engines paint on (every frame's, on disk)
 POOL_FRAMES = 1500  # at most 60 s (at 25 fps) of the person's mouths are kept for the engine to show
 POOL_MIN_FRAMES = 500  # and at least 20 s where the video has them, even when the output needs fewer frames
 POOL_BLOCK = 50  # they are sampled in 2 s stretches: retrieval shows source frames in their own order for free
@@ -158,10 +159,10 @@ def check_temp_space(need: float, what: str) -> None:
         )
 
 
-def engine_crops(engine: str, workdir: Path) -> tuple[Path | None, int]:
-    """(workdir, max_crop) for analyse_video: retrieval shows the crops' own pixels (in memory, up to MAX_CROP);
-    the neural and seed engines paint a 64 px box on every frame's crop (on disk, 256 px is plenty)."""
-    return (None, MAX_CROP) if engine == "retrieval" else (workdir, 256)
+def crop_limit(engine: str) -> int:
+    """analyse_video's max_crop for an engine: retrieval shows the crops' own pixels (up to MAX_CROP); the neural
+    and seed engines paint a 64 px box on every frame's crop, for which PAINT_CROP is plenty."""
+    return MAX_CROP if engine == "retrieval" else PAINT_CROP
 
 
 def analyse_video(
@@ -177,7 +178,7 @@ def analyse_video(
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
     keep aligned crops of the `pool` frames (in memory, at most POOL_BYTES of them), or of every analysed frame when
     `workdir` is given (a disk memmap there: the neural and seed engines paint on the crops of the frames they
-    show; they want no more than 256 px: `max_crop`).
+    show; they want no more than PAINT_CROP: `crop_limit`).
     Frames are decoded a few ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs
     stay loaded: the API's Dubber), else one is made for this video."""
     T = ranges[-1][1]
@@ -467,8 +468,8 @@ def dub(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
         ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
-        crops_dir, most = engine_crops(settings.engine, workdir)
-        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most)
+        crops_dir = None if settings.engine == "retrieval" else workdir  # retrieval keeps only the pool's, in memory
+        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, crop_limit(settings.engine))
         plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 

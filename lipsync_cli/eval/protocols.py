@@ -242,7 +242,7 @@ def analyse(path: Path, settings: Settings, max_s: float | None = MAX_CLIP_S) ->
         info = dataclasses.replace(info, duration=min(info.duration, max_s))
     n = info.n_frames(settings.fps)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
-        most = dubbing.engine_crops(settings.engine, Path(tmp))[1]  # the crop size `lipsync dub` would use
+        most = dubbing.crop_limit(settings.engine)  # the crop size `lipsync dub` would use
         src = dubbing.analyse_video(path, info, settings, [(0, n)], np.ones(n, bool), Path(tmp), max_crop=most)
         frames = np.stack(list(media.iter_frames(path, settings.fps, settings.ffmpeg, count=n)))
         src = SourceFaces(
