@@ -465,6 +465,8 @@ def train_(
     result = training.start(model, manifest, opts, procs)
     if result is not None:
         progress.log(f"[green]done[/] {result.describe()}")
+    if training.launched():
+        training.exit_worker()
 
 
 @config_app.command("show")

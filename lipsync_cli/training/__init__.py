@@ -4,6 +4,7 @@
     start(model, manifest, opts, procs)                        what the CLI runs: train here, or under torchrun
     read_config(path) -> (model overrides, trainer options)    a --config TOML/JSON file
     launch(nproc) / launched()                                 re-run the command under torchrun / are we under it
+    exit_worker()                                              end a finished torchrun process without teardown
 
 The modules, in the order they build on each other:
     options.py      TrainOptions, the --config file, the factory by name, checks before any work
@@ -14,7 +15,7 @@ The modules, in the order they build on each other:
     loop.py         the loop: set up, step, log, validate, save
 """
 
-from lipsync_cli.training.distributed import launch, launched
+from lipsync_cli.training.distributed import exit_worker, launch, launched
 from lipsync_cli.training.loop import start, train
 from lipsync_cli.training.options import TRAINER_KEYS, TrainOptions, check, merge, read_config, resolve
 from lipsync_cli.training.result import TrainResult
@@ -26,6 +27,7 @@ __all__ = [
     "TrainOptions",
     "TrainResult",
     "check",
+    "exit_worker",
     "launch",
     "launched",
     "lr_at",

@@ -4,17 +4,20 @@ Under torchrun each process trains on its share of every step (gloo on CPU, NCCL
 and saves while the others wait at the next collective.
 
     launch(nproc) / launched()     re-run this command under torchrun / are we a process it started
+    exit_worker()                  end a torchrun process that has finished, skipping the interpreter's teardown
     init(opts) -> Dist             this process's rank, world size and device (and the process group)
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,17 @@ def launch(nproc: int, argv: list[str] | None = None) -> int:
 def launched() -> bool:
     """True inside a process that torchrun started."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a torchrun process whose work is saved and whose process group is left, without the interpreter's teardown.
+
+    There gloo's leftover C++ threads can abort a process that finished (SIGABRT, "terminate called without an active
+    exception"), failing the whole run: seen in CI on a loaded 2-core machine even after barrier + destroy.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
@@ -85,6 +99,7 @@ def close(d: Dist, finished: bool = True) -> None:
         return
     if finished:
         dist.barrier()
+    gc.collect()  # DDP's reducer, kept alive by reference cycles, holds the group: free it while gloo still runs
     dist.destroy_process_group()
 
 
