@@ -6,8 +6,8 @@
 Short run: one dub of `--clip` (default the 512x512 shared clip of issue 13) from `--text` (TTS + voice clone: the
 whole user path), as a fresh process (start-up and imports counted). The floor: ffmpeg alone decoding the same
 input frames (looped to the output's length) and encoding them with the dub's settings (libx264 veryfast crf 18,
-yuv420p). Stage rows are each stage's time / the floor's: the stages overlap (the voice runs beside the face pass),
-so they do not add up to the total.
+media.X264_OPTIONS, yuv420p). Stage rows are each stage's time / the floor's: the stages overlap (the voice runs
+beside the face pass), so they do not add up to the total.
 
 Long run: a long 1080p input made by looping a shared clip (stream copy, so no re-encode), dubbed from a 60 s speech
 file (or from that file looped to each of `--speech-minutes`); peak RSS (the dub's whole process tree, sampled
@@ -174,6 +174,7 @@ def codec_floor(video: Path, frames: int, out: Path, crf: int = 18) -> float:
 
     cmd = [media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(video)]
     cmd += ["-frames:v", str(frames), "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf)]
+    cmd += [a for k, v in media.X264_OPTIONS.items() for a in (f"-{k}", v)]
     cmd += ["-pix_fmt", "yuv420p", str(out)]
     t = time.perf_counter()
     p = subprocess.Popen(cmd)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -422,3 +423,30 @@ def test_real_media(shared, rel, size, n):
     assert len(first) == 25 and all(f.shape == (size[1], size[0], 3) for f in first)
     audio = media.read_audio(path)
     assert len(audio) == pytest.approx(info.duration * 16000, rel=0.02)
+
+
+def test_writer_keeps_fine_detail(shared, tmp_path):
+    """The writer's x264 options (tune film, lighter deblocking) keep more of a real face's fine detail than x264's
+    defaults at the same crf and about the same size (on the dub's changing mouth the gain was 0.84 -> 0.90)."""
+    path = shared / "media" / "tpsmm_driving.mp4"
+    if not path.exists():
+        pytest.skip(f"shared media absent: {path}")
+    frames = list(itertools.islice(media.iter_frames(path), 40))
+    h, w = frames[0].shape[:2]
+    with media.VideoWriter(tmp_path / "ours.mp4", w, h) as vw:
+        for f in frames:
+            vw.write(f)
+    raw = tmp_path / "frames.rgb"
+    raw.write_bytes(b"".join(f.tobytes() for f in frames))
+    cmd = [media.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}"]
+    cmd += ["-r", "25", "-i", str(raw), "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"]
+    subprocess.run([*cmd, str(tmp_path / "plain.mp4")], check=True)
+
+    def detail(fr) -> float:  # variance of the Laplacian of the grey frames
+        return float(np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in fr]))
+
+    source = detail(frames)
+    ours = detail(media.iter_frames(tmp_path / "ours.mp4")) / source
+    plain = detail(media.iter_frames(tmp_path / "plain.mp4")) / source
+    assert ours > plain + 0.02, (ours, plain)
+    assert (tmp_path / "ours.mp4").stat().st_size < 1.1 * (tmp_path / "plain.mp4").stat().st_size
