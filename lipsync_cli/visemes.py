@@ -27,6 +27,8 @@ APPROACH = 0.5  # the most the frame after a closure opens: the lips are on thei
 APPROACH_IN = 0.2  # the most the frame before a closure opens: the lips come together over more than a frame
 # (GRID, 44 p/b/m of 5 speakers re-tracked: the frame before the closure's minimum has a median gap of 0.005
 # inter-ocular, 90th percentile 0.017; the frame after 0.010 and 0.054: docs/articulation_engine.md)
+SQUEEZED_VOWEL_S = 0.08  # an open vowel this long opens even where closures leave it only frames beside them
+SQUEEZED_CAP = 0.7  # ...and opens this far (a share of the wide-open mouth): docs/articulation_engine.md
 
 FREE, REST, CLOSED, LABIODENTAL, ROUND, OPEN = range(6)
 KIND_NAMES = ("free", "rest", "closed", "labiodental", "round", "open")
@@ -96,6 +98,13 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
     shut = kind == CLOSED
     before, after = ~shut & np.r_[shut[1:], False], ~shut & np.r_[False, shut[:-1]]
     cap = np.where(before, APPROACH_IN, np.where(after, APPROACH, 1.0))
+    # a full vowel squeezed between closures still opens: its first frame (the release is fast) may open to
+    # SQUEEZED_CAP. Else the 128 ms "o" of "Bob" (2 frames left between the closures) stayed shut on every clip.
+    # Reduced one-frame vowels ("apple", "album") stay capped: a wide frame beside a closure blurs it open.
+    for j in np.unique(pid[kind == OPEN]):
+        frames = np.flatnonzero((pid == j) & (kind == OPEN))
+        if len(frames) >= 2 and phones[j].end - phones[j].start >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
+            cap[frames[0]] = SQUEEZED_CAP
     return Targets(kind, np.minimum(openness, cap), cap, label, pid)
 
 

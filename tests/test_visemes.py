@@ -109,3 +109,16 @@ def test_lips_choices():
     assert retrieval.lips_model("phones") is None and retrieval.lips_model("map") is None
     with pytest.raises(ValueError, match="phones"):
         retrieval.lips_model("nope")
+
+
+def test_an_open_vowel_squeezed_between_closures_still_opens():
+    """piper's "Bob bought": B 23 ms, AA 128 ms, B, B. The closures' 2-frame minimum leaves the AA two frames, both
+    next to a closure; its first (after the release) opens, the one before the next closure stays nearly shut."""
+    ph = [Phone("B", 0.035, 0.058), Phone("AA", 0.058, 0.186), Phone("B", 0.186, 0.238), Phone("B", 0.238, 0.29)]
+    ph.append(Phone("AO", 0.29, 0.43))
+    tg = visemes.targets(ph, 12, 25.0)
+    vowel = np.flatnonzero(tg.phone_id == 1)
+    assert list(tg.kind[vowel]) == [visemes.OPEN] * len(vowel) and len(vowel) == 2
+    assert tg.openness[vowel[0]] == visemes.SQUEEZED_CAP > visemes.APPROACH  # opens
+    assert tg.openness[vowel[-1]] <= visemes.APPROACH_IN  # on the way into the next closure
+    assert (tg.kind[np.flatnonzero(tg.phone_id == 2)] == visemes.CLOSED).all()
