@@ -63,12 +63,12 @@ def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
 
 
-def colour_match(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Shift `mouth` towards `target` by a smooth low-frequency field measured on the mask's rim, where both should
-    show the same skin; the mouth's own detail (teeth, lips) is kept."""
+def colour_field(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray | float:
+    """The smooth low-frequency shift that takes `mouth` towards `target`, measured on the mask's rim, where both
+    should show the same skin ((S, S, 3) float32; 0.0 when the rim is too small to tell)."""
     rim = ((mask > 0.05) & (mask < 0.6)).astype(np.float32)
     if rim.sum() < 20:
-        return mouth
+        return 0.0
     size = mask.shape[0]
     diff = (target.astype(np.float32) - mouth.astype(np.float32)) * rim[..., None]
     overall = diff.sum((0, 1)) / rim.sum()
@@ -78,8 +78,7 @@ def colour_match(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     num = cv2.GaussianBlur(cv2.resize(diff, small, interpolation=cv2.INTER_AREA), (0, 0), sigma)
     den = cv2.GaussianBlur(cv2.resize(rim, small, interpolation=cv2.INTER_AREA), (0, 0), sigma)[..., None]
     field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), overall).astype(np.float32)
-    field = cv2.resize(field, (size, size), interpolation=cv2.INTER_LINEAR)
-    return np.clip(mouth.astype(np.float32) + field, 0, 255)
+    return cv2.resize(field, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def composite(
@@ -88,13 +87,17 @@ def composite(
     mouth: np.ndarray,
     mouth_points: np.ndarray,
     frame_points: np.ndarray,
+    mouth_fix: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend an aligned mouth crop into `frame` (in place, and returned). M: the frame's frame->crop transform;
-    mouth_points / frame_points: aligned landmarks of the shown mouth and of the frame's own face."""
+    mouth_points / frame_points: aligned landmarks of the shown mouth and of the frame's own face; mouth_fix: the
+    move from the mouth crop's pixels to its aligned coordinates (SourceFaces.crop_fix), folded into the one
+    resample its pixels go through."""
     size = mouth.shape[0]
     mask = lower_face_mask([mouth_points, frame_points], size)
     target = face.warp_to_aligned(frame, M, size)
-    fixed = colour_match(mouth, target, mask)
+    seen = mouth if mouth_fix is None else cv2.warpAffine(mouth, mouth_fix, (size, size), borderMode=cv2.BORDER_REFLECT)
+    field = colour_field(seen, target, mask)  # smooth: the mouth's own resample may be a plain linear one
 
     # only the bounding box of the mask's footprint in the frame is touched
     Minv = face.invert_affine(M)
@@ -118,13 +121,15 @@ def composite(
     to_box = Minv.copy()
     to_box[:, 2] -= (x0, y0)
     dsize = (x1 - x0, y1 - y0)
-    # premultiplied alpha, so the background is never resampled, only covered; the mouth's pixels with the
-    # sharpest interpolation (face.SHARP), the smooth mask needs none
+    from_mouth = to_box if mouth_fix is None else to_box @ np.vstack([mouth_fix, [0, 0, 1]])
+    # the background is never resampled, only covered; the mouth's pixels go through one resample, with the
+    # sharpest interpolation (face.SHARP); the smooth mask and colour field need none
     alpha = cv2.warpAffine(mask, to_box, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    color = cv2.warpAffine(fixed * mask[..., None], to_box, dsize, flags=face.SHARP, borderMode=cv2.BORDER_CONSTANT)
     alpha = np.clip(alpha, 0.0, 1.0)[..., None]
+    pixels = cv2.warpAffine(mouth, from_mouth, dsize, flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
+    shift = cv2.warpAffine(np.broadcast_to(np.float32(field), (size, size, 3)) * mask[..., None], to_box, dsize)
     box = frame[y0:y1, x0:x1].astype(np.float32)
-    out = box * (1.0 - alpha) + np.clip(color, 0, 255)
+    out = box * (1.0 - alpha) + np.clip(pixels.astype(np.float32) * alpha + shift, 0, 255 * alpha)
     touched = alpha[..., 0] > 1.0 / 512
     region = frame[y0:y1, x0:x1]
     region[touched] = np.clip(out[touched] + 0.5, 0, 255).astype(np.uint8)

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from lipsync_cli import background, compositing, face, files, media, progress
@@ -232,16 +231,10 @@ def analyse_video(
 
     smoothed, matrices = track.landmarks, track.align(size)
     matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
+    # each stored crop's move from its raw pose to the smoothed one (sub-pixel), applied when it is shown
+    crop_fix = np.full((T, 2, 3), np.nan)
     for t in np.flatnonzero(found & keep):
-        # re-align the stored crop from its raw pose to the smoothed one (a sub-pixel correction)
-        fix = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
-        crops[t] = cv2.warpAffine(
-            np.ascontiguousarray(crops[t]),
-            fix,
-            (size, size),
-            flags=face.SHARP,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
+        crop_fix[t] = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
     own = soundtrack(video, settings) if info.has_audio else None
     return SourceFaces(
         crops=crops,
@@ -252,6 +245,7 @@ def analyse_video(
         audio=own,
         fps=settings.fps,
         usable=keep if workdir is None else None,
+        crop_fix=crop_fix,
     )
 
 
@@ -389,7 +383,8 @@ def render_frames(
                     continue
                 M = face.align_matrix(lm, source.size)
                 pts = face.transform_points(lm, M)
-            compositing.composite(frame, M, track.crop(i, source), track.points[i], pts)
+            crop, fix = track.mouth(i, source)
+            compositing.composite(frame, M, crop, track.points[i], pts, fix)
             yield frame
 
 

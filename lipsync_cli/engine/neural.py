@@ -48,7 +48,7 @@ def load(checkpoint: str | Path | None = None) -> render.Render:
 
 def source_boxes(source: SourceFaces, frames: np.ndarray, img: int) -> np.ndarray:
     """Renderer boxes of the given source frames (crops of any size)."""
-    return render.cut_boxes(np.asarray(source.crops[frames]), img)
+    return render.cut_boxes(source.aligned_crops(frames), img)
 
 
 def adapt_to(
@@ -118,11 +118,11 @@ def animate(
     show = np.flatnonzero(track.source_index >= 0)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
     for i in np.flatnonzero(track.source_index < 0):
-        crops[i] = np.asarray(source.crops[background[i]])
+        crops[i] = source.aligned_crops(background[i : i + 1])[0]
     with progress.task("painting mouths", len(show)) as advance:
         for s in range(0, len(show), batch):
             idx = show[s : s + batch]
-            bg_crops = np.asarray(source.crops[background[idx]])
+            bg_crops = source.aligned_crops(background[idx])
             refs = render.cut_boxes(np.array([track.crop(i, source) for i in idx]), img)
             painted = render.paint(model, render.cut_boxes(bg_crops, img), refs, shown[idx])
             for j, i in enumerate(idx):

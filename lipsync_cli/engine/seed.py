@@ -88,13 +88,13 @@ def animate(
     if len(pool) < k:
         raise ValueError(f"the seed needs {k} reference frames with a face, the video has {len(pool)}")
     refs = pool[np.linspace(0, len(pool) - 1, k).round().astype(int)]
-    mouths = generate(model, speech, len(background), mouth_patch(np.asarray(source.crops[refs])))
+    mouths = generate(model, speech, len(background), mouth_patch(source.aligned_crops(refs)))
     aligned = source.aligned_landmarks()
     index = np.where(source.found[background], background, -1)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
     for i, b in enumerate(background):
         if index[i] >= 0:
-            crops[i] = paste(np.asarray(source.crops[b]), mouths[i])
+            crops[i] = paste(source.aligned_crops(np.array([b]))[0], mouths[i])
     points = np.nan_to_num(aligned[background])
     return MouthTrack(source_index=index, points=points, crops=crops)
 

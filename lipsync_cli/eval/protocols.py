@@ -247,6 +247,7 @@ def analyse(path: Path, settings: Settings, max_s: float | None = MAX_CLIP_S) ->
         frames = np.stack(list(media.iter_frames(path, settings.fps, settings.ffmpeg, count=n)))
         src = SourceFaces(
             crops=np.array(src.crops[:n]),
+            crop_fix=src.crop_fix[:n].copy(),
             landmarks=src.landmarks[:n].copy(),
             found=src.found[:n].copy(),
             matrices=src.matrices[:n].copy(),
@@ -266,7 +267,7 @@ def resize_source(src: SourceFaces, frames: np.ndarray, size: int) -> SourceFace
     for t in np.flatnonzero(src.found):
         mats[t] = face.align_matrix(src.landmarks[t], size)
         crops[t] = face.warp_to_aligned(frames[t], mats[t], size)
-    return dataclasses.replace(src, crops=crops, matrices=mats, size=size)
+    return dataclasses.replace(src, crops=crops, matrices=mats, size=size, crop_fix=None)
 
 
 def concat_sources(parts: list[SourceFaces], usable: list[bool]) -> SourceFaces:
@@ -274,11 +275,13 @@ def concat_sources(parts: list[SourceFaces], usable: list[bool]) -> SourceFaces:
     if len({p.size for p in parts}) != 1:
         raise ValueError(f"crop sizes differ: {[p.size for p in parts]}; resize_source first")
     fps = parts[0].fps
+    fixes = [np.full((p.n_frames, 2, 3), np.nan) if p.crop_fix is None else p.crop_fix for p in parts]  # NaN: none
     return SourceFaces(
         crops=np.concatenate([np.asarray(p.crops) for p in parts]),
         landmarks=np.concatenate([p.landmarks for p in parts]),
         found=np.concatenate([p.found for p in parts]),
         matrices=np.concatenate([p.matrices for p in parts]),
+        crop_fix=np.concatenate(fixes),
         size=parts[0].size,
         audio=np.concatenate([_fit_audio(p.audio, p.n_frames, fps) for p in parts]),
         fps=fps,
@@ -399,7 +402,8 @@ def composite(source: SourceFaces, frames: np.ndarray, background: np.ndarray, t
     out = np.array(frames)
     for i, b in enumerate(background):
         if track.source_index[i] >= 0 and source.found[b]:
-            compositing.composite(out[i], source.matrices[b], track.crop(i, source), track.points[i], aligned[b])
+            crop, fix = track.mouth(i, source)
+            compositing.composite(out[i], source.matrices[b], crop, track.points[i], aligned[b], fix)
     return out
 
 
