@@ -96,8 +96,7 @@ def composite(
     size = mouth.shape[0]
     mask = lower_face_mask([mouth_points, frame_points], size)
     target = face.warp_to_aligned(frame, M, size)
-    seen = mouth if mouth_fix is None else cv2.warpAffine(mouth, mouth_fix, (size, size), borderMode=cv2.BORDER_REFLECT)
-    field = colour_field(seen, target, mask)  # smooth: the mouth's own resample may be a plain linear one
+    field = colour_field(mouth, target, mask)  # built at 1/8 resolution: mouth_fix's sub-pixel move does not count
 
     # only the bounding box of the mask's footprint in the frame is touched
     Minv = face.invert_affine(M)
@@ -129,7 +128,7 @@ def composite(
     pixels = cv2.warpAffine(mouth, from_mouth, dsize, flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
     shift = cv2.warpAffine(np.broadcast_to(np.float32(field), (size, size, 3)) * mask[..., None], to_box, dsize)
     box = frame[y0:y1, x0:x1].astype(np.float32)
-    out = box * (1.0 - alpha) + np.clip(pixels.astype(np.float32) * alpha + shift, 0, 255 * alpha)
+    out = box * (1.0 - alpha) + pixels * alpha + shift
     touched = alpha[..., 0] > 1.0 / 512
     region = frame[y0:y1, x0:x1]
     region[touched] = np.clip(out[touched] + 0.5, 0, 255).astype(np.uint8)
