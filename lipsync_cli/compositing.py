@@ -120,7 +120,7 @@ def composite(
     to_box = Minv.copy()
     to_box[:, 2] -= (x0, y0)
     dsize = (x1 - x0, y1 - y0)
-    from_mouth = to_box if mouth_fix is None else to_box @ np.vstack([mouth_fix, [0, 0, 1]])
+    from_mouth = to_box if mouth_fix is None else face.compose_affine(to_box, mouth_fix)
     # the background is never resampled, only covered; the mouth's pixels go through one resample, with the
     # sharpest interpolation (face.SHARP); the smooth mask and colour field need none
     alpha = cv2.warpAffine(mask, to_box, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)

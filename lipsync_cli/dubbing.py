@@ -234,7 +234,7 @@ def analyse_video(
     # each stored crop's move from its raw pose to the smoothed one (sub-pixel), applied when it is shown
     crop_fix = np.full((T, 2, 3), np.nan)
     for t in np.flatnonzero(found & keep):
-        crop_fix[t] = matrices[t] @ np.vstack([face.invert_affine(raw_M[t]), [0, 0, 1]])
+        crop_fix[t] = face.compose_affine(matrices[t], face.invert_affine(raw_M[t]))
     own = soundtrack(video, settings) if info.has_audio else None
     return SourceFaces(
         crops=crops,

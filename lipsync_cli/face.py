@@ -175,6 +175,11 @@ def transform_points(pts: np.ndarray, M: np.ndarray) -> np.ndarray:
     return pts @ M[:, :2].T + M[:, 2]
 
 
+def compose_affine(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """The 2x3 affine that applies B, then A."""
+    return A[:, :2] @ B + np.c_[np.zeros((2, 2)), A[:, 2]]
+
+
 def invert_affine(M: np.ndarray) -> np.ndarray:
     """Inverse of a 2x3 affine."""
     return cv2.invertAffineTransform(np.asarray(M, dtype=np.float64))

@@ -45,11 +45,16 @@ class SourceFaces:
         fix = None if self.crop_fix is None else self.crop_fix[t]
         return np.asarray(self.crops[t]), None if fix is None or np.isnan(fix).any() else fix
 
+    def aligned_crop(self, t: int) -> np.ndarray:
+        """Frame t's crop in its aligned coordinates: for the engines that paint on crops."""
+        return _aligned(*self.crop_at(t))
+
     def aligned_crops(self, frames: np.ndarray) -> np.ndarray:
-        """(len(frames), S, S, 3) crops in their aligned coordinates: for the engines that paint on them."""
-        out = np.asarray(self.crops[frames]).copy()
-        for j, t in enumerate(np.asarray(frames).ravel()):
-            out[j] = aligned_crop(*self.crop_at(int(t)))
+        """(len(frames), S, S, 3): `aligned_crop` of each of the frames."""
+        frames = np.asarray(frames).ravel()
+        out = np.empty((len(frames), self.size, self.size, 3), np.uint8)
+        for j, t in enumerate(frames):
+            out[j] = self.aligned_crop(int(t))
         return out
 
     def aligned_landmarks(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -85,18 +90,16 @@ class MouthTrack:
 
         t, scale = int(self.bank[j - source.n_frames][0]), float(self.bank[j - source.n_frames][1])
         crop, fix = source.crop_at(t)
-        M = source.matrices[t]
-        if fix is not None:  # the landmarks in the stored crop's own pixels
-            M = np.vstack([face.invert_affine(fix), [0, 0, 1]])[:2] @ np.vstack([M, [0, 0, 1]])
-        pts = source.landmarks[t].astype(np.float64) @ M[:, :2].T + M[:, 2]
+        M = source.matrices[t] if fix is None else face.compose_affine(face.invert_affine(fix), source.matrices[t])
+        pts = face.transform_points(source.landmarks[t], M)  # in the stored crop's own pixels
         return warp.reshape(crop, pts, scale)[0], fix  # made when shown: no memory held
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         """Output frame i's mouth crop in aligned coordinates."""
-        return aligned_crop(*self.mouth(i, source))
+        return _aligned(*self.mouth(i, source))
 
 
-def aligned_crop(crop: np.ndarray, fix: np.ndarray | None) -> np.ndarray:
+def _aligned(crop: np.ndarray, fix: np.ndarray | None) -> np.ndarray:
     """A stored crop moved to its aligned coordinates (a copy of it when no move is needed)."""
     if fix is None:
         return np.array(crop)

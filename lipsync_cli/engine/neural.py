@@ -118,7 +118,7 @@ def animate(
     show = np.flatnonzero(track.source_index >= 0)
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
     for i in np.flatnonzero(track.source_index < 0):
-        crops[i] = source.aligned_crops(background[i : i + 1])[0]
+        crops[i] = source.aligned_crop(int(background[i]))
     with progress.task("painting mouths", len(show)) as advance:
         for s in range(0, len(show), batch):
             idx = show[s : s + batch]

@@ -94,7 +94,7 @@ def animate(
     crops = np.zeros((len(background), source.size, source.size, 3), np.uint8)
     for i, b in enumerate(background):
         if index[i] >= 0:
-            crops[i] = paste(source.aligned_crops(np.array([b]))[0], mouths[i])
+            crops[i] = paste(source.aligned_crop(int(b)), mouths[i])
     points = np.nan_to_num(aligned[background])
     return MouthTrack(source_index=index, points=points, crops=crops)
 
