@@ -26,6 +26,7 @@ GROW = 1 / 40  # the mask reaches this far (crop sides) beyond the outline
 # feather two different mouths are averaged (a ghost of the upper lip, -5% mouth sharpness at 1/72, twice that at
 # 1/36) and the band reached the nose wings (alpha 0.11 at 1/36, 0.01 at 1/72): docs/articulation_engine.md
 FEATHER = 1 / 72
+FIELD_STEP = 4  # the colour field is measured on images this many times smaller than the crop
 
 
 def timing_plan(n_src: int, n_out: int, mode: str) -> np.ndarray:
@@ -63,22 +64,38 @@ def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
 
 
-def colour_field(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray | float:
+def colour_field(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """The smooth low-frequency shift that takes `mouth` towards `target`, measured on the mask's rim, where both
-    should show the same skin ((S, S, 3) float32; 0.0 when the rim is too small to tell)."""
+    should show the same skin: (S/2, S/2, 3) float32 for S x S inputs (None when the rim is too small to tell).
+    The field is smooth by construction, so `composite` measures it on quarter-resolution images (a full-size
+    field cost ~2 ms a frame to build and warp) and samples it only where it blends."""
     rim = ((mask > 0.05) & (mask < 0.6)).astype(np.float32)
-    if rim.sum() < 20:
-        return 0.0
-    size = mask.shape[0]
+    if rim.sum() < 2:  # a rim of a pixel or two tells nothing
+        return None
     diff = (target.astype(np.float32) - mouth.astype(np.float32)) * rim[..., None]
     overall = diff.sum((0, 1)) / rim.sum()
-    # the field is smooth by construction: build it at 1/8 resolution (a wide blur at full size costs ~20 ms)
-    small = (max(size // 8, 4),) * 2
+    small = (max(mask.shape[0] // 2, 4),) * 2
     sigma = small[0] / 6
     num = cv2.GaussianBlur(cv2.resize(diff, small, interpolation=cv2.INTER_AREA), (0, 0), sigma)
     den = cv2.GaussianBlur(cv2.resize(rim, small, interpolation=cv2.INTER_AREA), (0, 0), sigma)[..., None]
-    field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), overall).astype(np.float32)
-    return cv2.resize(field, (size, size), interpolation=cv2.INTER_LINEAR)
+    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), overall).astype(np.float32)
+
+
+def _scale(f: float) -> np.ndarray:
+    """The 2x3 affine from pixels of an image to pixels of the same image resized by `f` (pixel centres kept)."""
+    return np.array([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5]])
+
+
+def _sample(img: np.ndarray, A: np.ndarray, x: np.ndarray, y: np.ndarray, flags: int) -> np.ndarray:
+    """`img` at the points A(x, y) (a 2x3 affine of pixel coordinates): (N, channels) float32. What warpAffine
+    gives at those pixels, without computing the rest of its box."""
+    width = 512  # remap wants maps under 32767 a side
+    rows = -(-len(x) // width)
+    pad = rows * width - len(x)
+    mx = np.pad((A[0, 0] * x + A[0, 1] * y + A[0, 2]).astype(np.float32), (0, pad)).reshape(rows, width)
+    my = np.pad((A[1, 0] * x + A[1, 1] * y + A[1, 2]).astype(np.float32), (0, pad)).reshape(rows, width)
+    out = cv2.remap(img, mx, my, flags, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(rows * width, -1)[: len(x)].astype(np.float32)
 
 
 def composite(
@@ -95,23 +112,14 @@ def composite(
     resample its pixels go through."""
     size = mouth.shape[0]
     mask = lower_face_mask([mouth_points, frame_points], size)
-    target = face.warp_to_aligned(frame, M, size)
-    field = colour_field(mouth, target, mask)  # built at 1/8 resolution: mouth_fix's sub-pixel move does not count
 
-    # only the bounding box of the mask's footprint in the frame is touched
+    # only the pixels under the mask's footprint in the frame are touched (its bounding box: ~half of them)
     Minv = face.invert_affine(M)
-    ys, xs = np.nonzero(mask > 1e-3)
-    if len(xs) == 0:
+    bx, by, bw, bh = cv2.boundingRect((mask > 1e-3).view(np.uint8))
+    if bw == 0:
         return frame
-    corners = np.array(
-        [
-            [xs.min(), ys.min()],
-            [xs.max() + 1, ys.min()],
-            [xs.min(), ys.max() + 1],
-            [xs.max() + 1, ys.max() + 1],
-        ]
-    )
-    fc = face.transform_points(corners.astype(np.float64), Minv)
+    corners = np.array([[bx, by], [bx + bw, by], [bx, by + bh], [bx + bw, by + bh]], np.float64)
+    fc = face.transform_points(corners, Minv)
     h, w = frame.shape[:2]
     x0, y0 = max(int(np.floor(fc[:, 0].min())) - 2, 0), max(int(np.floor(fc[:, 1].min())) - 2, 0)
     x1, y1 = min(int(np.ceil(fc[:, 0].max())) + 2, w), min(int(np.ceil(fc[:, 1].max())) + 2, h)
@@ -119,17 +127,27 @@ def composite(
         return frame
     to_box = Minv.copy()
     to_box[:, 2] -= (x0, y0)
-    dsize = (x1 - x0, y1 - y0)
-    from_mouth = to_box if mouth_fix is None else face.compose_affine(to_box, mouth_fix)
+    alpha = cv2.warpAffine(mask, to_box, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderValue=0)
+    ty, tx = np.nonzero(alpha > 1.0 / 512)
+    a = np.minimum(alpha[ty, tx], 1.0)[:, None]
     # the background is never resampled, only covered; the mouth's pixels go through one resample, with the
     # sharpest interpolation (face.SHARP); the smooth mask and colour field need none
-    alpha = cv2.warpAffine(mask, to_box, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    alpha = np.clip(alpha, 0.0, 1.0)[..., None]
-    pixels = cv2.warpAffine(mouth, from_mouth, dsize, flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
-    shift = cv2.warpAffine(np.broadcast_to(np.float32(field), (size, size, 3)) * mask[..., None], to_box, dsize)
-    box = frame[y0:y1, x0:x1].astype(np.float32)
-    out = box * (1.0 - alpha) + pixels * alpha + shift
-    touched = alpha[..., 0] > 1.0 / 512
+    from_mouth = to_box if mouth_fix is None else face.compose_affine(to_box, mouth_fix)
     region = frame[y0:y1, x0:x1]
-    region[touched] = np.clip(out[touched] + 0.5, 0, 255).astype(np.uint8)
+    out = (
+        region[ty, tx].astype(np.float32) * (1.0 - a)
+        + _sample(mouth, face.invert_affine(from_mouth), tx, ty, face.SHARP) * a
+    )
+
+    q = max(size // FIELD_STEP, 8)
+    to_q = _scale(q / size)
+    field = colour_field(  # mouth_fix's sub-pixel move does not count at this resolution
+        cv2.resize(mouth, (q, q), interpolation=cv2.INTER_AREA),
+        face.warp_to_aligned(frame, face.compose_affine(to_q, M), q),
+        cv2.resize(mask, (q, q), interpolation=cv2.INTER_AREA),
+    )
+    if field is not None:
+        to_field = face.compose_affine(_scale(field.shape[0] / size), face.invert_affine(to_box))
+        out += _sample(field, to_field, tx, ty, cv2.INTER_LINEAR) * a
+    region[ty, tx] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     return frame

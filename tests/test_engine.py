@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from lipsync_cli.compositing import colour_field, lower_face_mask
@@ -70,7 +71,8 @@ def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
     rng = np.random.default_rng(0)
     target = rng.integers(60, 200, (size, size, 3)).astype(np.uint8)
     mouth = np.clip(target.astype(int) - 30, 0, 255).astype(np.uint8)  # same content, darker
-    fixed = mouth + colour_field(mouth, target, mask)  # the mouth's own detail is kept, its lighting evened out
+    field = cv2.resize(colour_field(mouth, target, mask), (size, size), interpolation=cv2.INTER_LINEAR)
+    fixed = mouth + field  # the mouth's own detail is kept, its lighting evened out
     inner = mask > 0.9
     assert np.abs(fixed[inner] - target[inner].astype(float)).mean() < 3.0
 
