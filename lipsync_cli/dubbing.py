@@ -375,14 +375,14 @@ def render_frames(
                 if not source.found[b]:
                     yield frame
                     continue
-                M, pts = source.matrices[b], source.aligned_landmarks(b, b + 1)[0]  # per frame: no (T, 478, 2) held
+                lm, M = source.landmarks[b], source.matrices[b]
             else:
                 lm = face_at(source, b / rate * fps)
                 if lm is None:
                     yield frame
                     continue
                 M = face.align_matrix(lm, source.size)
-                pts = face.transform_points(lm, M)
+            pts = face.transform_points(lm, M)  # per frame: no (T, 478, 2) held
             crop, fix = track.mouth(i, source)
             compositing.composite(frame, M, crop, track.points[i], pts, fix)
             yield frame

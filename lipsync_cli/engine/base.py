@@ -7,13 +7,15 @@ new mouth plus the aligned landmarks of that mouth and jaw (the compositor needs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import cv2
 import numpy as np
 
 from lipsync_cli import face
+
+MADE_KEPT = 16  # re-shaped mouths kept for reuse by MouthTrack.mouth
 
 
 @dataclass
@@ -78,6 +80,8 @@ class MouthTrack:
     crops: np.ndarray | None = None  # (N, S, S, 3) generated mouths; None: take source.crops[source_index]
     target: np.ndarray | None = None  # (N, D) the mouth-shape targets the engine aimed at (diagnostics)
     bank: np.ndarray | None = None  # (M, 2) (source frame, gap scale): its mouth re-shaped (engine/warp.py)
+    # the re-shaped mouths made last (a closure shows one on several frames, and often again): bank row -> crop
+    _made: dict = field(default_factory=dict, repr=False, compare=False)
 
     def mouth(self, i: int, source: SourceFaces) -> tuple[np.ndarray, np.ndarray | None]:
         """Output frame i's mouth crop and the move that aligns it (None: aligned), as the compositor takes them."""
@@ -86,13 +90,17 @@ class MouthTrack:
         j = int(self.source_index[i])
         if j < source.n_frames:
             return source.crop_at(j)
-        from lipsync_cli.engine import warp
+        if j not in self._made:
+            from lipsync_cli.engine import warp
 
-        t, scale = int(self.bank[j - source.n_frames][0]), float(self.bank[j - source.n_frames][1])
-        crop, fix = source.crop_at(t)
-        M = source.matrices[t] if fix is None else face.compose_affine(face.invert_affine(fix), source.matrices[t])
-        pts = face.transform_points(source.landmarks[t], M)  # in the stored crop's own pixels
-        return warp.reshape(crop, pts, scale)[0], fix  # made when shown: no memory held
+            t, scale = int(self.bank[j - source.n_frames][0]), float(self.bank[j - source.n_frames][1])
+            crop, fix = source.crop_at(t)
+            M = source.matrices[t] if fix is None else face.compose_affine(face.invert_affine(fix), source.matrices[t])
+            pts = face.transform_points(source.landmarks[t], M)  # in the stored crop's own pixels
+            if len(self._made) >= MADE_KEPT:  # made when shown, a few kept: memory stays small
+                del self._made[next(iter(self._made))]
+            self._made[j] = warp.reshape(crop, pts, scale)[0], fix
+        return self._made[j]
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         """Output frame i's mouth crop in aligned coordinates."""
