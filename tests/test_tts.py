@@ -95,3 +95,22 @@ def test_phone_timings_span_sentences_and_pauses():
     sil = [(s, e) for p, s, e in phones if p == "SIL"]
     assert any(e - s >= tts.SENTENCE_PAUSE_S for s, e in sil)  # the inserted pause is a SIL phone
     assert abs(phones[-1][2] - len(x) / SR) < 0.02
+
+
+@piper
+def test_the_same_text_gives_the_same_speech_in_every_process():
+    """Piper draws durations and texture at random; seeded at load, a dub (and an eval run) is reproducible. Two
+    fresh processes, two syntheses each: the same samples, call by call (and the two calls of one process differ,
+    so the check is not vacuous)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib; from lipsync_cli.voice import tts\n"
+        "for _ in range(2): print(hashlib.sha256(tts.synthesize('Bob bought a pop album.', progress=False)"
+        ".tobytes()).hexdigest())"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]  # fmt: skip
+    assert runs[0] == runs[1] and len(runs[0]) == 2
+    assert runs[0][0] != runs[0][1]

@@ -29,6 +29,10 @@ SENTENCE_PAUSE_S = 0.25
 CLAUSE_PAUSE_S = 0.1  # between the pieces of a sentence that was too long to speak in one go
 PEAK = 0.9
 SIL = "SIL"
+# piper's VITS draws its phone durations and voice texture at random (onnxruntime's RandomNormalLike): seeded when
+# the voice loads, the same text gives the same speech in every fresh process, so a dub or an eval run is
+# reproducible (the n-th synthesis of a process repeats the n-th of another; the seed is onnxruntime's global one)
+SEED = 20261205
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|\n\s*\n")
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
@@ -160,6 +164,7 @@ def piper_voice() -> Any:
     except (ValueError, IndexError) as e:  # keep the plain model: audio still works
         log(f"piper: phoneme timings unavailable ({e})")
         source = str(model)
+    onnxruntime.set_seed(SEED)  # before the session: its random kernels take their seeds when they are made
     session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
     return PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
 
