@@ -129,6 +129,8 @@ def composite(
     to_box[:, 2] -= (x0, y0)
     alpha = cv2.warpAffine(mask, to_box, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderValue=0)
     ty, tx = np.nonzero(alpha > 1.0 / 512)
+    if not len(tx):
+        return frame
     a = np.minimum(alpha[ty, tx], 1.0)[:, None]
     # the background is never resampled, only covered; the mouth's pixels go through one resample, with the
     # sharpest interpolation (face.SHARP); the smooth mask and colour field need none
