@@ -549,6 +549,20 @@ def audio_rate(path: str | Path) -> int | None:
         return None
 
 
+def audio_seconds(path: str | Path) -> float | None:
+    """How long a file's first audio stream lasts, from its header (None when PyAV cannot tell)."""
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.audio:
+                return None
+            st = c.streams.audio[0]
+            if st.duration is not None and st.time_base is not None:
+                return float(st.duration * st.time_base)
+            return c.duration / av.time_base if c.duration else None
+    except (av.FFmpegError, OSError, UnicodeDecodeError, IndexError, TypeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 

@@ -235,3 +235,17 @@ def test_eval_voice_report(tmp_path, settings):
     data = json.loads((tmp_path / "voice.json").read_text())
     assert data["summary"]["media"]["converted"] == pytest.approx(m["converted"])
     assert (tmp_path / "voice_f0.png").stat().st_size > 10_000 and "voice_f0.png" in index.read_text()
+
+
+def test_more_speech_than_a_dub_takes_is_a_clear_error(tmp_path, monkeypatch):
+    """Text or audio beyond MAX_SPEECH_S stops before any work, with one message that says how much and what to
+    do (the API and batch files take any length; argv stops at 128 KB)."""
+    with pytest.raises(LipsyncError, match=r"characters long .* dub it in parts"):
+        speech.check_words("word " * (speech.MAX_TEXT_CHARS // 5 + 1), None)
+    speech.check_words("word " * 1000, None)
+    wav = tmp_path / "three_seconds.wav"
+    media.write_wav(wav, np.zeros(3 * SR, np.float32), SR)
+    speech.check_words(None, wav)
+    monkeypatch.setattr(speech, "MAX_SPEECH_S", 2.0)
+    with pytest.raises(LipsyncError, match=r"lasts 0\.0 hours; a dub speaks at most .* dub it in parts"):
+        speech.check_words(None, wav)

@@ -27,17 +27,33 @@ from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import MIN_SPEECH_S, speech_mask
 
 TTS_SR = 22050  # piper's (and espeak's) native rate: synthesised there, resampled for analysis and for the output
+# the most speech one dub takes: the speech at both rates and the per-frame plans stay in memory (peak RSS grows
+# ~0.04 GB a minute of speech: 2.2 GB at 10 minutes, so ~7 GB at this limit; docs/speed.md)
+MAX_SPEECH_S = 2 * 3600.0
+TTS_CHARS_PER_S = 22  # piper's joe voice, measured on English prose (410 characters: 18.8 s)
+MAX_TEXT_CHARS = int(MAX_SPEECH_S * TTS_CHARS_PER_S * 0.95)
 
 if TYPE_CHECKING:
     from lipsync_cli.voice.convert import VoiceProfile
 
 
 def check_words(text: str | None, audio: Path | None) -> None:
-    """Exactly one of the new words or an audio file."""
+    """Exactly one of the new words or an audio file, and no more speech than a dub takes (MAX_SPEECH_S)."""
     if audio is not None and text:
         raise LipsyncError("give either text or --audio, not both")
     if audio is None and (text is None or not text.strip()):
         raise LipsyncError("no text to speak: give the new words, or --audio FILE")
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise LipsyncError(
+            f"the text is {len(text):,} characters long (~{len(text) / TTS_CHARS_PER_S / 3600:.1f} hours of speech); "
+            f"a dub speaks at most {MAX_TEXT_CHARS:,} (~{MAX_SPEECH_S / 3600:.0f} hours): dub it in parts"
+        )
+    seconds = media.audio_seconds(audio) if audio is not None and Path(audio).is_file() else None
+    if seconds is not None and seconds > MAX_SPEECH_S:
+        raise LipsyncError(
+            f"{audio} lasts {seconds / 3600:.1f} hours; a dub speaks at most {MAX_SPEECH_S / 3600:.0f} hours: "
+            "dub it in parts"
+        )
 
 
 def output_rate(sr: int) -> int:
