@@ -270,3 +270,27 @@ def test_dub_keeps_frame_rate_and_audio_quality(tmp_path):
     keep = np.ones(frames[t].shape[:2], bool)
     keep[int(jaw[:, 1].min()) - 10 :, int(jaw[:, 0].min()) - 10 : int(jaw[:, 0].max()) + 10] = False
     assert np.abs(frames[t].astype(float) - src_frames[t].astype(float))[keep].mean() < 3.0
+
+
+def test_frames_without_a_face_are_left_alone_and_nothing_is_printed_but_the_result(tmp_path):
+    """A cut to a second of black in the middle of a talking head: the dub goes through, the black frames stay
+    black, and stderr holds no warning (numpy's 0/0 on the faceless frames once leaked there)."""
+    ff = media.ffmpeg_exe()
+    src = shared_file("media/retalking_face5.mp4")
+    clip = tmp_path / "gap.mp4"
+    face_part = "scale=320:320,setsar=1,fps=25"
+    subprocess.run(
+        [ff, "-v", "error", "-y", "-t", "1.5", "-i", src, "-f", "lavfi", "-t", "1", "-i", "color=black:s=320x320:r=25",
+         "-ss", "2", "-t", "1.5", "-i", src, "-filter_complex",
+         f"[0:v]{face_part}[a];[1:v]setsar=1[b];[2:v]{face_part}[c];[a][b][c]concat=n=3:v=1:a=0[v]",
+         "-map", "[v]", "-an", clip],
+        check=True,
+    )  # fmt: skip
+    out = tmp_path / "out.mp4"
+    words = "Maybe Bob will paint a big map, and Pam keeps baking apple pies by the pond."
+    r = run_cli("dub", clip, words, "--voice", "tts", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr
+    frames = list(media.iter_frames(out))
+    assert len(frames) >= 75
+    assert max(float(f.max()) for f in frames[40:60]) < 30  # the black second (frames 38-62) untouched
