@@ -294,3 +294,15 @@ def test_frames_without_a_face_are_left_alone_and_nothing_is_printed_but_the_res
     frames = list(media.iter_frames(out))
     assert len(frames) >= 75
     assert max(float(f.max()) for f in frames[40:60]) < 30  # the black second (frames 38-62) untouched
+
+
+def test_a_still_image_is_a_clear_error(tmp_path):
+    """A photo has one mouth: there is nothing to re-use, so one clear line, not an internal error (exit 3)."""
+    still = tmp_path / "still.png"
+    src = shared_file("media/retalking_face5.mp4")
+    subprocess.run([media.ffmpeg_exe(), "-v", "error", "-ss", "1", "-i", src, "-frames:v", "1", still], check=True)
+    out = tmp_path / "o.mp4"
+    r = run_cli("dub", still, "Hello there.", "--voice", "tts", "-o", out)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error:") and "still image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*o.mp4*"))

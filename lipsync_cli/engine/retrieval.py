@@ -22,6 +22,7 @@ import numpy as np
 from lipsync_cli import audio, face, visemes
 from lipsync_cli.engine import warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
+from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models import lipmap
 
 N_CANDIDATES = 24
@@ -216,7 +217,10 @@ def shape_targets(
     coefficients (n_out, k) in the map's PCA basis) for the new speech: the motion between the viseme anchors."""
     valid = source.pool
     if valid.sum() < 2:
-        raise ValueError("fewer than two usable face frames in the source video")
+        raise LipsyncError(
+            "the face shows on fewer than two frames of the video (a still image?): lipsync re-animates a talking "
+            "video, whose own mouths it re-uses"
+        )
     aligned = source.aligned_landmarks()
     shapes = lipmap.shape_vectors(aligned[:, face.LIPS], source.size)
     opening = np.zeros(source.n_frames)
