@@ -107,8 +107,8 @@ def choose(
     src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
     gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
     # the mouths' points are `aligned` then `bank_pts`, never joined into one more (T, 478, 2) array
-    with np.errstate(invalid="ignore", divide="ignore"):  # frames without a face: 0 / 0, a NaN no rule selects
-        width = np.concatenate([warp.mouth_width(np.nan_to_num(p)) for p in (*np.array_split(aligned, 16), bank_pts)])
+    # a frame without a face keeps its NaN width (no rule selects it); zeros there made a 0 / 0 that numpy warned about
+    width = np.concatenate([warp.mouth_width(p) for p in (*np.array_split(aligned, 16), bank_pts)])
     pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
     valid = np.concatenate([pool, np.ones(len(bank), bool)])
 
