@@ -540,27 +540,20 @@ def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) ->
     publish.commit()
 
 
-def audio_rate(path: str | Path) -> int | None:
-    """The sample rate of a file's first audio stream (None when PyAV cannot tell)."""
-    try:
-        with av.open(str(path)) as c:
-            return int(c.streams.audio[0].sample_rate) if c.streams.audio else None
-    except (av.FFmpegError, OSError, UnicodeDecodeError, IndexError, TypeError):
-        return None
-
-
-def audio_seconds(path: str | Path) -> float | None:
-    """How long a file's first audio stream lasts, from its header (None when PyAV cannot tell)."""
+def audio_info(path: str | Path) -> tuple[int | None, float | None]:
+    """(sample rate, seconds) of a file's first audio stream, from its header; None for what PyAV cannot tell."""
     try:
         with av.open(str(path)) as c:
             if not c.streams.audio:
-                return None
+                return None, None
             st = c.streams.audio[0]
             if st.duration is not None and st.time_base is not None:
-                return float(st.duration * st.time_base)
-            return c.duration / av.time_base if c.duration else None
+                seconds = float(st.duration * st.time_base)
+            else:
+                seconds = c.duration / av.time_base if c.duration else None
+            return int(st.sample_rate), seconds
     except (av.FFmpegError, OSError, UnicodeDecodeError, IndexError, TypeError):
-        return None
+        return None, None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -48,7 +48,7 @@ def check_words(text: str | None, audio: Path | None) -> None:
             f"the text is {len(text):,} characters long (~{len(text) / TTS_CHARS_PER_S / 3600:.1f} hours of speech); "
             f"a dub speaks at most {MAX_TEXT_CHARS:,} (~{MAX_SPEECH_S / 3600:.0f} hours): dub it in parts"
         )
-    seconds = media.audio_seconds(audio) if audio is not None and Path(audio).is_file() else None
+    seconds = media.audio_info(audio)[1] if audio is not None and Path(audio).is_file() else None
     if seconds is not None and seconds > MAX_SPEECH_S:
         raise LipsyncError(
             f"{audio} lasts {seconds / 3600:.1f} hours; a dub speaks at most {MAX_SPEECH_S / 3600:.0f} hours: "
@@ -93,7 +93,7 @@ def load_speech_full(
         speech = media.read_audio(audio, SR, ffmpeg=settings.ffmpeg)
         if len(speech) < SR // settings.fps:
             raise LipsyncError(f"{audio} holds no audio")
-        sr = output_rate(media.audio_rate(audio) or SR)
+        sr = output_rate(media.audio_info(audio)[0] or SR)
         return Speech(speech, media.read_audio(audio, sr, ffmpeg=settings.ffmpeg), sr, None)
     from lipsync_cli import phones
     from lipsync_cli.voice import tts
