@@ -499,8 +499,9 @@ def dub(
                 publish=None if clone else publish,
             ) as writer,
             progress.task("rendering", len(plan)) as adv,
-        ):
-            for frame in render_frames(video, info, source, plan, track, settings):
+            contextlib.closing(render_frames(video, info, source, plan, track, settings)) as frames,
+        ):  # closed on the way out: its decoder thread and ffmpeg stop now, not whenever the generator is collected
+            for frame in frames:
                 writer.write(frame)
                 adv(1)
         timings["render"] = time.perf_counter() - t

@@ -402,11 +402,20 @@ class VideoWriter:
         # pipe write waits for x264 (pipe writes release the GIL)
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._failed: BaseException | None = None
+        self._stop = threading.Event()
         self._feeder = threading.Thread(target=self._feed, name="encoder-feed", daemon=True)
         self._feeder.start()
 
     def _feed(self) -> None:
-        while (frame := self._queue.get()) is not None:
+        # the get wakes up to look at _stop: Ctrl-C/SIGTERM raise in the main thread wherever it is, and one raised
+        # inside the queue's notify loses that wake-up (a dub hung for good in abort's join, 1 in 30 under load)
+        while not self._stop.is_set():
+            try:
+                frame = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if frame is None:
+                return
             if self._failed is not None:
                 continue  # drain, so a blocked put never waits forever
             try:
@@ -414,10 +423,13 @@ class VideoWriter:
             except BaseException as e:  # BrokenPipeError: ffmpeg died (bad audio, disk full, ...)
                 self._failed = e
 
-    def _drain(self) -> None:
-        """Stop the feeding thread after what is queued (reap it before touching the pipe)."""
+    def _drain(self, stop: bool = False) -> None:
+        """Stop the feeding thread after what is queued, or at once (`stop`); reap it before touching the pipe."""
         if self._feeder.is_alive():
-            self._queue.put(None)
+            if stop:
+                self._stop.set()
+            else:
+                self._queue.put(None)
             self._feeder.join()
 
     def _raise_failed(self) -> None:
@@ -479,23 +491,24 @@ class VideoWriter:
         """Finish encoding and move the file into place; raises LipsyncError (leaving nothing) if ffmpeg failed."""
         if not self._open:
             return
-        self._drain()
-        if self._failed is not None:
-            self._open = True
-            self._raise_failed()
-        self._open = False
-        with contextlib.suppress(OSError):  # ffmpeg already gone; its exit code tells
-            self._proc.stdin.close()
-        rc = self._proc.wait()
         try:
+            self._drain()
+            if self._failed is not None:
+                self._raise_failed()
+            with contextlib.suppress(OSError):  # ffmpeg already gone; its exit code tells
+                self._proc.stdin.close()
+            rc = self._proc.wait()
             if rc != 0:
                 raise LipsyncError(f"ffmpeg failed writing {self.path}: {_ffmpeg_error(self._err, rc)}")
             if self.frames == 0:
                 raise LipsyncError(f"no frames were written to {self.path}")
             self._file.commit()
-        finally:
-            self._file.discard()
-            self._err.close()
+        except BaseException:  # a failure, or Ctrl-C/SIGTERM while ffmpeg finishes: nothing left behind
+            self.abort()
+            raise
+        self._open = False
+        self._file.discard()  # the temp name of a hard-linked commit
+        self._err.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never closed (no `with`): do not leave ffmpeg or a temp file
@@ -508,8 +521,8 @@ class VideoWriter:
         self._open = False
         self._failed = self._failed or LipsyncError("aborted")
         with contextlib.suppress(OSError):
-            self._proc.kill()  # first: a feeder blocked in a pipe write gets EPIPE and drains the queue
-        self._drain()
+            self._proc.kill()  # first: a feeder blocked in a pipe write gets EPIPE
+        self._drain(stop=True)
         _stop(self._proc)
         self._file.discard()
         self._err.close()

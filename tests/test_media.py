@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import av
@@ -380,6 +381,33 @@ def test_writer_leaves_nothing_when_the_body_raises(tmp_path):
         raise RuntimeError("boom")
     assert proc.returncode is not None
     assert os.listdir(tmp_path) == []
+
+
+def test_writer_abort_does_not_wait_on_a_lost_wake_up(tmp_path):
+    """Ctrl-C and SIGTERM raise in the main thread wherever it is, inside a queue's notify too, which loses the
+    feeding thread's wake-up: abort must still end (it hung a dub for good in CI)."""
+    vw = media.VideoWriter(tmp_path / "out.mp4", 64, 48)
+    vw._queue.not_empty.notify = lambda n=1: None  # every wake-up of the feeding thread is lost
+    vw.write(np.zeros((48, 64, 3), np.uint8))
+    done = threading.Event()
+    threading.Thread(target=lambda: (vw.abort(), done.set()), daemon=True).start()
+    assert done.wait(20), "abort hung"
+    assert vw._proc.returncode is not None and os.listdir(tmp_path) == []
+
+
+def test_writer_interrupted_while_finishing_leaves_nothing(tmp_path):
+    vw = media.VideoWriter(tmp_path / "out.mp4", 64, 48)
+    vw.write(np.zeros((48, 64, 3), np.uint8))
+    wait = vw._proc.wait
+
+    def interrupted(timeout=None):  # Ctrl-C while ffmpeg writes the file's end
+        vw._proc.wait = wait
+        raise KeyboardInterrupt
+
+    vw._proc.wait = interrupted
+    with pytest.raises(KeyboardInterrupt), vw:
+        pass
+    assert vw._proc.returncode is not None and os.listdir(tmp_path) == []
 
 
 def test_writer_failures_leave_nothing(tmp_path, clip):
