@@ -29,6 +29,29 @@ def test_nothing_to_say_raises(text):
         tts.synthesize(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "foreign"),
+    [
+        ("你好，世界", ["你好", "世界"]),
+        ("Hello Мир", ["Мир"]),
+        ("Ελλάδα", ["Ελλάδα"]),
+        ("こんにちは world", ["こんにちは"]),
+        ("Café Müller in Zürich: Straße, Øresund, Łódź.", []),
+        ("α is small, β too; x² and ½ cost 5€.", []),  # a lone Greek letter is named ("alpha")
+        ("Ｈｅｌｌｏ， ｗｏｒｌｄ！", []),  # full-width ASCII is read as plain text
+    ],
+)
+def test_words_the_english_voices_would_spell_letter_by_letter(text, foreign):
+    assert tts.foreign_words(text) == foreign
+    if foreign:  # espeak's letter names ("Chinese letter ...") never make a dub: one clear error instead
+        with pytest.raises(LipsyncError, match=f"reads English only and would spell {foreign[0]}"):
+            tts.synthesize(text, progress=False)
+
+
+def test_full_width_text_is_spoken_as_plain_text():
+    assert tts.split_text("Ｈｅｌｌｏ， ｗｏｒｌｄ！") == [("Hello, world!", True)]
+
+
 def test_unknown_backend_raises():
     with pytest.raises(LipsyncError, match="unknown TTS backend"):
         tts.synthesize("hi", backend="sam")

@@ -36,8 +36,16 @@ SEED = 20261205
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|\n\s*\n")
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters, in any script
+_FULL_WIDTH = re.compile("[\uff01-\uff5e]+")
 
 # ------------------------------------------------------------------ text
+
+
+def _normal(text: str) -> str:
+    """NFC, with full-width ASCII (typed in CJK input modes) made plain: the voices spell it code by code."""
+    text = unicodedata.normalize("NFC", text)
+    return _FULL_WIDTH.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
 
 
 def split_text(text: str, max_chars: int = MAX_CHARS) -> list[tuple[str, bool]]:
@@ -46,7 +54,7 @@ def split_text(text: str, max_chars: int = MAX_CHARS) -> list[tuple[str, bool]]:
     Sentences longer than max_chars are split at clause punctuation, then between words, then (for a giant
     'word') every max_chars characters, so no piece is ever longer than max_chars.
     """
-    text = unicodedata.normalize("NFC", text).replace("[[", "[ [")  # piper reads [[...]] as raw phonemes
+    text = _normal(text).replace("[[", "[ [")  # piper reads [[...]] as raw phonemes
     pieces: list[tuple[str, bool]] = []
     for sentence in _SENTENCE_END.split(text):
         sentence = " ".join(sentence.split())
@@ -57,6 +65,19 @@ def split_text(text: str, max_chars: int = MAX_CHARS) -> list[tuple[str, bool]]:
         parts = [p for p in parts if any(c.isalnum() for c in p)]
         pieces += [(p, i == len(parts) - 1) for i, p in enumerate(parts)]
     return pieces
+
+
+def foreign_words(text: str) -> list[str]:
+    """Words in a script other than Latin, which the English voices cannot read: they spell them one letter at a time
+    ("Chinese letter, Chinese letter", "epsilon lambda lambda ..."). A lone Greek letter is a symbol they name
+    ("alpha") and passes."""
+    words = []
+    for w in _WORD.findall(_normal(text)):
+        names = [unicodedata.name(c, "") for c in w if c.isalpha()]
+        symbol = len(names) == 1 and names[0].startswith("GREEK")
+        if not symbol and any(not n.startswith("LATIN") for n in names):
+            words.append(w)
+    return words
 
 
 def _pack(chunks: list[str], max_chars: int, sep: str = " ") -> list[str]:
@@ -344,6 +365,13 @@ def _finish(x: np.ndarray) -> np.ndarray:
 
 
 def _pieces(text: str) -> list[tuple[str, bool]]:
+    foreign = foreign_words(text or "")
+    if foreign:
+        shown = ", ".join(dict.fromkeys(foreign[:3]))
+        raise LipsyncError(
+            f"the voice reads English only and would spell {shown} letter by letter: write the words in Latin "
+            "letters, or give the speech as --audio FILE"
+        )
     pieces = split_text(text or "")
     if not pieces:
         raise LipsyncError("no text to speak")
