@@ -121,7 +121,9 @@ def dub(
     video: Annotated[Path | None, typer.Argument(help="The video of the person talking.")] = None,
     text: Annotated[str | None, typer.Argument(help="The new words (or use --audio).")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", "-a", help="Drive the mouth with this audio file.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: <video>.dubbed.mp4")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help=".mp4, .m4v, .mov or .mkv. Default: <video>.dubbed.mp4")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", metavar="", help="Overwrite an existing output.")] = False,
     sync_mode: Annotated[SyncMode | None, typer.Option(help=_d("Speech longer than the video.", "sync_mode"))] = None,
     face: Annotated[

@@ -317,7 +317,8 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
             )
 
 
-VIDEO_OUT = (".mp4", ".m4v", ".mov")  # containers the writer produces
+CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # output suffix -> ffmpeg muxer
+VIDEO_OUT = tuple(CONTAINERS)
 
 
 def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
@@ -325,8 +326,8 @@ def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ..
     if output.resolve() == video.resolve():
         raise LipsyncError(f"refusing to write the output over the input {video}")
     if output.suffix.lower() not in suffixes:
-        kind = "an .mp4 (or .mov)" if suffixes == VIDEO_OUT else " or ".join(suffixes)
-        raise LipsyncError(f"output must be {kind} file, got {output.name}")
+        kind = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else suffixes[0]
+        raise LipsyncError(f"output must be a {kind} file, got {output.name}")
     if output.is_dir():
         raise LipsyncError(f"{output} is a folder; give the output a file name")
     if output.exists() and not force:  # early, to save the work; the publish itself is what makes it safe
@@ -382,9 +383,9 @@ class VideoWriter:
                 raise LipsyncError(f"{audio} has no audio stream")
 
         suffix = self.path.suffix.lower() or ".mp4"
-        fmt = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(suffix)
+        fmt = CONTAINERS.get(suffix)
         if fmt is None:
-            raise LipsyncError(f"cannot write {self.path}: use .mp4, .mov or .mkv for H.264 video")
+            raise LipsyncError(f"cannot write {self.path}: use {', '.join(VIDEO_OUT)} for H.264 video")
         self._file = publish if publish is not None else atomic(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
@@ -533,18 +534,12 @@ def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) ->
     then published."""
     src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]
     snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"].filter("apad")
-    fmt = "mov" if publish.path.suffix.lower() == ".mov" else "mp4"
+    fmt = CONTAINERS.get(publish.path.suffix.lower(), "mp4")
+    kw = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
     out = ffmpeg_python.output(
-        src,
-        snd,
-        str(publish.tmp.absolute()),
-        format=fmt,
-        vcodec="copy",
-        acodec="aac",
-        audio_bitrate="160k",
-        shortest=None,
-        movflags="+faststart",
-    )
+        src, snd, str(publish.tmp.absolute()), format=fmt, vcodec="copy", acodec="aac", audio_bitrate="160k",
+        shortest=None, **kw,
+    )  # fmt: skip
     proc = subprocess.run(
         out.compile(cmd=[ffmpeg_exe(ffmpeg), *_QUIET, "-y"]), stdin=subprocess.DEVNULL, capture_output=True
     )

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from lipsync_cli import media
+from lipsync_cli import files, media
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval.metrics import sharpness_ratio
 
@@ -355,6 +355,21 @@ def test_writer_output(tmp_path, audio_s):
     tail = audio[int(min(audio_s, n / 25) * 16000) + 800 :]
     if audio_s < n / 25:  # padded with silence up to the end of the video
         assert len(tail) > 8000 and np.abs(tail).max() < 0.01
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.mov", "out.mkv"])
+def test_mux_writes_every_output_container(tmp_path, name):
+    """A voice-cloned dub is encoded first and its speech muxed in last: each container an output may have."""
+    silent, wav = tmp_path / "silent.mp4", tmp_path / "speech.wav"
+    media.write_wav(wav, 0.3 * np.sin(np.linspace(0, 2 * np.pi * 440, 16000)), 16000)
+    with media.VideoWriter(silent, 64, 48, fps=25) as vw:
+        for _ in range(50):
+            vw.write(colourful(48, 64))
+    media.mux(silent, wav, files.atomic(tmp_path / name, Path(name).suffix))
+    assert sorted(streams(tmp_path / name)) == [("audio", "aac", None), ("video", "h264", "yuv420p")]
+    assert durations(tmp_path / name)["container"] == pytest.approx(2.0, abs=0.05)
+    assert len(list(media.iter_frames(tmp_path / name))) == 50
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "silent.mp4", "speech.wav"])
 
 
 def test_writer_without_audio_and_pixels_round_trip(tmp_path):
