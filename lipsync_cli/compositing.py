@@ -27,6 +27,7 @@ GROW = 1 / 40  # the mask reaches this far (crop sides) beyond the outline
 # 1/36) and the band reached the nose wings (alpha 0.11 at 1/36, 0.01 at 1/72): docs/articulation_engine.md
 FEATHER = 1 / 72
 FIELD_STEP = 4  # the colour field is measured on images this many times smaller than the crop
+OUTLIER_LEVELS = 16.0  # rim pixels further than this from the rim's median shift count less (Cauchy weights)
 
 
 def timing_plan(n_src: int, n_out: int, mode: str) -> np.ndarray:
@@ -69,10 +70,15 @@ def colour_field(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     should show the same skin: (S/2, S/2, 3) float32 for S x S inputs (None when the rim is too small to tell).
     The field is smooth by construction, so `composite` measures it on quarter-resolution images (a full-size
     field cost ~2 ms a frame to build and warp) and samples it only where it blends."""
-    rim = ((mask > 0.05) & (mask < 0.6)).astype(np.float32)
+    rim = (mask > 0.05) & (mask < 0.6)
     if rim.sum() < 2:  # a rim of a pixel or two tells nothing
         return None
-    diff = (target.astype(np.float32) - mouth.astype(np.float32)) * rim[..., None]
+    diff = target.astype(np.float32) - mouth.astype(np.float32)
+    # where the two frames' jaw lines differ, the rim holds backdrop on one side and skin on the other: a lighting
+    # shift is a few levels, those are a hundred, and they tinted the chin (red backdrop -> a cyan-grey chin)
+    dev = np.abs(diff - np.median(diff[rim], axis=0)).max(-1)
+    rim = rim / (1.0 + (dev / OUTLIER_LEVELS) ** 2)
+    diff *= rim[..., None]
     overall = diff.sum((0, 1)) / rim.sum()
     small = (max(mask.shape[0] // 2, 4),) * 2
     sigma = small[0] / 6

@@ -77,6 +77,24 @@ def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
     assert np.abs(fixed[inner] - target[inner].astype(float)).mean() < 3.0
 
 
+def test_colour_match_ignores_backdrop_on_the_rim():
+    """Where the borrowed frame's jaw line sits elsewhere, its rim shows backdrop where the frame shows skin: that is
+    no lighting change, and it tinted the whole chin (red backdrop: a cyan-grey chin)."""
+    size = 128
+    pts = np.zeros((478, 2))
+    ang = np.linspace(0, 2 * np.pi, 478)
+    pts[:, 0], pts[:, 1] = 64 + 30 * np.cos(ang), 80 + 30 * np.sin(ang)
+    mask = lower_face_mask([pts], size)
+    target = np.random.default_rng(0).integers(60, 200, (size, size, 3)).astype(np.uint8)
+    mouth = np.clip(target.astype(int) - 30, 0, 255).astype(np.uint8)  # darker: a real lighting change
+    yy, xx = np.mgrid[:size, :size]
+    jaw = (yy > 90) & (xx < 60)
+    mouth[jaw] = (230, 20, 20)  # red backdrop over part of the lower rim
+    field = cv2.resize(colour_field(mouth, target, mask), (size, size), interpolation=cv2.INTER_LINEAR)
+    err = np.abs(mouth + field - target)[(mask > 0.9) & ~jaw].max(-1)
+    assert err.mean() < 2.0 and np.percentile(err, 95) < 5.0  # equal weights: 18.8 and 48
+
+
 def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
     """Retrieval's path for a mouth's pixels (frame -> crop at the raw pose -> composite into the frame at the
     smoothed pose, a sub-pixel move apart) on a 305 px face: a crop at the face's own resolution keeps more of the
