@@ -76,7 +76,7 @@ def test_cli_voice_writes_a_wav_and_refuses_to_overwrite(tmp_path):
     out.write_bytes(b"keep me")
     one_line_error(run_cli("voice", clip, "Hello.", "-o", out), "--force")
     assert out.read_bytes() == b"keep me"
-    one_line_error(run_cli("voice", clip, "Hello.", "-o", tmp_path / "speech.mp3"), "must be .wav")
+    one_line_error(run_cli("voice", clip, "Hello.", "-o", tmp_path / "speech.mp3"), "must be a .wav file")
     one_line_error(run_cli("voice", clip, "Hello.", "-o", clip), "over the input")
     r = run_cli("voice", clip, "Hello there, my friend.", "-o", out, "--force")
     assert r.returncode == 0, r.stderr
