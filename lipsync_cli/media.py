@@ -409,7 +409,7 @@ class VideoWriter:
 
     def _feed(self) -> None:
         # the get wakes up to look at _stop: Ctrl-C/SIGTERM raise in the main thread wherever it is, and one raised
-        # inside the queue's notify loses that wake-up (a dub hung for good in abort's join, 1 in 30 under load)
+        # inside the queue's notify loses that wake-up (a dub hung for good in abort's join: 1 of 5 signals under load)
         while not self._stop.is_set():
             try:
                 frame = self._queue.get(timeout=0.1)
