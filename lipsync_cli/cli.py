@@ -530,7 +530,8 @@ def _quiet_first(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point. Exit codes: 0 done, 1 a user error (one `error:` line, never a traceback), 2 a usage error,
-    3 a bug (please report), 130 interrupted (temp files removed, the terminal line ended)."""
+    3 a bug (please report), 130 interrupted (temp files removed, the terminal line ended), 143 terminated (SIGTERM,
+    the same clean-up)."""
     signal.signal(signal.SIGTERM, _terminated)
     args = _quiet_first(sys.argv[1:] if args is None else list(args))
     try:
@@ -541,6 +542,8 @@ def main(args: list[str] | None = None) -> None:
     except SystemExit as e:
         if e.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit 130, after the `with` blocks cleaned up
             print("\ninterrupted", file=sys.stderr)
+        elif e.code == 128 + signal.SIGTERM:  # _terminated, after the same clean-up
+            print("\nterminated", file=sys.stderr)
         raise
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

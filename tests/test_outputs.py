@@ -185,7 +185,9 @@ def test_signal_mid_render_leaves_no_temp_file(tmp_path, sig):
     assert p.poll() is None, p.stderr.read()
     p.send_signal(sig)
     rc = p.wait(timeout=60)
-    assert rc in (130, 128 + sig), (rc, p.stderr.read())
+    err = p.stderr.read()
+    assert rc in (130, 128 + sig), (rc, err)
+    assert err.strip() == ("interrupted" if sig == signal.SIGINT else "terminated"), err
     assert not out.exists()
     assert not ours(tmp_path), ours(tmp_path)
     assert not list(tmp.iterdir())
