@@ -319,6 +319,12 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
 
 CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # output suffix -> ffmpeg muxer
 VIDEO_OUT = tuple(CONTAINERS)
+AAC = {"acodec": "aac", "audio_bitrate": "160k"}  # the output's sound, encoded by the writer or muxed in later
+
+
+def _muxer(fmt: str) -> dict:
+    """ffmpeg output options of a container: MP4/MOV put their index first, so players start before the file is in."""
+    return {"format": fmt, **({"movflags": "+faststart"} if fmt in ("mp4", "mov") else {})}
 
 
 def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
@@ -456,12 +462,10 @@ class VideoWriter:
             .filter("setsar", 1)
         )
         streams = [video]
-        kw: dict = dict(format=fmt, vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p", **X264_OPTIONS)
-        if fmt in ("mp4", "mov"):
-            kw["movflags"] = "+faststart"
+        kw: dict = dict(_muxer(fmt), vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p", **X264_OPTIONS)
         if audio is not None:  # endless silence after the audio, cut where the video ends
             streams.append(ffmpeg_python.input(str(audio.absolute()))["a:0"].filter("apad"))
-            kw.update(acodec="aac", audio_bitrate="160k", shortest=None)
+            kw.update(AAC, shortest=None)
         out = ffmpeg_python.output(*streams, str(self._file.tmp.absolute()), **kw)
         return out.compile(cmd=[exe, *_QUIET, "-y"])
 
@@ -535,11 +539,9 @@ def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) ->
     src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]
     snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"].filter("apad")
     fmt = CONTAINERS.get(publish.path.suffix.lower(), "mp4")
-    kw = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
     out = ffmpeg_python.output(
-        src, snd, str(publish.tmp.absolute()), format=fmt, vcodec="copy", acodec="aac", audio_bitrate="160k",
-        shortest=None, **kw,
-    )  # fmt: skip
+        src, snd, str(publish.tmp.absolute()), **_muxer(fmt), vcodec="copy", **AAC, shortest=None
+    )
     proc = subprocess.run(
         out.compile(cmd=[ffmpeg_exe(ffmpeg), *_QUIET, "-y"]), stdin=subprocess.DEVNULL, capture_output=True
     )
