@@ -435,6 +435,8 @@ def dub(
             voice = speaker_voice(settings, soundtrack(video, settings) if info.has_audio else None, video.name)
             voice_known = True
         clone = not voice_known and settings.voice == "clone"
+        if clone and settings.voice_ref is None and not info.has_audio:  # nothing to learn from: say so now
+            clone = speaker_voice(settings, None, video.name) is not None  # an error, or the fallback's warning
         job = (
             stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, feed=True))
             if clone

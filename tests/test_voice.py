@@ -161,6 +161,21 @@ def test_dub_without_speech_to_clone_stops_or_falls_back(tmp_path):
     assert media.probe(out).duration > 0.5
 
 
+def test_dub_of_a_mute_video_stops_before_any_work(tmp_path, settings, monkeypatch):
+    """No soundtrack and no --voice-ref: the voice cannot be cloned, known from the probe: no TTS, no face pass."""
+    from lipsync_cli import dubbing
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the dub started working")
+
+    monkeypatch.setattr(dubbing, "load_speech_full", no_work)
+    monkeypatch.setattr(dubbing, "analyse_video", no_work)
+    mute, out = make_video(tmp_path / "mute.mp4", None), tmp_path / "out.mp4"
+    with pytest.raises(LipsyncError, match="no usable speech in mute.mp4 .it has no audio track.*--voice-fallback"):
+        dubbing.dub(mute, "Hello there.", None, out, settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mute.mp4"]
+
+
 @pytest.mark.slow
 def test_audio_driven_dub_keeps_the_audio_as_given(tmp_path):
     """--audio is used as it is: no conversion, even with a --voice-ref (here a missing file) in force."""
