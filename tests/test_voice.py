@@ -244,6 +244,7 @@ def test_eval_voice_report(tmp_path, settings):
     sp = run.speakers[0]
     assert len(sp.raw) == len(sp.converted) == len(sp.raw_wer) == len(sp.converted_f0_st) == 1
     assert 0.3 < sp.real <= 1.0 and np.isfinite([sp.raw_ltas_db, sp.converted_ltas_db, sp.raw_f0_st]).all()
+    assert sp.on_pitch[0] > 0.5 and abs(sp.pitch_bias_st[0]) < 2  # the conversion lands near the pitch it aims at
     m = run.summary("media")
     assert m["gain"] == pytest.approx(m["converted"] - m["raw"]) and m["speakers"] == 1
     index = ev.write_voice_report(run, tmp_path)

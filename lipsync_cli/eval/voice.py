@@ -12,7 +12,9 @@ voice, and for the raw TTS and the converted speech we measure
 * WER: pocketsphinx (en-us acoustic model and language model from its wheel) word error rate against the sentence;
 * two checks that do not use GE2E (the default conversion fits its shaping gain through the GE2E encoder, so that
   encoder is not an independent judge): the distance of the long-term average spectrum (40 mel bands, dB, level
-  removed) and of the median F0 (semitones) to the held-out speech.
+  removed) and of the median F0 (semitones) to the held-out speech;
+* pitch fidelity: the share of voiced frames within a semitone of the pitch the conversion aimed at, and their mean
+  signed deviation (`pitch_fidelity`): the conversion's own pitch error.
 
 The issue's bar: on the shared clips, converted speech >= BAR_SIMILARITY more similar than raw TTS on average,
 with WER at most BAR_WER points worse. benchmarks/voice_clone.py compares conversion variants with these functions.
@@ -27,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.box import SIMPLE_HEAD
@@ -38,6 +41,9 @@ from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import VIDEO_EXT
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import SR, mel_frames, similarity, speaker_embedding, speech_only
+
+if TYPE_CHECKING:
+    from lipsync_cli.voice.convert import VoiceProfile
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -117,6 +123,23 @@ def f0_distance(x: np.ndarray, target_hz: float) -> float:
     return float(abs(12 * np.log2(median_f0(x) / target_hz)))
 
 
+def pitch_fidelity(tts16k: np.ndarray, converted: np.ndarray, profile: VoiceProfile) -> tuple[float, float]:
+    """How the converted speech follows the pitch the conversion meant to give it (`convert.map_f0` of the TTS's
+    contour), over the frames voiced in all three: the share within a semitone of it, and the mean signed
+    deviation (semitones). Unlike the median-F0 distance to held-out speech, this is the conversion's own error,
+    without the TTS's intonation in it, and it sees a voice that kept the TTS's period (an octave low)."""
+    from lipsync_cli.voice.convert import map_f0
+
+    f0 = f0_track(tts16k)
+    want, got = map_f0(f0, profile), f0_track(converted)
+    n = min(len(want), len(got))
+    both = (f0[:n] > 0) & (want[:n] > 0) & (got[:n] > 0)
+    if not both.any():
+        return float("nan"), float("nan")
+    st = 12 * np.log2(got[:n][both] / want[:n][both])
+    return float(np.mean(np.abs(st) < 1.0)), float(np.mean(st))
+
+
 # ----------------------------------------------------------------------------- speakers
 
 
@@ -177,6 +200,8 @@ class SpeakerScores:
     converted_ltas_db: list[float]
     raw_f0_st: list[float]  # median F0 distance to the held-out speech, semitones
     converted_f0_st: list[float]
+    on_pitch: list[float]  # share of voiced frames within a semitone of the pitch the conversion aimed at
+    pitch_bias_st: list[float]  # their mean signed deviation from it, semitones
     seconds: float  # conversion CPU time (this process, all threads), all sentences
 
 
@@ -204,6 +229,7 @@ class VoiceRun:
         m = {k: mean(k) for k in ("raw", "converted", "real")}
         w = {k: mean(k, 100.0) for k in ("raw_wer", "converted_wer")}
         w |= {k: mean(k) for k in ("raw_ltas_db", "converted_ltas_db", "raw_f0_st", "converted_f0_st")}
+        w |= {"on_pitch": mean("on_pitch", 100.0), "pitch_bias_st": mean("pitch_bias_st")}
         gain, dw = m["converted"] - m["raw"], w["converted_wer"] - w["raw_wer"]
         meets = gain >= BAR_SIMILARITY and dw <= BAR_WER
         return {**m, **w, "gain": gain, "wer_change": dw, "speakers": len(rows), "meets_bar": float(meets)}
@@ -254,6 +280,7 @@ def evaluate_voice(
             t0 = time.process_time()  # CPU: wall time says more about the machine's other load than about this
             conv = [apply_voice(x, voice) for x in raw]
             seconds = time.process_time() - t0
+            pitch = [pitch_fidelity(x, y, profile) for x, y in zip(raw, conv, strict=True)]
             run.speakers.append(
                 SpeakerScores(
                     name=sp.name,
@@ -269,6 +296,8 @@ def evaluate_voice(
                     converted_ltas_db=[ltas_distance(y, target_ltas) for y in conv],
                     raw_f0_st=[f0_distance(x, target_f0) for x in raw],
                     converted_f0_st=[f0_distance(y, target_f0) for y in conv],
+                    on_pitch=[p[0] for p in pitch],
+                    pitch_bias_st=[p[1] for p in pitch],
                     seconds=seconds,
                 )
             )
@@ -282,7 +311,10 @@ def evaluate_voice(
 # ----------------------------------------------------------------------------- report
 
 
-HEAD = ("speaker", "ref s", "F0 Hz", "real", "raw TTS", "converted", "gain", "WER raw", "WER conv", "LTAS dB", "F0 st")
+HEAD = (
+    "speaker", "ref s", "F0 Hz", "real", "raw TTS", "converted", "gain", "WER raw", "WER conv", "LTAS dB", "F0 st",
+    "on pitch",
+)  # fmt: skip
 
 
 def _cells(name: str, m: dict, ref_s: str = "", f0: str = "") -> list[str]:
@@ -298,6 +330,7 @@ def _cells(name: str, m: dict, ref_s: str = "", f0: str = "") -> list[str]:
         f"{m['converted_wer']:.1f}",
         f"{m['raw_ltas_db']:.1f}→{m['converted_ltas_db']:.1f}",
         f"{m['raw_f0_st']:.1f}→{m['converted_f0_st']:.1f}",
+        f"{m['on_pitch']:.0f}% ({m['pitch_bias_st']:+.1f} st)",
     ]
 
 
@@ -306,7 +339,7 @@ def rows(run: VoiceRun) -> list[list[str]]:
     out = []
     for s in run.speakers:
         m = {k: float(np.mean(v)) for k, v in asdict(s).items() if isinstance(v, list | float)}
-        m["raw_wer"], m["converted_wer"] = 100 * m["raw_wer"], 100 * m["converted_wer"]
+        m["raw_wer"], m["converted_wer"], m["on_pitch"] = (100 * m[k] for k in ("raw_wer", "converted_wer", "on_pitch"))
         out.append(_cells(s.name, m, f"{s.ref_s:.1f}", f"{s.f0_hz:.0f}"))
     return out + [_cells(f"mean {g} ({run.summary(g)['speakers']})", run.summary(g)) for g in run.groups()]
 

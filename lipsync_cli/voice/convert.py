@@ -198,11 +198,33 @@ def psola(x: np.ndarray, f0: np.ndarray, f0_new: np.ndarray) -> np.ndarray:
     return (m * yp[pad : pad + n] + (1 - m) * x).astype(np.float32)
 
 
-def apply_envelope(x: np.ndarray, L_from: np.ndarray, L_to: np.ndarray, win: int = 512) -> np.ndarray:
-    """Filter `x` so its 5 ms-frame log envelope goes from `L_from` to `L_to` (STFT gain, hop = one frame)."""
+def voice_floor(profile: VoiceProfile) -> float:
+    """The speaker's lowest pitch (Hz): their log-F0 centre less two spreads. The band under it holds none of their
+    voice, only hum and what PSOLA left of the TTS's own period, which the envelope and shaping gains lifted (by
+    ~13 dB for a child: GE2E rewarded it): a child's dub at 283 Hz read 149 Hz, the octave below, heard as a man;
+    over the shared clips the converted voices sat 1.2 semitones flat (docs/voice.md). `apply_envelope` cuts it."""
+    return float(np.exp(profile.f0_mean_log - 2 * profile.f0_std_log))
+
+
+def under_the_voice(gain: np.ndarray, freqs: np.ndarray, floor_hz: float) -> np.ndarray:
+    """Log-power gain curves (..., len(freqs)) below `floor_hz` never above their value there, and rolled off as
+    a 4th-order high-pass."""
+    k = int(np.searchsorted(freqs, floor_hz))
+    if k == 0:
+        return gain
+    roll = -np.log1p((floor_hz / np.maximum(freqs[:k], 1.0)) ** 8)
+    return np.concatenate([np.minimum(gain[..., :k], gain[..., k : k + 1]) + roll, gain[..., k:]], -1)
+
+
+def apply_envelope(
+    x: np.ndarray, L_from: np.ndarray, L_to: np.ndarray, floor_hz: float = 0.0, win: int = 512
+) -> np.ndarray:
+    """Filter `x` so its 5 ms-frame log envelope goes from `L_from` to `L_to` (STFT gain, hop = one frame), with
+    the band under `floor_hz` cut (`under_the_voice`)."""
     n = len(x)
     _, _, Z = ss.stft(x, SR, window="hann", nperseg=win, noverlap=win - HOP, nfft=FFT, boundary="even")
-    gain = np.exp(np.clip(L_to - L_from, -8, 8) / 2).T  # power -> amplitude, at most +-35 dB
+    change = under_the_voice(L_to - L_from, np.linspace(0, SR / 2, FFT // 2 + 1), floor_hz)
+    gain = np.exp(np.clip(change, -8, 8) / 2).T  # power -> amplitude, at most +-35 dB
     m = min(Z.shape[1], gain.shape[1])
     G = np.concatenate([gain[:, :m], np.repeat(gain[:, m - 1 : m], Z.shape[1] - m, 1)], 1)
     _, y = ss.istft(Z * G, SR, window="hann", nperseg=win, noverlap=win - HOP, nfft=FFT, boundary=True)
@@ -240,7 +262,9 @@ def _excerpt(n: int) -> slice:
 
 
 @_one_thread()
-def estimate_alpha(shifted: np.ndarray, L: np.ndarray, v: np.ndarray, profile: VoiceProfile) -> float:
+def estimate_alpha(
+    shifted: np.ndarray, L: np.ndarray, v: np.ndarray, profile: VoiceProfile, floor_hz: float = 0.0
+) -> float:
     """Warp factor that makes (an excerpt of) the pitch-shifted speech closest to the speaker by GE2E.
 
     The profile's embedding depends on the reference only through its average (not frame by frame), so
@@ -254,7 +278,7 @@ def estimate_alpha(shifted: np.ndarray, L: np.ndarray, v: np.ndarray, profile: V
     scores = []
     for a in ALPHAS:
         La = equalise(warp_frequency(L[:nf], a), v[:nf], profile)
-        y = apply_envelope(shifted[s], L[:nf], La)
+        y = apply_envelope(shifted[s], L[:nf], La, floor_hz)
         scores.append(similarity(speaker_embedding(y, vad=False), profile.embedding))
     return float(ALPHAS[int(np.argmax(scores))])
 
@@ -344,14 +368,15 @@ def convert(
     f0, L = analyse(x)
     v = f0 > 0
     shifted = psola(x, f0, map_f0(f0, profile))
+    floor = voice_floor(profile)
     L_new = L
     if method != "f0" and v.sum() >= 10:
-        alpha = estimate_alpha(shifted, L, v, profile) if alpha is None else alpha
+        alpha = estimate_alpha(shifted, L, v, profile, floor) if alpha is None else alpha
         L_new = equalise(warp_frequency(L, alpha), v, profile)
-    y = apply_envelope(shifted, L, L_new)
+    y = apply_envelope(shifted, L, L_new, floor)
     if method == "shape":
         voicing = uniform_filter1d(v.astype(float), 5)  # 25 ms cross-fades between the two gain curves
-        y = apply_envelope(shifted, L, L_new + shaping_gain(y, profile, voicing))
+        y = apply_envelope(shifted, L, L_new + shaping_gain(y, profile, voicing), floor)
     rms_in, rms_out = np.sqrt(np.mean(x**2)), np.sqrt(np.mean(y**2)) + 1e-9
     y *= rms_in / rms_out  # same loudness as the TTS; the dub matches it to the video later
     peak = np.abs(y).max()
