@@ -355,15 +355,17 @@ def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
 
 
 def _dub_row(
-    clip: _Clip, row: str, k: int, text: str, speech: np.ndarray, plan: np.ndarray, close: np.ndarray,
-    settings: Settings, out: Path, keep_mouths: bool, spoken: list | None = None,
+    clip: _Clip, row: str, k: int, text: str, speech: tuple[np.ndarray, np.ndarray], plan: np.ndarray,
+    close: np.ndarray, settings: Settings, out: Path, keep_mouths: bool, spoken: list | None = None,
 ) -> RowResult:  # fmt: skip
-    """Dub sentence k with the row's engine, write it as `lipsync dub` would, measure the file."""
+    """Dub sentence k with the row's engine, write it as `lipsync dub` would, measure the file. `speech`: what the
+    output says, and what the engine follows (the TTS before the voice conversion, as in dub)."""
     t0 = time.perf_counter()
     src = clip.source
     engine, kw = ROWS[row]
-    targets = {} if engine == "seed" else {"phones": dubbing.speech_phones(speech, text, spoken)}  # as `lipsync dub`
-    track = get_engine(engine)(src, speech, plan, close=close, **targets, **kw)
+    speech, mouth = speech
+    targets = {} if engine == "seed" else {"phones": dubbing.speech_phones(mouth, text, spoken)}  # as `lipsync dub`
+    track = get_engine(engine)(src, mouth, plan, close=close, **targets, **kw)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
         wav = Path(tmp) / "speech.wav"
         media.write_wav(wav, speech, SR)
@@ -467,11 +469,14 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
             _add(run, _real_row(clip, text, settings), on_row)
         advance(1)
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
-        speech = voice_speech.match_video_loudness(voice_speech.apply_voice(tts_speech, clip.voice), src.audio)
-        n_out = max(1, int(round(len(speech) / SR * fps)))
+        # as `lipsync dub`: the output speaks the converted voice, the engine follows the TTS speech (the
+        # conversion keeps its timing; dub runs them side by side), both as loud as the video's own speech
+        n_out = max(1, int(round(len(tts_speech) / SR * fps)))
         plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
-        speech = speech[: int(round(len(plan) / fps * SR))]
-        close = dubbing.mouth_must_close(speech, len(plan), fps, text, spoken)
+        cut = int(round(len(plan) / fps * SR))
+        speech = voice_speech.match_video_loudness(voice_speech.apply_voice(tts_speech, clip.voice), src.audio)[:cut]
+        mouth = voice_speech.match_video_loudness(tts_speech, src.audio)[:cut]
+        close = dubbing.mouth_must_close(mouth, len(plan), fps, text, spoken)
         for row in rows:
             if row == REAL:
                 continue
@@ -480,7 +485,7 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
                 out = (folder or Path(tmp)) / f"{name}__{row.replace(' ', '_').replace(':', '_')}__s{k}.mp4"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    res = _dub_row(clip, row, k, text, speech, plan, close, settings, out, k == 0, spoken)
+                    res = _dub_row(clip, row, k, text, (speech, mouth), plan, close, settings, out, k == 0, spoken)
                     _add(run, res, on_row)
                 except (LipsyncError, ValueError) as e:
                     run.skipped.append((f"{name} / {row} / sentence {k}", str(e)))
