@@ -437,6 +437,7 @@ def dub(
         clone = not voice_known and settings.voice == "clone"
         if clone and settings.voice_ref is None and not info.has_audio:  # nothing to learn from: say so now
             clone = speaker_voice(settings, None, video.name) is not None  # an error, or the fallback's warning
+        cloned_from = ""  # where the voice process learned the voice ("tts": it fell back)
         job = (
             stack.enter_context(background.Job(learn_and_convert, settings, video, info.has_audio, feed=True))
             if clone
@@ -510,14 +511,14 @@ def dub(
         timings["render"] = time.perf_counter() - t
         if job is not None:
             t = time.perf_counter()
-            converted, _ = job.result()
+            converted, cloned_from = job.result()
             timings["voice wait"] = time.perf_counter() - t  # how far the voice process finished after the render
             out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
             media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
             media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
             timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    spoke = "audio" if audio is not None else video.name if clone else voice.source if voice is not None else "tts"
+    spoke = "audio" if audio is not None else cloned_from if clone else voice.source if voice is not None else "tts"
     return DubResult(
         output, len(plan), len(plan) / rate, float(source.found.mean()), timings, video, settings.engine, spoke
     )

@@ -5,6 +5,7 @@ The conversion itself (pitch, timbre, exact length on synthetic voices) is teste
 
 from __future__ import annotations
 
+import json
 import subprocess
 import wave
 from pathlib import Path
@@ -156,9 +157,10 @@ def test_dub_without_speech_to_clone_stops_or_falls_back(tmp_path):
     out = tmp_path / "out.mp4"
     line = one_line_error(run_cli("dub", clip, "Hello there.", "-o", out), "no usable speech in quiet.mp4")
     assert "0.0 s of speech" in line and not out.exists()
-    r = run_cli("dub", clip, "Hello there.", "-o", out, "--voice-fallback")
+    r = run_cli("dub", clip, "Hello there.", "-o", out, "--voice-fallback", "--json")
     assert r.returncode == 0 and "warning" in r.stderr, r.stderr
     assert media.probe(out).duration > 0.5
+    assert json.loads(r.stdout)["voice"] == "tts"  # it said the video's name, though the TTS voice spoke
 
 
 def test_dub_of_a_mute_video_stops_before_any_work(tmp_path, settings, monkeypatch):
@@ -234,8 +236,6 @@ def test_wer():
 
 @pytest.mark.slow
 def test_eval_voice_report(tmp_path, settings):
-    import json
-
     from lipsync_cli.eval import voice as ev
 
     videos = shared_file(KATIE)
