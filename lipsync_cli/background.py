@@ -8,7 +8,6 @@ Both stop cleanly when their consumer stops early or fails: nothing is left runn
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing as mp
 import queue
 import signal
@@ -77,21 +76,6 @@ class Prefetch(Generic[T]):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def preload(*modules: str) -> threading.Thread:
-    """Import `modules` in a thread now, so that a later import finds them loaded: torch's second of imports overlaps
-    work that releases the GIL (the TTS in onnxruntime, the face pass in mediapipe). A failure is left to that later
-    import to raise, where it has its context."""
-
-    def run() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-
-    thread = threading.Thread(target=run, name="preload", daemon=True)
-    thread.start()
-    return thread
 
 
 def _child(conn, fn: Callable, args: tuple, inbox=None) -> None:

@@ -443,7 +443,6 @@ def dub(
             if clone
             else None
         )
-        background.preload(f"lipsync_cli.engine.{settings.engine}")  # torch, while the TTS speaks
         speech = load_speech_full(text, audio, settings, voice)
         timings["speech"] = time.perf_counter() - t0
 

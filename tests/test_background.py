@@ -1,16 +1,14 @@
 """background.Job with input fed after it starts: the send never waits for the job, a job that ends without
-reading is no hang, and its errors reach the parent; background.preload."""
+reading is no hang, and its errors reach the parent."""
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from lipsync_cli.background import Job, preload
+from lipsync_cli.background import Job
 
 
 def _scaled(k: float, receive) -> np.ndarray:
@@ -55,13 +53,3 @@ def test_a_script_without_a_main_guard_runs_its_job_once(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "top 3.0\n"
-
-
-def test_preload_imports_in_a_thread_and_leaves_failures_to_the_real_import(monkeypatch):
-    seen = []
-    monkeypatch.setattr(threading, "excepthook", seen.append)  # an escaped error would land here
-    sys.modules.pop("colorsys", None)
-    preload("lipsync_no_such_module", "colorsys").join(10)
-    assert "colorsys" in sys.modules and not seen  # the second loaded although the first failed, silently
-    with pytest.raises(ModuleNotFoundError):
-        __import__("lipsync_no_such_module")
