@@ -497,7 +497,7 @@ def config_show(
 
 def _terminated(signum, frame) -> None:
     """SIGTERM unwinds like an error, so every `with`/`finally` removes its temp files and stops its ffmpeg."""
-    raise SystemExit(128 + signum)
+    raise SystemExit(EXIT_TERMINATED)
 
 
 @app.command("app")
@@ -519,6 +519,7 @@ def app_(
 
 
 EXIT_USER, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's code for a process ended by SIGTERM
 
 
 def _quiet_first(args: list[str]) -> list[str]:
@@ -542,7 +543,7 @@ def main(args: list[str] | None = None) -> None:
     except SystemExit as e:
         if e.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit 130, after the `with` blocks cleaned up
             print("\ninterrupted", file=sys.stderr)
-        elif e.code == 128 + signal.SIGTERM:  # _terminated, after the same clean-up
+        elif e.code == EXIT_TERMINATED:  # _terminated, after the same clean-up
             print("\nterminated", file=sys.stderr)
         raise
     except KeyboardInterrupt:
