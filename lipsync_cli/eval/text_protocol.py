@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from lipsync_cli import compositing, dubbing, face, media, progress
-from lipsync_cli.audio import SR
+from lipsync_cli.audio import SR, match_loudness
 from lipsync_cli.engine import SourceFaces, get_engine
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import articulation
@@ -468,14 +468,15 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
         else:
             _add(run, _real_row(clip, text, settings), on_row)
         advance(1)
+    level = voice_speech.loudness_target(src.audio)  # the video's own speech: once per clip, as dub measures it
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
         # as `lipsync dub`: the output speaks the converted voice, the engine follows the TTS speech (the
         # conversion keeps its timing; dub runs them side by side), both as loud as the video's own speech
         n_out = max(1, int(round(len(tts_speech) / SR * fps)))
         plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
         cut = int(round(len(plan) / fps * SR))
-        speech = voice_speech.match_video_loudness(voice_speech.apply_voice(tts_speech, clip.voice), src.audio)[:cut]
-        mouth = voice_speech.match_video_loudness(tts_speech, src.audio)[:cut]
+        speech = match_loudness(voice_speech.apply_voice(tts_speech, clip.voice), SR, level)[:cut]
+        mouth = match_loudness(tts_speech, SR, level)[:cut]
         close = dubbing.mouth_must_close(mouth, len(plan), fps, text, spoken)
         for row in rows:
             if row == REAL:

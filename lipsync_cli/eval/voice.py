@@ -123,14 +123,13 @@ def f0_distance(x: np.ndarray, target_hz: float) -> float:
     return float(abs(12 * np.log2(median_f0(x) / target_hz)))
 
 
-def pitch_fidelity(tts16k: np.ndarray, converted: np.ndarray, profile: VoiceProfile) -> tuple[float, float]:
+def pitch_fidelity(f0: np.ndarray, converted: np.ndarray, profile: VoiceProfile) -> tuple[float, float]:
     """How the converted speech follows the pitch the conversion meant to give it (`convert.map_f0` of the TTS's
-    contour), over the frames voiced in all three: the share within a semitone of it, and the mean signed
-    deviation (semitones). Unlike the median-F0 distance to held-out speech, this is the conversion's own error,
-    without the TTS's intonation in it, and it sees a voice that kept the TTS's period (an octave low)."""
+    contour `f0`, its `f0_track`), over the frames voiced in all three: the share within a semitone of it, and the
+    mean signed deviation (semitones). Unlike the median-F0 distance to held-out speech, this is the conversion's own
+    error, without the TTS's intonation in it, and it sees a voice that kept the TTS's period (an octave low)."""
     from lipsync_cli.voice.convert import map_f0
 
-    f0 = f0_track(tts16k)
     want, got = map_f0(f0, profile), f0_track(converted)
     n = min(len(want), len(got))
     both = (f0[:n] > 0) & (want[:n] > 0) & (got[:n] > 0)
@@ -265,6 +264,7 @@ def evaluate_voice(
     raw = [tts(t) for t in texts]
     raw_wer = [wer(t, transcribe(x)) for t, x in zip(texts, raw, strict=True)]
     raw_emb = [speaker_embedding(x) for x in raw]
+    raw_f0 = [f0_track(x) for x in raw]  # the TTS's pitch contours: once, not once per speaker
     run = VoiceRun(texts, [], skipped, DEFAULT_METHOD, sum(len(x) for x in raw) / SR)
     with progress.task("eval voice", len(speakers)) as advance:
         for sp in speakers:
@@ -280,7 +280,7 @@ def evaluate_voice(
             t0 = time.process_time()  # CPU: wall time says more about the machine's other load than about this
             conv = [apply_voice(x, voice) for x in raw]
             seconds = time.process_time() - t0
-            pitch = [pitch_fidelity(x, y, profile) for x, y in zip(raw, conv, strict=True)]
+            pitch = [pitch_fidelity(f, y, profile) for f, y in zip(raw_f0, conv, strict=True)]
             run.speakers.append(
                 SpeakerScores(
                     name=sp.name,
