@@ -1,7 +1,7 @@
 """Does the sync expert find injected offsets, and rank real footage above the floors, on speakers it never saw?
 
     python benchmarks/sync_offsets.py [--manifest data/prep/128/manifest.json] \\
-        --weights lipsync_cli/weights/sync,outputs/checkpoints/sync/best [--out sync_offsets.json]
+        --weights lipsync_cli/weights/sync,lipsync_cli/weights/sync+lipsync_cli/weights/sync_lips [--out F.json]
 
 Sets, from the manifest's splits: `unseen` = the speaker split's held-out speakers (val + test), `seen` = the
 utterance test sentences of the other speakers, `shared` = the imported shared clips' segments (when the manifest
@@ -11,7 +11,8 @@ find d within +-1 frame; `tracked` asks only that the found offset moves with d 
 d != 0), which does not assume the clip itself is in sync (the shared clips are other systems' outputs). Floors,
 as `lipsync eval` has them: `frozen` (the first frame's mouth held for the whole
 clip) and `other audio` (another clip's speech of the same set); LSE-C (the confidence: median distance over
-offsets minus the best) of real footage should clearly beat both.
+offsets minus the best) of real footage should clearly beat both. `A+B` in --weights is a team of experts voting by
+their mean distance curve, as `lipsync eval` reads offsets (models.sync.load_experts).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def clip_sets(manifest: Path) -> dict[str, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", type=Path, default=ROOT / "data/prep/128/manifest.json")
-    ap.add_argument("--weights", default=str(models.WEIGHTS / "sync"), help="comma list of checkpoints (no suffix)")
+    ap.add_argument(
+        "--weights", default=str(models.WEIGHTS / "sync"), help="comma list of checkpoints (no suffix); A+B: a team"
+    )
     ap.add_argument("--offsets", default="-10,-6,-3,0,3,6,10")
     ap.add_argument("--sets", default="unseen,seen,shared", help="comma list of unseen, seen, shared")
     ap.add_argument("--out", type=Path, default=None)
@@ -58,13 +61,14 @@ def main() -> None:
             with safe_open(str(args.manifest.parent / c["path"]), framework="numpy") as f:
                 data[clip_key(c)] = (
                     f.get_tensor("crops"),
+                    sync.shard_lips(f),
                     f.get_tensor("mel").astype(np.float32),
                     f.get_tensor("found"),
                 )
     print({k: len(v) for k, v in sets.items()}, flush=True)
     report = {}
     for w in args.weights.split(","):
-        model, _ = models.load(Path(w).with_suffix(".safetensors"))
+        team = [models.load(Path(p).with_suffix(".safetensors"))[0] for p in w.split("+")]
         rep = {}
         for name, clips in sets.items():
             keys = [clip_key(c) for c in clips]
@@ -73,15 +77,16 @@ def main() -> None:
             conf = {"real": [], "frozen": [], "other audio": []}
             emb = {}
             for k in keys:  # each clip embedded once: a shift of the inputs is a shift of the window embeddings
-                crops, mel, found = data[k]
-                v, a = sync.embed_video(model, crops).numpy(), sync.embed_audio(model, mel).numpy()
-                ok = np.lib.stride_tricks.sliding_window_view(found[: len(v) + sync.FRAMES - 1], sync.FRAMES).all(1)
+                crops, lips, mel, found = data[k]
+                v = [sync.embed_video(m, crops, lips).numpy() for m in team]
+                a = [sync.embed_audio(m, mel).numpy() for m in team]
+                ok = np.lib.stride_tricks.sliding_window_view(found[: len(v[0]) + sync.FRAMES - 1], sync.FRAMES).all(1)
                 emb[k] = (v, a, ok)
             for i, k in enumerate(keys):
                 v, a, ok = emb[k]
                 found = {}
                 for d in sorted(offs, key=abs):
-                    vs, as_, oks = (v, a[d:], ok) if d > 0 else (v[-d:], a, ok[-d:])
+                    vs, as_, oks = (v, [x[d:] for x in a], ok) if d > 0 else ([x[-d:] for x in v], a, ok[-d:])
                     r = sync.offset_scores(vs, as_, ok=oks)
                     hits[d].append(abs(r["offset"] - d) <= 1)
                     found[d] = r["offset"]
@@ -89,7 +94,8 @@ def main() -> None:
                         conf["real"].append(r["confidence"])
                 if 0 in found:
                     tracked += [abs(found[d] - found[0] - d) <= 1 for d in offs if d]
-                frozen = np.repeat(v[np.flatnonzero(ok)[0]][None], len(v), 0)  # one window's mouth, held
+                held = np.flatnonzero(ok)[0]
+                frozen = [np.repeat(x[held][None], len(x), 0) for x in v]  # one window's mouth, held
                 conf["frozen"].append(sync.offset_scores(frozen, a)["confidence"])
                 other = emb[keys[(i + 1) % len(keys)]][1]
                 conf["other audio"].append(sync.offset_scores(v, other, ok=ok)["confidence"])

@@ -243,6 +243,23 @@ def lip_shape(lm: np.ndarray, M: np.ndarray) -> np.ndarray:
     return transform_points(np.asarray(lm)[LIPS], M)
 
 
+def frontal_lips(lm: np.ndarray, found: np.ndarray | None = None) -> np.ndarray:
+    """(T, 478, 2) landmarks (any pixel frame) -> (T, len(LIPS), 2) LIPS points in crop units (0..1) after the
+    least-squares affine that takes the frame's STABLE points onto TEMPLATE: unlike align_matrix's similarity it
+    also undoes the foreshortening of a turned or tilted head, so a mouth reads alike at any pose. NaN where no face
+    (not `found`, or NaN landmarks)."""
+    lm = np.asarray(lm, np.float64)
+    out = np.full((len(lm), len(LIPS), 2), np.nan)
+    ok = np.isfinite(lm[:, np.r_[LIPS, STABLE]]).all((1, 2))
+    if found is not None:
+        ok &= np.asarray(found, bool)
+    if ok.any():
+        src = lm[ok][:, STABLE]
+        A = np.linalg.pinv(np.concatenate([src, np.ones((*src.shape[:2], 1))], -1)) @ TEMPLATE  # (n, 3, 2)
+        out[ok] = lm[ok][:, LIPS] @ A[:, :2] + A[:, 2:]
+    return out
+
+
 def _bbox(pts: np.ndarray) -> np.ndarray:
     return np.concatenate([pts.min(0), pts.max(0)]).astype(np.float64)
 

@@ -97,6 +97,21 @@ def test_align_matrix_is_a_similarity_onto_the_template():
     assert lip_shape(lm, M).shape == (40, 2)
 
 
+def test_frontal_lips_undoes_any_affine_of_the_face():
+    """A face seen through a shear and an uneven scale (a turned, tilted head, roughly) gives the lips it has in
+    the template frame; frames without a face stay NaN."""
+    rng = np.random.default_rng(1)
+    face_tpl = rng.uniform(0.2, 0.8, (478, 2))  # a face in crop units
+    face_tpl[STABLE] = TEMPLATE
+    A = np.array([[310.0, 60.0, 140.0], [-25.0, 180.0, 90.0]])  # crop units -> frame px, not a similarity
+    lm = np.stack([transform_points(face_tpl, A)] * 3)
+    lm[1] = np.nan
+    out = face.frontal_lips(lm, found=np.array([True, True, False]))
+    assert out.shape == (3, 40, 2)
+    np.testing.assert_allclose(out[0], face_tpl[face.LIPS], atol=1e-9)
+    assert np.isnan(out[1:]).all()
+
+
 def test_measures_and_batching():
     lm = np.zeros((478, 2))
     lm[[33, 133]] = [[90, 100], [110, 100]]

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 from torch.utils.data import DataLoader
 
-from lipsync_cli import models
+from lipsync_cli import face, models
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models import sync
 
@@ -70,6 +70,60 @@ def test_loss_decreases_and_validates(tiny_prep):
     assert 0 <= res["metric"] <= 1 and 0 <= res["clip_acc"] <= 1 and res["windows"] == len(task.val_set)
 
 
+LIPS = {"video_input": "lips", "lips_hidden": 32, "audio_channels": [16], "dim": 16, "batch_size": 16, "max_shift": 6}
+
+
+def test_lips_expert_reads_the_mesh_lips(tiny_prep):
+    """A "lips" expert's windows are the shard's lip points about the clip's mean shape; it learns, embeds and saves
+    as the pixel one does, and refuses to be a pixel loss."""
+    torch.manual_seed(0)
+    task = sync.make_task(tiny_prep, LIPS)
+    ds = task.train_set
+    shard = load_file(str(tiny_prep.parent / ds.clips[0]["path"]))
+    found = shard["found"]
+    lips = face.frontal_lips(shard["landmarks"], found)
+    np.testing.assert_allclose(lips[found], shard["lips"][found] / 128, atol=0.05)  # the aligned crop's, but for pose
+    want = sync.lip_frames(lips)
+    assert want.shape == (len(lips), 80) and np.abs(want[found].mean(0)).max() < 1e-4  # centred on the clip
+    np.testing.assert_allclose(
+        want[found], (lips[found].reshape(-1, 80) - lips[found].reshape(-1, 80).mean(0)) / 0.01, atol=1e-3
+    )
+    s, item = ds.index[0][1], ds[0]
+    assert item["video"].dtype == torch.float32 and item["video"].shape == (5, 80)
+    np.testing.assert_array_equal(item["video"].numpy(), want[s : s + 5])
+    batch = next(iter(DataLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    opt = torch.optim.Adam(task.model.parameters(), 3e-3)
+    losses = []
+    for _ in range(12):
+        task.model.train()
+        loss, _ = task.loss(task.model, batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    aug = task.augment(batch, torch.Generator().manual_seed(0))["video"]
+    assert aug.shape == batch["video"].shape and not torch.equal(aug, batch["video"])
+    model = task.model.eval()
+    v = sync.embed_video(model, None, lips[:30])
+    assert v.shape == (26, 16)
+    with pytest.raises(ValueError, match="needs lips"):
+        sync.embed_video(model, shard["crops"][:30])
+    with pytest.raises(ValueError, match="'mouth' sync expert"):
+        sync.sync_loss(model, torch.rand(2, 5, 128, 128, 3), torch.zeros(2, 20, 80))
+
+
+def test_jitter_lips_moves_windows_not_frames():
+    gen = torch.Generator().manual_seed(0)
+    still = torch.zeros(64, 5, 80)
+    still[:, :, 1::2] = torch.linspace(-2, 2, 40)  # one shape, held
+    out = sync.jitter_lips(still, gen)
+    assert out.shape == still.shape and torch.isfinite(out).all()
+    within = (out - out[:, :1]).abs().mean()  # tracker noise only: up to a third of a unit
+    between = (out - out[:1]).abs().mean()  # scale, tilt, shift differ per window
+    assert within < 0.2 < between
+
+
 def test_near_shifts_are_in_every_step():
     cfg = sync.build({"model": "sync", "max_shift": 15, "shifts_per_step": 8, "near_shifts": 2}).cfg
     for step in range(5):
@@ -117,6 +171,20 @@ def test_offset_sign_convention():
     ok = np.zeros(60, bool)
     with pytest.raises(LipsyncError):
         sync.offset_scores(a, a, ok=ok)
+
+
+def test_experts_vote_by_their_mean_curve():
+    """Two experts: one sure the video lags by 4, one weakly for -2; the team's curve is the mean of theirs."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 8))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    sure = np.roll(a, 4, axis=0)
+    weak = 0.3 * np.roll(a, -2, axis=0) + rng.normal(size=a.shape)
+    weak /= np.linalg.norm(weak, axis=1, keepdims=True)
+    one, two = sync.offset_scores(sure, a), sync.offset_scores(weak, a)
+    team = sync.offset_scores([sure, weak], [a, a])
+    np.testing.assert_allclose(team["dist_by_offset"], (one["dist_by_offset"] + two["dist_by_offset"]) / 2)
+    assert (one["offset"], two["offset"], team["offset"]) == (4, -2, 4)
 
 
 def test_embeddings_shapes_and_round_trip(tmp_path, tiny_prep):
@@ -184,8 +252,9 @@ def test_eval_route_finds_offsets(shared):
     audio, lm = media.read_audio(video, 16000), track_landmarks(frames)
     r = sync.clip_sync(model, frames, lm, audio)
     assert abs(r["offset"]) <= 1 and r["confidence"] > 0.05
-    crops, mel, _ = sync.prepare(frames, lm, audio)
+    crops, lips, mel, _ = sync.prepare(frames, lm, audio)
     assert crops.shape == (len(frames), 128, 128, 3) and mel.shape == (4 * len(frames) + 1, 80)
+    assert lips.shape == (len(frames), 40, 2) and 0.2 < np.nanmean(lips) < 0.8  # crop units
     for d in (4, -4):
         r = sync.offsets(model, crops, mel[4 * d :]) if d > 0 else sync.offsets(model, crops[-d:], mel)
         assert abs(r["offset"] - d) <= 1, (d, r["offset"])

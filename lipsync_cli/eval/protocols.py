@@ -107,10 +107,11 @@ EXPERT_KEYS = ("lse_off", "lse_c", "lse_d")  # shown only when the sync expert's
 
 @functools.cache
 def sync_expert():
-    """The learned sync expert (lipsync_cli/weights/sync.*), loaded once; None without weights (energy proxy only)."""
+    """The learned sync experts (lipsync_cli/weights/sync.*, sync_lips.*), loaded once; None without weights
+    (energy proxy only)."""
     from lipsync_cli.models import sync
 
-    return sync.load_default()
+    return sync.load_experts() or None
 
 
 def parse_metrics(spec: str) -> list[str]:

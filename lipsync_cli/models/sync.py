@@ -1,9 +1,12 @@
 """SyncNet-style audio-visual sync expert: is this mouth saying this sound, and how far out of step is it?
 
 Two small towers map 0.2 s of speech (20 rows of the shards' 100 Hz log-mel) and the mouth over the same 5 video
-frames (grayscale MOUTH box of the aligned lower-face crop, frames stacked as channels so the first layer already
-sees motion) to unit vectors that point the same way when the two are in sync. Window t covers frames t..t+4 and
-mel rows 4t..4t+19 (frame i is row 4i), so a clip of T frames has T - 4 windows on each side.
+frames to unit vectors that point the same way when the two are in sync. The mouth is read one of two ways
+(`video_input`): "mouth", the grayscale MOUTH box of the aligned lower-face crop (frames stacked as channels so the
+first layer already sees motion; differentiable, so generators can use it as a loss), or "lips", the face mesh's
+40 lip points, frontalised (face.frontal_lips) and centred on the clip's mean shape (the mesh reads them alike on
+any face, light or camera, where pixels trained on GRID's one room do not: `eval` reads offsets with both). Window t
+covers frames t..t+4 and mel rows 4t..4t+19 (frame i is row 4i), so a clip of T frames has T - 4 windows a side.
 
 Training is contrastive (InfoNCE, learned temperature): a video window's positive is its own audio; its negatives
 are the other items' audio in the batch and the same clip's audio shifted by MIN_SHIFT..max_shift frames (+-1 is
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import balance_speakers, split_clips
 from lipsync_cli.errors import LipsyncError
@@ -46,11 +50,15 @@ MOUTH = (0.125, 0.28, 0.875, 0.78)  # x0, y0, x1, y1 of the aligned crop: lips (
 MIN_SHIFT = 2  # shifted negatives start here
 LOUD_ROW = -2.8  # a loud row's mean log10 mel power in the shards (GRID: 95th percentile -2.84, sd 0.24 over clips)
 MEL_MEAN, MEL_STD = -5.5, 2.0  # the shards' log10 mel power (GRID s1: mean -5.6, sd 1.9): audio input ~N(0, 1)
+LIP_SCALE = 0.01  # crop units: the RMS of lip points about their clip's mean shape (GRID: ~0.01): lips input ~N(0, 1)
+VIDEO_INPUTS = ("mouth", "lips")
 
 
 @dataclass
 class Config:
     model: str = "sync"
+    video_input: str = "mouth"  # "mouth": grey pixels of the mouth box; "lips": the mesh's lip points (module doc)
+    lips_hidden: int = 256  # width of the lips tower's layers
     height: int = 48  # mouth image: the 96 x 64 px box of a 128 px crop, at 3/4 scale
     width: int = 72
     video_channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -94,6 +102,23 @@ def mouth_frames(crops: np.ndarray, height: int = 48, width: int = 72) -> np.nda
     return out
 
 
+def lip_frames(lips: np.ndarray) -> np.ndarray:
+    """(T, 40, 2) frontal lip points (face.frontal_lips; NaN where no face) -> (T, 80) float32 about the clip's
+    mean shape, in LIP_SCALE units (0 where no face). Centring on the clip takes out the speaker's own lips
+    (thickness, width, resting gap), which say nothing about sync."""
+    x = np.asarray(lips, np.float64).reshape(len(lips), -1)
+    ok = np.isfinite(x).all(1)
+    if ok.any():
+        x = (x - x[ok].mean(0)) / LIP_SCALE
+    return np.where(ok[:, None], x, 0.0).astype(np.float32)
+
+
+def video_input(cfg: Config, crops: np.ndarray, lips: np.ndarray) -> np.ndarray:
+    """What the expert reads of a clip: (T, H, W) uint8 mouths or (T, 80) float32 lip shapes, from (T, S, S, 3)
+    aligned crops and (T, 40, 2) frontal lip points (face.frontal_lips)."""
+    return lip_frames(lips) if cfg.video_input == "lips" else mouth_frames(crops, cfg.height, cfg.width)
+
+
 def mouth_tensor(video: torch.Tensor, height: int = 48, width: int = 72) -> torch.Tensor:
     """Differentiable mouth_frames for generator outputs: (B, N, S, S, 3) or (B, N, 3, S, S) RGB in [0, 1]
     -> (B, N, height, width) in [0, 1]. Already-cut (B, N, height, width) grayscale passes through."""
@@ -111,9 +136,9 @@ def mouth_tensor(video: torch.Tensor, height: int = 48, width: int = 72) -> torc
 
 
 def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth: float = 1.5) -> tuple:
-    """Full frames (T, H, W, 3) + raw mesh landmarks (T, 478, 2, NaN = no face) + 16 kHz speech -> (crops, mel,
-    found) made exactly as `lipsync prep` makes a shard's (smoothing, alignment, loudness, mel), for offsets()."""
-    from lipsync_cli import face
+    """Full frames (T, H, W, 3) + raw mesh landmarks (T, 478, 2, NaN = no face) + 16 kHz speech -> (crops, lips,
+    mel, found) made exactly as `lipsync prep` makes a shard's (smoothing, alignment, loudness, mel; lips are
+    face.frontal_lips, NaN where no face), for offsets()."""
     from lipsync_cli.audio import match_loudness, mel_spectrogram
     from lipsync_cli.data import shard
 
@@ -124,10 +149,11 @@ def prepare(frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, smooth
         raise LipsyncError("no face in any frame: nothing to measure sync on")
     mats = track.align(128)
     crops = np.stack([face.warp_to_aligned(np.ascontiguousarray(f), m, 128) for f, m in zip(frames, mats, strict=True)])
+    lips = face.frontal_lips(track.landmarks, found)
     x = match_loudness(np.asarray(audio, np.float32), shard.SR, shard.TARGET_DB)
     x = np.pad(x, (0, max(0, n * shard.SR // shard.FPS - len(x))))[: n * shard.SR // shard.FPS]
     mel = mel_spectrogram(x, shard.SR, n_mels=80, hop_s=shard.HOP / shard.SR)
-    return crops, mel, found
+    return crops, lips, mel, found
 
 
 # ----------------------------------------------------------------------------- model
@@ -137,19 +163,35 @@ def _block(conv: type[nn.Module], norm: type[nn.Module], cin: int, cout: int, st
     return nn.Sequential(conv(cin, cout, 3, stride, 1, bias=False), norm(cout), nn.ReLU(inplace=True))
 
 
+def _mouth_tower(cfg: Config) -> nn.Sequential:
+    c0, *rest = cfg.video_channels
+    layers, cin = [_block(nn.Conv2d, nn.BatchNorm2d, FRAMES, c0, 1)], c0  # full resolution: lips are thin
+    for c in rest:  # each wider stage halves the size, then looks again
+        layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, c, 2), _block(nn.Conv2d, nn.BatchNorm2d, c, c, 1)]
+        cin = c
+    layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, cin, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers, nn.Linear(cin, cfg.dim))
+
+
+def _lips_tower(cfg: Config) -> nn.Sequential:
+    h = cfg.lips_hidden
+    return nn.Sequential(
+        nn.Linear(FRAMES * 80, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+        nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+        nn.Linear(h, cfg.dim),
+    )  # fmt: skip
+
+
 class SyncNet(nn.Module):
-    """The two towers (video: 2D CNN over 5 stacked mouths; audio: 1D CNN over 20 mel rows) and the InfoNCE scale."""
+    """The two towers (video: 2D CNN over 5 stacked mouths, or an MLP over 5 lip shapes; audio: 1D CNN over 20 mel
+    rows) and the InfoNCE scale."""
 
     def __init__(self, cfg: Config):
         super().__init__()
+        if cfg.video_input not in VIDEO_INPUTS:
+            raise LipsyncError(f"video_input must be one of {', '.join(VIDEO_INPUTS)}, not {cfg.video_input!r}")
         self.cfg = cfg
-        c0, *rest = cfg.video_channels
-        layers, cin = [_block(nn.Conv2d, nn.BatchNorm2d, FRAMES, c0, 1)], c0  # full resolution: lips are thin
-        for c in rest:  # each wider stage halves the size, then looks again
-            layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, c, 2), _block(nn.Conv2d, nn.BatchNorm2d, c, c, 1)]
-            cin = c
-        layers += [_block(nn.Conv2d, nn.BatchNorm2d, cin, cin, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.video_net = nn.Sequential(*layers, nn.Linear(cin, cfg.dim))
+        self.video_net = _lips_tower(cfg) if cfg.video_input == "lips" else _mouth_tower(cfg)
         layers, cin = [], 80  # mel bins are the channels of a 1D conv over the window's 20 rows
         for i, c in enumerate(cfg.audio_channels):
             layers += [_block(nn.Conv1d, nn.BatchNorm1d, cin, c, 1 if i == 0 else 2)]
@@ -162,7 +204,10 @@ class SyncNet(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's start
 
     def video(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 5, H, W) mouths, uint8 or float in [0, 1] -> (B, D) unit vectors."""
+        """(B, 5, H, W) mouths, uint8 or float in [0, 1], or (B, 5, 80) lip shapes (lip_frames) -> (B, D) unit
+        vectors."""
+        if self.cfg.video_input == "lips":
+            return F.normalize(self.video_net(x.float().flatten(1)), dim=-1)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 0.02)  # light, skin, contrast
         return F.normalize(self.video_net(x), dim=-1)
@@ -186,18 +231,37 @@ def load_default(device: str | torch.device = "cpu") -> SyncNet | None:
     return None if loaded is None else loaded[0]
 
 
+def load_experts(device: str | torch.device = "cpu") -> list[SyncNet]:
+    """The committed experts `eval` reads offsets with, in eval mode: the pixel one (sync.*) and the lip-geometry
+    one (sync_lips.*), whichever exist. Together they find the offset on more faces than either alone
+    (docs/sync.md, "Two experts")."""
+    from lipsync_cli import models
+
+    return [loaded[0] for name in ("sync", "sync_lips") if (loaded := models.default(name, device)) is not None]
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _windows_of(x: torch.Tensor) -> torch.Tensor:
+    """(T, ...) per-frame inputs -> (T - 4, 5, ...) windows: window t = frames t..t+4."""
+    if len(x) < FRAMES:
+        raise LipsyncError(f"clip too short for the sync expert: {len(x)} frames (needs {FRAMES})")
+    w = x.unfold(0, FRAMES, 1)  # (T-4, ..., 5)
+    return w.permute(0, w.ndim - 1, *range(1, w.ndim - 1))
+
+
 @torch.no_grad()
-def embed_video(model: SyncNet, crops: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """(T, S, S, 3) uint8 aligned crops -> (T - 4, D): window t = frames t..t+4."""
+def embed_video(
+    model: SyncNet, crops: np.ndarray | None, lips: np.ndarray | None = None, batch: int = 256
+) -> torch.Tensor:
+    """(T, S, S, 3) uint8 aligned crops (a "mouth" expert) or (T, 40, 2) lip points in crop units (a "lips"
+    expert) -> (T - 4, D): window t = frames t..t+4."""
     cfg = unwrap(model).cfg
-    m = torch.from_numpy(mouth_frames(crops, cfg.height, cfg.width))
-    if len(m) < FRAMES:
-        raise LipsyncError(f"clip too short for the sync expert: {len(m)} frames (needs {FRAMES})")
-    windows = m.unfold(0, FRAMES, 1).permute(0, 3, 1, 2)  # (T-4, 5, H, W)
+    if (lips if cfg.video_input == "lips" else crops) is None:
+        raise ValueError(f"a {cfg.video_input!r} sync expert needs {'lips' if cfg.video_input == 'lips' else 'crops'}")
+    windows = _windows_of(torch.from_numpy(video_input(cfg, crops, lips)))
     dev = _device(model)
     return torch.cat([unwrap(model).video(windows[i : i + batch].to(dev)) for i in range(0, len(windows), batch)])
 
@@ -215,37 +279,52 @@ def embed_audio(model: SyncNet, mel: np.ndarray | torch.Tensor, batch: int = 102
 
 
 def offsets(
-    model: SyncNet, crops: np.ndarray, mel: np.ndarray, max_offset: int = 15, found: np.ndarray | None = None
+    model: SyncNet | Sequence[SyncNet],
+    crops: np.ndarray | None,
+    mel: np.ndarray,
+    max_offset: int = 15,
+    found: np.ndarray | None = None,
+    lips: np.ndarray | None = None,
 ) -> dict:
-    """Audio-visual offset of a clip: (T, S, S, 3) uint8 aligned crops, (4T + 1, 80) mel, optional `found` (T,)
-    (windows with a frame without a face are left out). See offset_scores for what comes back."""
-    v, a = embed_video(model, crops).cpu().numpy(), embed_audio(model, mel).cpu().numpy()
+    """Audio-visual offset of a clip: (T, S, S, 3) uint8 aligned crops and/or (T, 40, 2) lips (as embed_video),
+    (4T + 1, 80) mel, optional `found` (T,) (windows with a frame without a face are left out). `model` may be
+    several experts (load_experts): they vote by their mean distance curve. See offset_scores for what comes
+    back."""
+    experts = [model] if isinstance(model, nn.Module) else list(model)
+    v = [embed_video(m, crops, lips).cpu().numpy() for m in experts]
+    a = [embed_audio(m, mel).cpu().numpy() for m in experts]
     ok = None
     if found is not None:
-        f = np.asarray(found, bool)[: len(v) + FRAMES - 1]
+        f = np.asarray(found, bool)[: len(v[0]) + FRAMES - 1]
         ok = np.lib.stride_tricks.sliding_window_view(f, FRAMES).all(1)
     return offset_scores(v, a, max_offset, ok)
 
 
-def offset_scores(v: np.ndarray, a: np.ndarray, max_offset: int = 15, ok: np.ndarray | None = None) -> dict:
+def offset_scores(
+    v: np.ndarray | list[np.ndarray],
+    a: np.ndarray | list[np.ndarray],
+    max_offset: int = 15,
+    ok: np.ndarray | None = None,
+) -> dict:
     """SyncNet's scoring of window embeddings v (Tv, D), a (Ta, D): per candidate offset k the mean distance
-    between video window t and audio window t - k over every t where both exist (and ok[t]).
+    between video window t and audio window t - k over every t where both exist (and ok[t]). v and a may be
+    lists, one pair per expert: the curve is then the mean of theirs.
 
     offset = the k of least distance (positive: the video lags the audio; ties go to the smallest |k|);
     min_dist = that distance (LSE-D, lower is better); confidence = median over k minus min_dist (LSE-C, higher
     is better); dist_by_offset (2 * max_offset + 1,) for lags k = -max_offset..max_offset; n_windows used.
     """
-    n = min(len(v), len(a))
-    v, a = np.asarray(v[:n], np.float64), np.asarray(a[:n], np.float64)
+    vs, as_ = (v, a) if isinstance(v, list) else ([v], [a])
+    n = min(len(x) for x in vs + as_)
     ok = np.ones(n, bool) if ok is None else np.asarray(ok, bool)[:n]
-    dist = np.linalg.norm(v[:, None] - a[None], axis=-1)  # dist[t, u] = |v_t - a_u|
     lags = np.arange(-max_offset, max_offset + 1)
-    by = np.full(len(lags), np.nan)
-    for i, k in enumerate(lags):
-        t = np.arange(max(0, k), min(n, n + k))
-        t = t[ok[t]]
-        if len(t):
-            by[i] = dist[t, t - k].mean()
+    by = np.zeros(len(lags))
+    for vi, ai in zip(vs, as_, strict=True):
+        dist = np.linalg.norm(np.asarray(vi[:n], np.float64)[:, None] - np.asarray(ai[:n], np.float64)[None], axis=-1)
+        for i, k in enumerate(lags):  # dist[t, u] = |v_t - a_u|; NaN where no window has both
+            t = np.arange(max(0, k), min(n, n + k))
+            t = t[ok[t]]
+            by[i] += dist[t, t - k].mean() / len(vs) if len(t) else np.nan
     if not np.isfinite(by).any():
         raise LipsyncError("no window with a face and audio: nothing to measure sync on")
     best = np.nanmin(by)
@@ -260,10 +339,12 @@ def offset_scores(v: np.ndarray, a: np.ndarray, max_offset: int = 15, ok: np.nda
     }
 
 
-def clip_sync(model: SyncNet, frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, **kw) -> dict:
+def clip_sync(
+    model: SyncNet | Sequence[SyncNet], frames: np.ndarray, landmarks: np.ndarray, audio: np.ndarray, **kw
+) -> dict:
     """offsets() of full video frames + their raw mesh landmarks + 16 kHz speech (eval's view of a system)."""
-    crops, mel, found = prepare(frames, landmarks, audio)
-    return offsets(model, crops, mel, found=found, **kw)
+    crops, lips, mel, found = prepare(frames, landmarks, audio)
+    return offsets(model, crops, mel, found=found, lips=lips, **kw)
 
 
 def sync_loss(model: SyncNet, video: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
@@ -274,6 +355,8 @@ def sync_loss(model: SyncNet, video: torch.Tensor, mel: torch.Tensor) -> torch.T
     `model.eval().requires_grad_(False)` once so the expert itself stays fixed.
     """
     m = unwrap(model)
+    if m.cfg.video_input != "mouth":
+        raise ValueError("sync_loss needs a 'mouth' sync expert (it differentiates through pixels)")
     v, a = model(mouth_tensor(video, m.cfg.height, m.cfg.width), mel)
     return (1 - (v * a).sum(-1)).mean()
 
@@ -281,13 +364,28 @@ def sync_loss(model: SyncNet, video: torch.Tensor, mel: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- data
 
 
+def shard_lips(f) -> np.ndarray:
+    """(T, 40, 2) frontal lip points (face.frontal_lips) of an open shard (a safetensors `safe_open` handle)."""
+    return face.frontal_lips(f.get_tensor("landmarks"), f.get_tensor("found"))
+
+
+def shard_video(f, cfg: Config) -> np.ndarray:
+    """What the expert reads of an open shard: video_input of its crops or lips."""
+    return (
+        lip_frames(shard_lips(f))
+        if cfg.video_input == "lips"
+        else mouth_frames(f.get_tensor("crops"), cfg.height, cfg.width)
+    )
+
+
 class SyncWindows(Dataset):
     """5-frame mouth windows of one manifest split, each with the mel strip that covers every shift up to K.
 
-    Item: video uint8 (5, H, W); mel float32 (4 * 2K + 20, 80) where the audio for offset k (video window s vs
-    audio window s - k) is rows [4 (K - k), 4 (K - k) + 20); valid bool (2K + 1,) where that audio exists in the
-    clip; clip int. Windows need a face in all 5 frames; with `speech_only`, at least one spoken frame (silent
-    windows all look alike: as in-batch negatives they would be false ones). With `repeat_max` > 1 a speaker with
+    Item: video uint8 (5, H, W) (float32 (5, 80) lip shapes for a "lips" expert); mel float32 (4 * 2K + 20, 80)
+    where the audio for offset k (video window s vs audio window s - k) is rows [4 (K - k), 4 (K - k) + 20); valid
+    bool (2K + 1,) where that audio exists in the clip; clip int. Windows need a face in all 5 frames; with
+    `speech_only`, at least one spoken frame (silent windows all look alike: as in-batch negatives they would be
+    false ones). With `repeat_max` > 1 a speaker with
     n windows is listed min(repeat_max, round(sqrt(n_largest / n))) times, so a corpus of one speaker (GRID s1:
     ~13k windows) does not drown a few seconds each of other faces. Mouths are cut once, into memory (~3.5 KB a
     frame: GRID s1 and the shared clips are ~120 MB).
@@ -306,13 +404,13 @@ class SyncWindows(Dataset):
         root, _, clips = split_clips(manifest, split, cfg.split)
         clips = clips[:limit]
         self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
-        self.mouths, self.mels, self.index = [], [], []
+        self.videos, self.mels, self.index = [], [], []
         for c in clips:
             with safe_open(str(root / c["path"]), framework="numpy") as f:
-                crops, mel = f.get_tensor("crops"), f.get_tensor("mel")
+                video, mel = shard_video(f, cfg), f.get_tensor("mel")
                 found, silence = f.get_tensor("found"), f.get_tensor("silence")
-            ci = len(self.mouths)
-            self.mouths.append(mouth_frames(crops, cfg.height, cfg.width))
+            ci = len(self.videos)
+            self.videos.append(video)
             pad = np.zeros((4 * self.k, mel.shape[1]), np.float16)  # so every strip is one slice
             self.mels.append(np.concatenate([pad, mel, pad]))
             win_found = np.lib.stride_tricks.sliding_window_view(found, FRAMES).all(1)
@@ -336,13 +434,13 @@ class SyncWindows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         c, s = self.index[i]
-        k, n = self.k, len(self.mouths[c])
+        k, n = self.k, len(self.videos[c])
         lags = np.arange(-k, k + 1)
         start = s - lags  # first frame of each offset's audio window
         valid = (start >= 0) & (start + FRAMES <= n)
         strip = self.mels[c][4 * s : 4 * s + 8 * k + ROWS]  # padded: row 4k of mels[c] is the clip's row 0
         return {
-            "video": torch.from_numpy(self.mouths[c][s : s + FRAMES].copy()),
+            "video": torch.from_numpy(self.videos[c][s : s + FRAMES].copy()),
             "mel": torch.from_numpy(strip.astype(np.float32)),
             "valid": torch.from_numpy(valid),
             "clip": torch.tensor(c),
@@ -359,6 +457,8 @@ def augment(batch: dict, gen: torch.Generator, voice_face: bool = False, more: b
     """Train-time: mirror half the mouths, shift each by up to 3 px (same for its 5 frames), +-3 dB audio gain;
     with `voice_face` also `warp_mel` and `jitter_light`, for voices and faces never trained on; with `more` also
     `jitter_face` and `add_noise`."""
+    if batch["video"].is_floating_point():  # lip shapes
+        return _augment_lips(batch, gen, voice_face, more)
     video = batch["video"]
     b, _, h, w = video.shape
     dev = video.device
@@ -375,6 +475,35 @@ def augment(batch: dict, gen: torch.Generator, voice_face: bool = False, more: b
     if more:
         mel, video = add_noise(mel, gen), jitter_face(video, gen)
     return {**batch, "video": video, "mel": mel}
+
+
+def _augment_lips(batch: dict, gen: torch.Generator, voice_face: bool, more: bool) -> dict:
+    """augment() for a "lips" expert: the same audio (gain; warp_mel, add_noise), and jitter_lips."""
+    mel = batch["mel"] + (_rand(gen, batch["mel"], len(batch["mel"]), 1, 1) - 0.5) * 0.6  # log10 power: +-3 dB
+    if voice_face:
+        mel = warp_mel(mel, gen)
+    if more:
+        mel = add_noise(mel, gen)
+    return {**batch, "video": jitter_lips(batch["video"], gen), "mel": mel}
+
+
+def jitter_lips(lips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Other mouths, poses and trackers, roughly, for (B, 5, 80) lip shapes (one draw per window, its 5 frames
+    alike but for the noise): how much the person moves (x0.6-1.6) and the mouth's proportions (height x0.8-1.25),
+    a tilt of up to 8 degrees, a shift of the window's shapes off the clip's mean (a clip that rests open or
+    closed) and tracker noise of up to a third of LIP_SCALE a point and frame."""
+    b, n, _ = lips.shape
+    xy = lips.view(b, n, -1, 2)
+    amp = torch.exp(np.log(0.6) + np.log(1.6 / 0.6) * _rand(gen, lips, b))
+    tall = torch.exp((_rand(gen, lips, b) * 2 - 1) * np.log(1.25))
+    ang = (_rand(gen, lips, b) * 2 - 1) * np.deg2rad(8)
+    c, s = torch.cos(ang), torch.sin(ang)
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
+    scale = torch.stack([amp, amp * tall], -1)  # (B, 2)
+    xy = torch.einsum("bij,bnpj->bnpi", rot, xy * scale[:, None, None])
+    shift = torch.randn(b, 1, 1, 2, generator=gen, device=gen.device).to(lips.device) * 0.3
+    noise = torch.randn(xy.shape, generator=gen, device=gen.device).to(lips.device) * _rand(gen, lips, b, 1, 1, 1) / 3
+    return (xy + shift + noise).reshape(b, n, -1)
 
 
 def _rand(gen: torch.Generator, like: torch.Tensor, *shape: int) -> torch.Tensor:
