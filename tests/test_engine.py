@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 
 from lipsync_cli.compositing import colour_field, lower_face_mask
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.retrieval import select_mouths
 from lipsync_cli.models import lipmap
 
@@ -35,6 +36,18 @@ def test_viterbi_never_picks_invalid_frames_and_prefers_matching_pose():
     path = select_mouths(src, pose, valid, target, background=np.full(40, 0))  # background pose: frontal (even)
     assert (path >= 20).all()
     assert np.mean(path % 2 == 0) > 0.8
+
+
+def test_a_still_heads_pose_jitter_is_no_mismatch():
+    """On a still head (GRID) the pose features differ by tracking noise alone: a mouth three noise levels away in
+    pose is still a match (POSE_FLOOR), where measured in units of the noise it would be dropped as another pose."""
+    rng = np.random.default_rng(0)
+    pose = rng.normal(scale=1e-4, size=(100, 2 * 38))  # sub-pixel jitter of 38 stable points
+    pose[10] += 3e-4 * np.sign(rng.normal(size=76))  # the one mouth that matches: a little further off
+    valid = np.ones(100, bool)
+    assert retrieval._pose_scale(pose, valid) == retrieval.POSE_FLOOR * np.sqrt(38)
+    src = rng.normal(size=(100, 3))  # every mouth its own shape
+    assert select_mouths(src, pose, valid, src[10:11], background=np.array([50])).tolist() == [10]
 
 
 def test_lipmap_closes_the_mouth_where_told_and_opens_with_loudness():

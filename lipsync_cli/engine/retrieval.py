@@ -28,10 +28,15 @@ from lipsync_cli.models import lipmap
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
 POSE_TOL = 1.5  # candidates further than this (in median pose deviations) are dropped while nearer ones qualify
+POSE_FLOOR = 0.004  # the least pose deviation (crop units, RMS per stable point) that counts: on a still head
+# (GRID: 0.002-0.004, 0.3-0.5 px) the median deviation is tracking noise, and a "far" pose there is no visible misfit
 JUMP_COST = 1.0  # in squared shape-std units: the price of a visible cut between two source frames
 HOLD_COST = 0.3  # showing the same frame twice looks frozen
 GAP_WEIGHT = 16.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
 SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does the job
+# a re-shaped SHUT mouth costs more: re-tracked on the output, real shut mouths read shut far more often (GRID s33
+# 92% vs 46% of p/b/m, s4 96% vs 84%: the mesh reads a warped seam as parted), so one is used wherever there is any
+SYNTH_SHUT_COST = 5.0
 # inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
 CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
 REST_GAP = 0.025  # a mouth at rest in a pause
@@ -117,7 +122,7 @@ def choose(
     want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
     rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
     weight = np.where((tg.kind == visemes.FREE) & ~every_frame, 0.0, GAP_WEIGHT / wide**2)
-    extra = SYNTH_COST * (np.arange(len(gap)) >= T)
+    extra = np.concatenate([np.zeros(T), np.where(bank[:, 1] == 0, SYNTH_SHUT_COST, SYNTH_COST)])
     index = select_mouths(
         src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
     )
@@ -187,9 +192,10 @@ def make_bank(gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, 
 
 
 def _pose_scale(pose: np.ndarray, pool: np.ndarray) -> float:
-    """Median distance of the pool's poses from their mean: the unit of pose mismatch."""
+    """Median distance of the pool's poses from their mean, at least POSE_FLOOR: the unit of pose mismatch."""
     p = pose[pool]
-    return float(np.median(np.linalg.norm(p - p.mean(0), axis=1))) + 1e-6
+    floor = POSE_FLOOR * np.sqrt(pose.shape[1] / 2)
+    return max(float(np.median(np.linalg.norm(p - p.mean(0), axis=1))), floor)
 
 
 def _pose_groups(pose: np.ndarray, k: int) -> np.ndarray:
