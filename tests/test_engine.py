@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from lipsync_cli.compositing import colour_field, lower_face_mask
 from lipsync_cli.engine import retrieval
@@ -48,6 +49,12 @@ def test_a_still_heads_pose_jitter_is_no_mismatch():
     assert retrieval._pose_scale(pose, valid) == retrieval.POSE_FLOOR * np.sqrt(38)
     src = rng.normal(size=(100, 3))  # every mouth its own shape
     assert select_mouths(src, pose, valid, src[10:11], background=np.array([50])).tolist() == [10]
+
+
+def test_a_video_that_never_quite_shuts_lends_its_tightest_mouths():
+    assert retrieval.shut_limit(np.array([0.003, 0.02, 0.1])) == retrieval.CLOSED_GAP  # shuts: the usual bar
+    assert retrieval.shut_limit(np.array([0.0071, 0.02, 0.1])) == pytest.approx(0.00781)  # nearly: its tightest
+    assert retrieval.shut_limit(np.array([0.02, 0.1])) == retrieval.CLOSED_GAP  # never: re-shaped mouths
 
 
 def test_lipmap_closes_the_mouth_where_told_and_opens_with_loudness():

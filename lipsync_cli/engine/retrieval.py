@@ -39,6 +39,7 @@ SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does t
 SYNTH_SHUT_COST = 5.0
 # inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
 CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
+NEAR_SHUT_GAP = 0.008  # a video that never shuts tighter than CLOSED_GAP: its tightest mouths up to this count as shut
 REST_GAP = 0.025  # a mouth at rest in a pause
 MIN_WIDE = 0.08  # the least an "aa" opens, even on a person who mumbles (GRID talkers open 0.1-0.2)
 WIDE_PCT = 98  # the person's wide-open mouth: this percentile of their gaps (re-tracked output reads narrower)
@@ -96,7 +97,8 @@ def choose(
     # the closures no real shut mouth of that head pose can show: the least open mouth of that pose, shut (the
     # less a warp moves the lips, the better the pixels follow: from a wide-open mouth the smoothed landmarks
     # trail the real lips, and teeth showed between "shut" lips on liveportrait_d11)
-    shut_real = pool & (gap <= CLOSED_GAP)
+    shut_gap = shut_limit(gap[pool])
+    shut_real = pool & (gap <= shut_gap)
     scale = _pose_scale(pose, pool)
     lonely = set()
     for b in np.unique(background[tg.kind == visemes.CLOSED]):
@@ -106,7 +108,7 @@ def choose(
         if not (near & shut_real).any():
             same = np.flatnonzero(near & pool)
             lonely.add(int(same[np.argmin(gap[same])]) if len(same) else int(b))
-    bank = make_bank(gap, pose, pool, wide, sorted(lonely))
+    bank = make_bank(gap, pose, pool, wide, sorted(lonely), shut_gap)
     bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
     bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
     src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
@@ -120,7 +122,7 @@ def choose(
     want = tg.openness * wide  # the gap each frame aims at
     resting = gap[:T][pool & (gap[:T] < REST_GAP)]
     want[tg.kind == visemes.REST] = float(np.median(resting)) if len(resting) else 0.0
-    rules, sets = allowed_sets(tg, want, gap, width, valid, wide)
+    rules, sets = allowed_sets(tg, want, gap, width, valid, wide, shut_gap)
     weight = np.where((tg.kind == visemes.FREE) & ~every_frame, 0.0, GAP_WEIGHT / wide**2)
     extra = np.concatenate([np.zeros(T), np.where(bank[:, 1] == 0, SYNTH_SHUT_COST, SYNTH_COST)])
     index = select_mouths(
@@ -135,12 +137,27 @@ def choose(
     return MouthTrack(source_index=index, points=points, target=target, bank=bank[used] if len(used) else None)
 
 
+def shut_limit(gap: np.ndarray) -> float:
+    """The widest inner-lip gap that counts as a shut mouth in this video (gaps of its pool): CLOSED_GAP, or, where
+    the video never shuts that far, its tightest mouths up to NEAR_SHUT_GAP (10% above its tightest): re-tracked on
+    the output, a real mouth that nearly shuts reads shut more often than a re-shaped one (GRID s33 lwbi5s, tightest
+    0.0071: p/b/m closed 0.22 -> 0.72)."""
+    tight = float(np.min(gap)) if len(gap) else np.inf
+    return 1.1 * tight if CLOSED_GAP < tight <= NEAR_SHUT_GAP else CLOSED_GAP
+
+
 def allowed_sets(
-    tg: visemes.Targets, want: np.ndarray, gap: np.ndarray, width: np.ndarray, valid: np.ndarray, wide: float
+    tg: visemes.Targets,
+    want: np.ndarray,
+    gap: np.ndarray,
+    width: np.ndarray,
+    valid: np.ndarray,
+    wide: float,
+    shut_gap: float = CLOSED_GAP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show, as a gap range
-    per viseme kind (and narrow mouths for rounded ones). Where no mouth falls in the range, the N_CANDIDATES
-    nearest to it."""
+    per viseme kind (and narrow mouths for rounded ones; shut: up to shut_gap). Where no mouth falls in the range,
+    the N_CANDIDATES nearest to it."""
     narrow = width <= np.median(width[valid])
     tops = np.where(tg.cap < 1, np.minimum(tg.cap * wide, APPROACH_GAP * tg.cap / visemes.APPROACH), np.inf)
     rows, keys = [], {}
@@ -150,7 +167,7 @@ def allowed_sets(
         if key not in keys:
             lo, hi, shape = 0.0, np.inf, valid
             if k == visemes.CLOSED:
-                hi = CLOSED_GAP
+                hi = shut_gap
             elif k == visemes.REST:
                 hi = REST_GAP
             elif k == visemes.OPEN:
@@ -173,7 +190,9 @@ def allowed_sets(
     return rules, np.array(rows)
 
 
-def make_bank(gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, shut: list[int]) -> np.ndarray:
+def make_bank(
+    gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, shut: list[int], shut_gap: float = CLOSED_GAP
+) -> np.ndarray:
     """The person's own mouths to re-shape, as (source frame, gap scale) rows (M, 2): each frame in `shut` shut,
     and per head-pose group that never shows a shut (or a wide-open) mouth its nearest one shut (or opened to
     `wide`). Only their landmarks are computed here; the pixels are warped when a mouth is shown."""
@@ -183,7 +202,7 @@ def make_bank(gap: np.ndarray, pose: np.ndarray, pool: np.ndarray, wide: float, 
     for g in np.unique(groups):
         members = frames[groups == g]
         g_gap = gap[members]
-        if g_gap.min() > CLOSED_GAP:
+        if g_gap.min() > shut_gap:
             jobs.append((members[np.argmin(g_gap)], 0.0))
         if REST_GAP < g_gap.max() < OPEN_MIN * wide:
             t = members[np.argmax(g_gap)]
