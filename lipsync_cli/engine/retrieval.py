@@ -35,7 +35,7 @@ HOLD_COST = 0.3  # showing the same frame twice looks frozen
 GAP_WEIGHT = 16.0  # on frames with a viseme target: squared gap error, in units of the person's wide-open gap
 SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does the job
 # a re-shaped SHUT mouth costs more: re-tracked on the output, real shut mouths read shut far more often (GRID s33
-# 92% vs 46% of p/b/m, s4 96% vs 84%: the mesh reads a warped seam as parted), so one is used wherever there is any
+# 87-92% vs 46% of p/b/m, s4 96% vs 84%: the mesh reads a warped seam as parted), so one is used wherever there is any
 SYNTH_SHUT_COST = 5.0
 # inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
 CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
