@@ -318,13 +318,16 @@ def offset_scores(
     n = min(len(x) for x in vs + as_)
     ok = np.ones(n, bool) if ok is None else np.asarray(ok, bool)[:n]
     lags = np.arange(-max_offset, max_offset + 1)
-    by = np.zeros(len(lags))
-    for vi, ai in zip(vs, as_, strict=True):
-        dist = np.linalg.norm(np.asarray(vi[:n], np.float64)[:, None] - np.asarray(ai[:n], np.float64)[None], axis=-1)
-        for i, k in enumerate(lags):  # dist[t, u] = |v_t - a_u|; NaN where no window has both
-            t = np.arange(max(0, k), min(n, n + k))
-            t = t[ok[t]]
-            by[i] += dist[t, t - k].mean() / len(vs) if len(t) else np.nan
+    dists = [  # per expert, dist[t, u] = |v_t - a_u|
+        np.linalg.norm(np.asarray(vi[:n], np.float64)[:, None] - np.asarray(ai[:n], np.float64)[None], axis=-1)
+        for vi, ai in zip(vs, as_, strict=True)
+    ]
+    by = np.full(len(lags), np.nan)
+    for i, k in enumerate(lags):
+        t = np.arange(max(0, k), min(n, n + k))
+        t = t[ok[t]]
+        if len(t):
+            by[i] = np.mean([d[t, t - k].mean() for d in dists])
     if not np.isfinite(by).any():
         raise LipsyncError("no window with a face and audio: nothing to measure sync on")
     best = np.nanmin(by)
