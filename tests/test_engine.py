@@ -57,6 +57,24 @@ def test_a_video_that_never_quite_shuts_lends_its_tightest_mouths():
     assert retrieval.shut_limit(np.array([0.02, 0.1])) == retrieval.CLOSED_GAP  # never: re-shaped mouths
 
 
+def test_a_squeezed_vowel_opens_its_share_of_a_wide_mouth_beside_closures_do_not():
+    """Frames beside a closure open at most APPROACH_GAP (in proportion to their cap) however wide the person
+    opens; the first frame of a vowel squeezed between closures opens SQUEEZED_CAP of this person's wide mouth."""
+    from lipsync_cli import visemes
+
+    cap = np.array([visemes.APPROACH_IN, visemes.APPROACH, visemes.SQUEEZED_CAP, 1.0])
+    wide = 0.23  # pcavs_00086
+    tops = retrieval.approach_tops(cap, wide)
+    assert tops[0] == pytest.approx(retrieval.APPROACH_GAP * visemes.APPROACH_IN / visemes.APPROACH)
+    assert tops[1] == pytest.approx(retrieval.APPROACH_GAP) and retrieval.APPROACH_GAP < visemes.APPROACH * wide
+    assert tops[2] == pytest.approx(visemes.SQUEEZED_CAP * wide) and tops[2] > 2 * retrieval.APPROACH_GAP
+    assert tops[3] == np.inf
+    narrow = retrieval.approach_tops(cap, 0.06)  # a mumbler: the share of their own mouth is the smaller limit
+    assert narrow[1] == pytest.approx(visemes.APPROACH * 0.06) and narrow[2] == pytest.approx(
+        visemes.SQUEEZED_CAP * 0.06
+    )
+
+
 def test_lipmap_closes_the_mouth_where_told_and_opens_with_loudness():
     rng = np.random.default_rng(1)
     T, sr, fps = 250, 16000, 25.0
