@@ -121,19 +121,22 @@ def test_phone_timings_span_sentences_and_pauses():
 
 
 @piper
-def test_the_same_text_gives_the_same_speech_in_every_process():
-    """Piper draws durations and texture at random; seeded at load, a dub (and an eval run) is reproducible. Two
-    fresh processes, two syntheses each: the same samples, call by call (and the two calls of one process differ,
-    so the check is not vacuous)."""
+def test_the_same_text_gives_the_same_speech_whatever_was_spoken_before():
+    """Piper draws durations and texture at random; each synthesis starts from a freshly seeded session, so a dub,
+    a batch of dubs and an eval run are reproducible. Two fresh processes, each: the text, other text, the text
+    again (the same samples every time), then once more on a session that has drawn already (different samples:
+    the check is not vacuous)."""
     import subprocess
     import sys
 
     code = (
         "import hashlib; from lipsync_cli.voice import tts\n"
-        "for _ in range(2): print(hashlib.sha256(tts.synthesize('Bob bought a pop album.', progress=False)"
-        ".tobytes()).hexdigest())"
+        "say = lambda t: print(hashlib.sha256(tts.synthesize(t, progress=False).tobytes()).hexdigest())\n"
+        "say('Bob bought a pop album.'); say('Something else entirely.'); say('Bob bought a pop album.')\n"
+        "tts._fresh_session = lambda voice: None; say('Bob bought a pop album.')"
     )
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
             for _ in range(2)]  # fmt: skip
-    assert runs[0] == runs[1] and len(runs[0]) == 2
-    assert runs[0][0] != runs[0][1]
+    assert runs[0] == runs[1] and len(runs[0]) == 4
+    assert runs[0][0] == runs[0][2] != runs[0][1]
+    assert runs[0][3] != runs[0][0]

