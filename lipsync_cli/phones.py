@@ -190,15 +190,16 @@ def _espeak() -> Any:
 # ------------------------------------------------------------------ decoding
 
 
-@lru_cache(maxsize=1)
 def _align_decoder() -> Any:
+    """A new aligning decoder (~0.08 s). One per call, never a cached one: a decoder carries state from one
+    utterance to the next, and the same audio aligned twice in a process came out 10 ms apart the second time."""
     from pocketsphinx import Decoder
 
     return Decoder(samprate=SR, lm=None, bestpath=False, loglevel="FATAL")
 
 
-@lru_cache(maxsize=1)
 def _phone_decoder() -> Any:
+    """A new phone recogniser (~0.08 s), one per call, for the same reason as _align_decoder."""
     from pocketsphinx import Decoder, get_model_path
 
     lm = get_model_path("en-us/en-us-phone.lm.bin")
@@ -246,9 +247,9 @@ def _word_pass(d: Any, pcm: bytes, words: list[str]) -> list[tuple[str, int, int
     return segs if any(not w.startswith(("<", "+", "[")) for w, _, _ in segs) else None
 
 
-def _force_align(x: np.ndarray, words: list[str], offset: float) -> list[Word] | None:
-    """Two-pass pocketsphinx alignment (words, then phones); None when the search cannot reach the end."""
-    d = _align_decoder()
+def _force_align(d: Any, x: np.ndarray, words: list[str], offset: float) -> list[Word] | None:
+    """Two-pass pocketsphinx alignment (words, then phones) with decoder d; None when the search cannot reach the
+    end."""
     pcm = _pcm(x)
     if _word_pass(d, pcm, words) is None:
         return None
@@ -272,8 +273,7 @@ def _force_align(x: np.ndarray, words: list[str], offset: float) -> list[Word] |
     return out if any(w.word != SIL for w in out) else None
 
 
-def _recognise(x: np.ndarray, offset: float) -> list[Phone]:
-    d = _phone_decoder()
+def _recognise(d: Any, x: np.ndarray, offset: float) -> list[Phone]:
     d.start_utt()
     d.process_raw(_pcm(x), full_utt=True)
     d.end_utt()
@@ -308,13 +308,13 @@ def _share_words(x: np.ndarray, chunks: list[tuple[int, int]], n_words: int) -> 
     return np.round(np.concatenate([[0], np.cumsum(speech)]) / speech.sum() * n_words).astype(int)
 
 
-def _align_block(x: np.ndarray, words: list[str], offset: float) -> list[Word]:
+def _align_block(d: Any, x: np.ndarray, words: list[str], offset: float) -> list[Word]:
     """Align up to BLOCK_S of audio: one word-level pass over all of it, then the phone-level pass in pieces of
     at most CHUNK_S cut at the pauses it found (the phone pass costs time and memory superlinear in length)."""
     dur = len(x) / SR
     pieces: list[tuple[int, int, list[str]]] = [(0, len(x), words)]
     if dur > CHUNK_S:
-        segs = _word_pass(_align_decoder(), _pcm(x), words)
+        segs = _word_pass(d, _pcm(x), words)
         if segs is None:
             chunks = _chunks(x)
             edges = _share_words(x, chunks, len(words))
@@ -334,11 +334,11 @@ def _align_block(x: np.ndarray, words: list[str], offset: float) -> list[Word]:
             pieces.append((start, len(x), cur))
     out: list[Word] = []
     for a, b, ws in pieces:
-        part = _force_align(x[a:b], ws, offset + a / SR) if ws else None
+        part = _force_align(d, x[a:b], ws, offset + a / SR) if ws else None
         if part is None:
             if ws:
                 log("align: text does not fit the audio here; recognising phones instead")
-            part = [Word("", offset + a / SR, offset + b / SR, _recognise(x[a:b], offset + a / SR))]
+            part = [Word("", offset + a / SR, offset + b / SR, _recognise(_phone_decoder(), x[a:b], offset + a / SR))]
         out += part
     return out
 
@@ -356,16 +356,17 @@ def align_words(audio16k: np.ndarray, text: str) -> list[Word]:
         return []
     if _silent(x):
         return [Word(SIL, 0.0, dur, [Phone(SIL, 0.0, dur)])]
-    words = _known_words(_align_decoder(), text_to_words(text))
+    d = _align_decoder()
+    words = _known_words(d, text_to_words(text))
     if not words:
         return [Word("", 0.0, dur, align_phones(x))]
     blocks = _chunks(x, BLOCK_S)
     if len(blocks) == 1:
-        return _align_block(x, words, 0.0)
+        return _align_block(d, x, words, 0.0)
     edges = _share_words(x, blocks, len(words))
     out: list[Word] = []
     for (a, b), lo, hi in track(list(zip(blocks, edges[:-1], edges[1:], strict=True)), "align"):
-        out += _align_block(x[a:b], words[lo:hi], a / SR)
+        out += _align_block(d, x[a:b], words[lo:hi], a / SR)
     return out
 
 
@@ -383,7 +384,8 @@ def align_phones(audio16k: np.ndarray, text: str | None = None) -> list[Phone]:
         return [Phone(SIL, 0.0, len(x) / SR)]
     chunks = _chunks(x)
     pieces = track(chunks, "phones") if len(chunks) > 1 else chunks
-    return [p for a, b in pieces for p in _recognise(x[a:b], a / SR)]
+    d = _phone_decoder()
+    return [p for a, b in pieces for p in _recognise(d, x[a:b], a / SR)]
 
 
 # ------------------------------------------------------------------ per video frame
