@@ -94,8 +94,9 @@ def test_api_settings_are_explicit(tmp_path, monkeypatch):
 
 
 def test_dubber_and_batch_on_a_real_clip(tmp_path):
-    """Two dubs through one Dubber (one face tracker, nothing process-wide changed), then `dub --batch --json` with a
-    failing job in the middle: the others still run and each job gets one line."""
+    """Three dubs through one Dubber (one face tracker, nothing process-wide changed; the first again, after other
+    speech, is the same file), then `dub --batch --json` with a failing job in the middle: the others still run and
+    each job gets one line."""
     import lipsync_cli as lipsync
 
     clip = shared_file("media/pcavs_00086.mp4")
@@ -108,6 +109,8 @@ def test_dubber_and_batch_on_a_real_clip(tmp_path):
             clip, "Hello.", output=tmp_path / "b.mp4", sync_mode="cut", on_progress=lambda *a: seen.append(a)
         )
         assert dubber._tracker is tracker
+        again = dubber.dub(clip, "Bob bought a big map.", output=tmp_path / "c.mp4")  # after other speech
+    assert again.output.read_bytes() == first.output.read_bytes()  # the same file, bit for bit
     assert os.readlink("/proc/self/fd/2") == fd2 and threading.active_count() == threads
     assert first.output.is_file() and second.output.is_file() and first.faces_found > 0.9
     assert first.engine == "retrieval" and first.voice == "tts" and 1.0 < first.duration < 3.0
