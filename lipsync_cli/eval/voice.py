@@ -27,7 +27,6 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,8 +70,9 @@ def wer(ref: str, hyp: str) -> float:
     return float(d[-1]) / max(len(r), 1)
 
 
-@lru_cache(maxsize=1)
 def _decoder():
+    """A new recogniser (~0.3 s) for every transcription: a decoder carries state from one utterance to the next
+    (phones._align_decoder), and a WER should not depend on what was transcribed before."""
     from pocketsphinx import Decoder
 
     return Decoder(samprate=SR, loglevel="FATAL")  # default en-us model + language model, inside the wheel
