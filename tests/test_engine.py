@@ -66,7 +66,7 @@ def test_a_squeezed_vowel_opens_its_share_of_a_wide_mouth_beside_closures_do_not
     wide = 0.23  # pcavs_00086
     tops = retrieval.approach_tops(cap, wide)
     assert tops[0] == pytest.approx(retrieval.APPROACH_GAP * visemes.APPROACH_IN / visemes.APPROACH)
-    assert tops[1] == pytest.approx(retrieval.APPROACH_GAP) and retrieval.APPROACH_GAP < visemes.APPROACH * wide
+    assert tops[1] == pytest.approx(retrieval.APPROACH_GAP) and visemes.APPROACH * wide > retrieval.APPROACH_GAP
     assert tops[2] == pytest.approx(visemes.SQUEEZED_CAP * wide) and tops[2] > 2 * retrieval.APPROACH_GAP
     assert tops[3] == np.inf
     narrow = retrieval.approach_tops(cap, 0.06)  # a mumbler: the share of their own mouth is the smaller limit
