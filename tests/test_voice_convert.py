@@ -185,3 +185,20 @@ def test_a_childs_voice_is_not_dubbed_an_octave_low(shared):
     y = vc.convert(_piper("We need to finish the project before the end of the month."), p)
     semitones = 12 * np.log2(median_f0(y) / np.exp(p.f0_mean_log))
     assert abs(semitones) < 3, semitones  # ~12 before
+
+
+def test_a_pitch_excursion_of_the_tts_stays_in_the_speakers_range():
+    """The TTS's contour moves to the speaker's centre and spread, but an excursion far outside the TTS's own spread
+    (piper's first word read at 2.6x its median) lands at Z_MAX spreads of the speaker, not at the 600 Hz ceiling."""
+    from lipsync_cli.voice.convert import Z_MAX, VoiceProfile, map_f0
+
+    rng = np.random.default_rng(0)
+    f0 = 110 * np.exp(rng.normal(0, 0.1, 400))
+    f0[:20] = 290.0  # the excursion
+    f0[200:220] = 0.0  # unvoiced stays unvoiced
+    profile = VoiceProfile(np.log(200.0), 0.36, np.zeros(513), np.zeros(256), 5.0, np.zeros(40))
+    out = map_f0(f0, profile)
+    assert (out[200:220] == 0).all()
+    assert np.allclose(out[:20], 200 * np.exp(Z_MAX * 0.36)) and out[:20].max() < 450
+    typical = out[(f0 > 0) & (np.arange(400) >= 20)]
+    assert 170 < np.median(typical) < 235  # the rest: the speaker's centre

@@ -60,6 +60,10 @@ FRAME_MS = 5.0
 HOP = int(SR * FRAME_MS / 1000)  # 80 samples per WORLD frame
 FFT = 1024  # CheapTrick FFT at 16 kHz: 513 envelope bins
 F0_FLOOR, F0_CEIL = 60.0, 600.0
+# the TTS's excursions beyond this many spreads land at the speaker's own this-many-spreads point: piper's start of
+# "Bob bought..." reads 240-290 Hz (4.6 spreads over its 110 Hz), which an expressive speaker's spread (sakthivel,
+# 6 semitones) sent to the 600 Hz ceiling: PSOLA 5x up, a garbled first word (eval: 1.0 octave low, 55% on pitch)
+Z_MAX = 2.0
 MAX_REF_S = 60.0  # speech analysed for a profile
 MIN_VOICED = 100  # 0.5 s of voiced frames: below this F0 statistics mean nothing
 METHODS = ("shape", "warp", "f0")
@@ -126,7 +130,7 @@ def map_f0(f0: np.ndarray, profile: VoiceProfile) -> np.ndarray:
     if v.sum() < 10:
         return out
     mu, sd = log_f0_stats(f0)
-    z = (np.log(f0[v]) - mu) / sd
+    z = np.clip((np.log(f0[v]) - mu) / sd, -Z_MAX, Z_MAX)
     out[v] = np.exp(np.clip(z * profile.f0_std_log + profile.f0_mean_log, np.log(F0_FLOOR), np.log(F0_CEIL)))
     return out
 
