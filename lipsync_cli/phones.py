@@ -23,6 +23,14 @@ from lipsync_cli.progress import log, track
 FRAME_S = 0.01  # pocketsphinx frame period
 SIL = "SIL"
 BILABIALS = {"P", "B", "M"}
+STOPS = {"P", "B", "T", "D", "K", "G"}
+# A stop after a pause is silent until its release, so only the sound can say when it ends. Piper's durations put
+# the release of "but" after a comma 20-65 ms before its burst (the vowel's first frame shown open while the lips
+# are still shut); its other stops after pauses end 2-48 ms after their sound's onset (24 sentences: B 2-20 ms).
+RELEASE_S = 0.015  # a stop ends at least this long after its sound's onset (the burst)
+ONSET_RISE_DB = 30.0  # the onset: the first 5 ms frame this far above the pause's quietest one...
+ONSET_PEAK_DB = 45.0  # ...and no further than this below the speech's loudest
+MAX_SETTLE_S = 0.12  # a stop is moved at most this far (further means the pause was mislabelled, not mistimed)
 CHUNK_S = 30.0  # phone-level passes and phone recognition work on pieces this long, cut at pauses
 BLOCK_S = 600.0  # word-level alignment passes see at most this much audio (memory grows with length)
 
@@ -101,6 +109,34 @@ def from_ipa(phones: Sequence[tuple[str, float, float]]) -> list[Phone]:
         label = ipa_to_arpabet(p)
         if label is not None:
             out.append(Phone(label, float(s), float(e)))
+    return out
+
+
+def settle_stops(phones: Sequence[Phone], audio16k: np.ndarray) -> list[Phone]:
+    """`phones` (a TTS's own timings of `audio16k`) with each stop that follows a pause ending no earlier than
+    RELEASE_S after its sound's onset; the next phone starts where it ends. Other phones are kept as they are."""
+    out = [Phone(p.label, p.start, p.end) for p in phones]
+    hop = int(SR * 0.005)
+    x = np.asarray(audio16k, np.float64).ravel()
+    n = len(x) // hop
+    if n == 0:
+        return out
+    db = 10 * np.log10((x[: n * hop].reshape(n, hop) ** 2).mean(1) + 1e-14)
+    peak = float(db.max())
+    for pause, stop, after in zip(out, out[1:], out[2:], strict=False):
+        if pause.label != SIL or stop.label not in STOPS:
+            continue
+        a, b = int(pause.start / 0.005), min(int(np.ceil(pause.end / 0.005)) + 1, n)
+        if b <= a:
+            continue
+        quiet = a + int(np.argmin(db[a:b]))
+        limit = min(int((stop.end + MAX_SETTLE_S) / 0.005), n)
+        loud = np.flatnonzero(db[quiet:limit] > max(db[quiet] + ONSET_RISE_DB, peak - ONSET_PEAK_DB))
+        if not len(loud):
+            continue
+        end = min((quiet + loud[0]) * 0.005 + RELEASE_S, after.end - 0.01)
+        if end > stop.end:
+            stop.end = after.start = end
     return out
 
 

@@ -53,6 +53,41 @@ def test_silence_frames():
     assert mask[15:].all()  # past the last phone counts as silence
 
 
+def test_a_stop_after_a_pause_ends_after_its_sound_starts():
+    rng = np.random.default_rng(0)
+    x = np.zeros(SR, np.float32)
+    x[: int(0.3 * SR)] = 0.3 * rng.standard_normal(int(0.3 * SR))  # a word, then a pause
+    x[int(0.7 * SR) :] = 0.3 * rng.standard_normal(SR - int(0.7 * SR))  # the burst and vowel at 0.7 s
+    ph = [Phone("AA", 0.0, 0.3), Phone("SIL", 0.3, 0.55), Phone("B", 0.55, 0.62), Phone("AH", 0.62, 0.9)]
+    out = phones.settle_stops(ph, x)
+    assert out[2].end == out[3].start == pytest.approx(0.7 + phones.RELEASE_S, abs=0.006)
+    assert [(p.label, p.start) for p in out[:3]] == [(p.label, p.start) for p in ph[:3]] and out[3].end == 0.9
+    assert ph[2].end == 0.62  # the input is not changed
+    # a stop that already ends after the onset, and a non-stop after the pause, stay as they are
+    late = [*ph[:2], Phone("B", 0.55, 0.75), Phone("AH", 0.75, 0.9)]
+    assert phones.settle_stops(late, x) == late
+    vowel = [*ph[:2], Phone("AH", 0.55, 0.62), Phone("N", 0.62, 0.9)]
+    assert phones.settle_stops(vowel, x) == vowel
+
+
+def test_piper_but_after_a_comma_stays_shut_until_its_burst():
+    """Piper's durations end the B of "but" after a comma ~65 ms before its burst: the lips would open early."""
+    tts = pytest.importorskip("lipsync_cli.voice.tts")
+    if not tts.piper_available():
+        pytest.skip("piper-tts not installed")
+    from lipsync_cli.settings import Settings
+    from lipsync_cli.voice.speech import load_speech
+
+    text = "The mayor spoke about the budget plan. Most people applauded, but a few booed."
+    x, spoken = load_speech(text, None, Settings())
+    raw = phones.from_ipa(tts.synthesize_with_phones(text, progress=False)[1])
+    i = next(k for k, p in enumerate(raw) if p.label == "B" and raw[k - 1].label == "SIL")
+    frames = np.abs(x[: len(x) // 80 * 80].reshape(-1, 80)).max(1)
+    burst = (int(raw[i].start / 0.005) + int(np.argmax(frames[int(raw[i].start / 0.005) :] > 0.01))) * 0.005
+    assert raw[i].end < burst - 0.03  # what piper says
+    assert burst < spoken[i].end < burst + 0.03 and spoken[i + 1].start == spoken[i].end
+
+
 def test_silence_and_empty_audio():
     assert phones.align_phones(np.zeros(0, np.float32)) == []
     for text in (None, "hello world"):

@@ -108,8 +108,10 @@ def load_speech_full(
         rate, spoken = TTS_SR, phones.from_ipa(ipa)
     else:
         native, rate = tts.synthesize(text, sr=TTS_SR, backend=settings.tts, progress=not progress.is_quiet()), TTS_SR
-    sr = output_rate(rate)
-    return Speech(resample(native, rate, SR), resample(native, rate, sr), sr, spoken)
+    analysis, sr = resample(native, rate, SR), output_rate(rate)
+    if spoken is not None:
+        spoken = phones.settle_stops(spoken, analysis)
+    return Speech(analysis, resample(native, rate, sr), sr, spoken)
 
 
 @dataclass
