@@ -202,3 +202,22 @@ def test_a_pitch_excursion_of_the_tts_stays_in_the_speakers_range():
     assert np.allclose(out[:20], 200 * np.exp(Z_MAX * 0.36)) and out[:20].max() < 450
     typical = out[(f0 > 0) & (np.arange(400) >= 20)]
     assert 170 < np.median(typical) < 235  # the rest: the speaker's centre
+
+
+def test_the_formants_move_up_for_a_woman_and_stay_for_a_man(shared):
+    """The warp is chosen by GE2E, which on a man's voice scores the whole grid within ~0.01: a bare argmax moved
+    GRID s1's formants 20-25% (here 1.2; a recogniser's WER went from 15% to 25%). A warp must now buy its
+    similarity; a woman's voice, whose score rises towards 1.25, keeps hers."""
+    from lipsync_cli.voice.tts import synthesize
+
+    tts = synthesize("The quick brown fox jumps over the lazy dog.", progress=False)  # seeded: the same take each run
+    f0, L = vc.analyse(tts)
+    clips = ("bbaf2n", "bbaf3s", "bbal7s")
+    man = np.concatenate([_decode(shared_file(f"corpus/grid/s1/video/{c}.mpg")) for c in clips])
+    woman = _decode(shared_file("media/sadtalker_WDA_KatieHill_000.mp4"))
+    alphas = []
+    for ref in (man, woman):
+        p = vc.voice_profile(ref)
+        shifted = vc.psola(tts, f0, vc.map_f0(f0, p))
+        alphas.append(vc.estimate_alpha(shifted, L, f0 > 0, p, vc.voice_floor(p)))
+    assert alphas[0] == 1.0 and alphas[1] >= 1.15, alphas
