@@ -204,6 +204,24 @@ def test_a_face_that_never_shuts_its_mouth_still_closes_on_bilabials(tmp_path):
     assert s["contrast"] >= 3.0, s
 
 
+def test_a_tilted_head_keeps_its_jaw_line(tmp_path):
+    """pcavs_741400104 tilts its head down at the start of this sentence; retrieval showed a frontal frame's mouth
+    there, whose jaw outline and shirt collar came along: a notch in the cheek, a patch of collar under the chin
+    (the jaw's sides moved 0.092 of the eye distance in the output). A mouth must fit the frame's jaw line."""
+    from lipsync_cli.engine import retrieval
+    from lipsync_cli.eval import articulation
+    from lipsync_cli.eval.text_protocol import warp
+
+    src = shared_file("media/pcavs_741400104.mp4")
+    out = tmp_path / "out.mp4"
+    text = "The mayor spoke about the budget plan. Most people applauded, but a few booed."
+    r = run_cli("dub", src, text, "-o", out, "--voice", "tts")
+    assert r.returncode == 0, r.stderr
+    dubbed = articulation.track(media.iter_frames(out, fps=25.0)).landmarks
+    source = articulation.track(media.iter_frames(src, fps=25.0)).landmarks[: len(dubbed)]
+    assert warp(dubbed, source, 5, retrieval.JAW_SIDES) < 0.07
+
+
 def test_transcript_goes_with_an_audio_file(tmp_path):
     video = shared_file("media/retalking_face2.mp4")
     r = run_cli("dub", video, "Hello there.", "--transcript", "Hello there.", "-o", tmp_path / "o.mp4")

@@ -39,6 +39,21 @@ def test_viterbi_never_picks_invalid_frames_and_prefers_matching_pose():
     assert np.mean(path % 2 == 0) > 0.8
 
 
+def test_a_mouth_whose_jaw_line_does_not_fit_is_shown_only_when_none_fits():
+    src = np.zeros((3, 2))
+    src[1] = 3.0  # mouth 1 has the wrong shape...
+    jaw = np.zeros((3, 4, 2))
+    jaw[0] = 2 * retrieval.JAW_TOL  # ...mouth 0 the right shape but its jaw elsewhere in the crop
+    jaw[2] = 0.5 * retrieval.JAW_TOL  # frame 2 (behind the output) has no mouth usable, only its jaw
+    valid = np.array([True, True, False])
+    target, behind = np.zeros((4, 2)), np.full(4, 2)
+    pose = np.zeros((3, 2))
+    assert set(select_mouths(src, pose, valid, target, behind, jaw=jaw).tolist()) == {1}
+    assert set(select_mouths(src, pose, valid, target, behind).tolist()) == {0}  # without the rule: the shape wins
+    jaw[1] = jaw[0]  # no mouth fits: the best shape, as before
+    assert set(select_mouths(src, pose, valid, target, behind, jaw=jaw).tolist()) == {0}
+
+
 def test_a_still_heads_pose_jitter_is_no_mismatch():
     """On a still head (GRID) the pose features differ by tracking noise alone: a mouth three noise levels away in
     pose is still a match (POSE_FLOOR), where measured in units of the noise it would be dropped as another pose."""

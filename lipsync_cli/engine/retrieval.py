@@ -49,6 +49,14 @@ APPROACH_GAP = 0.05  # after a closure the lips are at most this far apart (befo
 # visemes.APPROACH_IN, 0.02), however wide the person opens: a 40 ms frame is too short to go from wide open to
 # shut, and a re-tracked mesh reads a 2-frame closure between two wide-open frames as half open (approach_tops)
 POSE_GROUPS = 6  # head poses the bank of re-shaped mouths covers
+# The jaw's outline beside the mouth (mesh 58 172 / 288 397; lower points move as the jaw opens) lies inside the
+# compositor's mask: a mouth whose jaw sits elsewhere in the aligned crop breaks the frame's jaw line and brings its
+# own backdrop or collar (pcavs_741400104: a head tilted down shown a frontal frame's mouth, 0.12-0.15 apart, a
+# notch in the cheek and a patch of shirt under the chin; the upper face's pose points rated it near). Mouths further
+# than JAW_TOL (largest point distance, crop sides) are dropped while nearer ones qualify; neighbouring frames: 0.01.
+# 0.06 also dropped real shut mouths at 0.06-0.07 for re-shaped ones, which re-track parted (sakthivel 0.95 -> 0.91)
+JAW_SIDES = np.array([58, 172, 288, 397])
+JAW_TOL = 0.08
 LIPS = ("model", "map", "phones")  # what shapes the motion between the viseme anchors (`lips`)
 
 
@@ -116,6 +124,8 @@ def choose(
     # a frame without a face keeps its NaN width (no rule selects it); zeros there made a 0 / 0 that numpy warned about
     width = np.concatenate([warp.mouth_width(p) for p in (*np.array_split(aligned, 16), bank_pts)])
     pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
+    jaw = np.nan_to_num(aligned[:, JAW_SIDES] / source.size, nan=np.inf)  # a re-shaped mouth keeps its jaw's sides
+    jaw = np.concatenate([jaw, jaw[bank[:, 0].astype(np.int64)]])
     valid = np.concatenate([pool, np.ones(len(bank), bool)])
 
     want = tg.openness * wide  # the gap each frame aims at
@@ -125,7 +135,18 @@ def choose(
     weight = np.where((tg.kind == visemes.FREE) & ~every_frame, 0.0, GAP_WEIGHT / wide**2)
     extra = np.concatenate([np.zeros(T), np.where(bank[:, 1] == 0, SYNTH_SHUT_COST, SYNTH_COST)])
     index = select_mouths(
-        src_coef, pose, valid, target / lm.scale, background, rules, sets, (gap, want, weight), extra, tg.phone_id, T
+        src_coef,
+        pose,
+        valid,
+        target / lm.scale,
+        background,
+        rules,
+        sets,
+        (gap, want, weight),
+        extra,
+        tg.phone_id,
+        T,
+        jaw,
     )
     index[~source.found[background]] = -1  # no face behind: leave that frame as it was
     shown = np.maximum(index, 0)
@@ -307,12 +328,14 @@ def select_mouths(
     extra: np.ndarray | None = None,
     phone_id: np.ndarray | None = None,
     n_real: int | None = None,
+    jaw: np.ndarray | None = None,
 ) -> np.ndarray:
     """Viterbi over per-frame candidate mouths. src: (T', k) shape coefficients in std units; pose: (T', P);
     target: (N, k); background: (N,) source frame behind each output frame. Optional: sets[rules[i]] (T',) bool:
     the only mouths frame i may show (hard); gaps = (gap (T',), wanted gap (N,), weight (N,)): a squared-gap cost;
     extra (T',): a fixed cost per mouth; phone_id (N,): holding one mouth across two phones costs a cut; n_real:
-    mouths from n_real on are not video frames (nothing follows them). Returns (N,) mouth indices."""
+    mouths from n_real on are not video frames (nothing follows them); jaw (T', P, 2): the jaw's sides, mouths
+    further than JAW_TOL from the frame behind dropped while nearer ones qualify. Returns (N,) mouth indices."""
     T = len(src)
     n_real = T if n_real is None else n_real
     cand_all = np.flatnonzero(valid)
@@ -326,6 +349,10 @@ def select_mouths(
         near = pose_cost <= POSE_TOL**2
         if near.any():  # a mouth from another head pose only when no near one qualifies
             pool, pose_cost = pool[near], pose_cost[near]
+        if jaw is not None:  # ...and from another jaw line only when no matching one does
+            near = np.linalg.norm(jaw[pool] - jaw[background[i]], axis=-1).max(-1) <= JAW_TOL
+            if near.any():
+                pool, pose_cost = pool[near], pose_cost[near]
         cost = ((src[pool] - target[i]) ** 2).sum(1) + POSE_WEIGHT * pose_cost
         if gaps is not None:
             cost = cost + gaps[2][i] * (gaps[0][pool] - gaps[1][i]) ** 2

@@ -7,7 +7,8 @@ the compositor, an H.264 file with the speech). The OUTPUT file is then decoded 
 the articulation scores: `lag` (frames the re-tracked mouth trails the aligned phones), the sync expert's |offset|
 and LSE-C, mouth sharpness against the source frames behind it (`sharp`) and against the very source mouth shown
 (`sharp (shown)`: blur alone, not which mouth shapes are shown; both cropped from decoded frames the same way), and
-`warp`, how far the composite moved points the mouth should never move (WARP_POINTS).
+`warp`, how far the composite moved points the mouth should never move (WARP_POINTS), and `jaw`, how far it moved
+the jaw's sides at mouth level (a mouth from another head pose breaks the jaw line there).
 
 Rows (ROWS, extend freely): one per engine and lips setting, plus `real`, the clip's own footage with its own speech
 and transcript (TRANSCRIPTS, or a GRID id's sentence): the ceiling. The face pass, the voice and each sentence's TTS
@@ -31,7 +32,7 @@ import numpy as np
 
 from lipsync_cli import compositing, dubbing, face, media, progress
 from lipsync_cli.audio import SR, match_loudness
-from lipsync_cli.engine import SourceFaces, get_engine
+from lipsync_cli.engine import SourceFaces, get_engine, retrieval
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.eval import articulation
 from lipsync_cli.eval.metrics import sharpness_ratio
@@ -79,6 +80,7 @@ COLUMNS = (
     ("sharp_shown", "sharp (shown)", "one", "{:.2f}"),
     ("warp", "warp", "low", "{:.3f}"),
     ("warp_px", "warp px", "low", "{:.3f}"),
+    ("jaw", "jaw", "low", "{:.3f}"),
     ("n_bilabial", "n p/b/m", "", "{:.0f}"),
 )
 
@@ -260,13 +262,15 @@ def _sync(frames_small: list[np.ndarray], landmarks: np.ndarray, scale: float, a
     return {"lse_off": float(abs(r["offset"])), "lse_c": float(r["confidence"])}
 
 
-def warp(out_lm: np.ndarray, in_lm: np.ndarray, trim: int = 0) -> float:
-    """Largest shift of WARP_POINTS between output and input landmarks of the same frames, over the outer-eye
+def warp(out_lm: np.ndarray, in_lm: np.ndarray, trim: int = 0, points: np.ndarray = WARP_POINTS) -> float:
+    """Largest shift of `points` between output and input landmarks of the same frames, over the outer-eye
     distance (frames without a face in either left out); NaN when none. The last `trim` frames are left out: there
     the output's track ends while the input's goes on, so their smoothing windows differ (the source re-tracked
-    alone over the same frames reads 0.000 except there: 0.03 on tpsmm_driving's last frame)."""
+    alone over the same frames reads 0.000 except there: 0.03 on tpsmm_driving's last frame). With the jaw's sides
+    (`jaw`: retrieval.JAW_SIDES) it is how far a pasted mouth broke the frame's jaw line (pcavs_741400104 before
+    retrieval.JAW_TOL: 0.09, a visible notch; 0.06 after)."""
     n = max(len(out_lm) - trim, 0)
-    a, b = out_lm[:n, WARP_POINTS], in_lm[:n, WARP_POINTS]
+    a, b = out_lm[:n, points], in_lm[:n, points]
     eyes = np.linalg.norm(in_lm[:n, articulation.EYE_OUTER[1]] - in_lm[:n, articulation.EYE_OUTER[0]], axis=-1)
     d = np.linalg.norm(a - b, axis=-1).max(-1) / eyes
     d = d[np.isfinite(d)]
@@ -390,7 +394,9 @@ def _dub_row(
             scores["sharp_shown"] = sharpness_ratio(mouths[shown >= 0], own[shown[shown >= 0]])
     m = min(len(res.landmarks), len(plan))
     ends = m < src.n_frames  # the source goes on after the output's last frame
-    scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], int(np.ceil(3 * articulation.SMOOTH)) * ends)
+    trim = int(np.ceil(3 * articulation.SMOOTH)) * ends
+    scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], trim)
+    scores["jaw"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], trim, retrieval.JAW_SIDES)
     behind = src.landmarks[plan[:m]]
     eyes = np.linalg.norm(behind[:, articulation.EYE_OUTER[1]] - behind[:, articulation.EYE_OUTER[0]], axis=-1)
     _source_mouths(clip, settings)
