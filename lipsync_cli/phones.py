@@ -112,11 +112,12 @@ def from_ipa(phones: Sequence[tuple[str, float, float]]) -> list[Phone]:
     return out
 
 
-def settle_stops(phones: Sequence[Phone], audio16k: np.ndarray) -> list[Phone]:
+def settle_stops(phones: Sequence[Phone], audio16k: np.ndarray, step: float = 0.005) -> list[Phone]:
     """`phones` (a TTS's own timings of `audio16k`) with each stop that follows a pause ending no earlier than
-    RELEASE_S after its sound's onset; the next phone starts where it ends. Other phones are kept as they are."""
+    RELEASE_S after its sound's onset (in `step` s energy frames); the next phone starts where it ends. Other phones
+    are kept as they are."""
     out = [Phone(p.label, p.start, p.end) for p in phones]
-    hop = int(SR * 0.005)
+    hop = int(SR * step)
     x = np.asarray(audio16k, np.float64).ravel()
     n = len(x) // hop
     if n == 0:
@@ -126,15 +127,15 @@ def settle_stops(phones: Sequence[Phone], audio16k: np.ndarray) -> list[Phone]:
     for pause, stop, after in zip(out, out[1:], out[2:], strict=False):
         if pause.label != SIL or stop.label not in STOPS:
             continue
-        a, b = int(pause.start / 0.005), min(int(np.ceil(pause.end / 0.005)) + 1, n)
+        a, b = int(pause.start / step), min(int(np.ceil(pause.end / step)) + 1, n)
         if b <= a:
             continue
         quiet = a + int(np.argmin(db[a:b]))
-        limit = min(int((stop.end + MAX_SETTLE_S) / 0.005), n)
+        limit = min(int((stop.end + MAX_SETTLE_S) / step), n)
         loud = np.flatnonzero(db[quiet:limit] > max(db[quiet] + ONSET_RISE_DB, peak - ONSET_PEAK_DB))
         if not len(loud):
             continue
-        end = min((quiet + loud[0]) * 0.005 + RELEASE_S, after.end - 0.01)
+        end = min((quiet + loud[0]) * step + RELEASE_S, after.end - 0.01)
         if end > stop.end:
             stop.end = after.start = end
     return out

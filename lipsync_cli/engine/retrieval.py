@@ -124,7 +124,7 @@ def choose(
     # a frame without a face keeps its NaN width (no rule selects it); zeros there made a 0 / 0 that numpy warned about
     width = np.concatenate([warp.mouth_width(p) for p in (*np.array_split(aligned, 16), bank_pts)])
     pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
-    jaw = np.nan_to_num(aligned[:, JAW_SIDES] / source.size, nan=np.inf)  # a re-shaped mouth keeps its jaw's sides
+    jaw = np.nan_to_num(aligned[:, JAW_SIDES] / source.size, nan=1e6)  # no face: fits none; re-shaped: its source's
     jaw = np.concatenate([jaw, jaw[bank[:, 0].astype(np.int64)]])
     valid = np.concatenate([pool, np.ones(len(bank), bool)])
 
