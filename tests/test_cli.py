@@ -138,7 +138,12 @@ def test_dubber_and_batch_on_a_real_clip(tmp_path):
 def _interrupt_a_dub(clip: Path, work: Path, tmp: Path) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
     cmd = [sys.executable, "-m", "lipsync_cli.cli", "dub", clip, "A long sentence to say. " * 8, "-o", "out.mp4"]
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background commands with SIGINT ignored, and the dub would inherit that
+    # (pytest run as `... &` saw it finish with exit 0): the dub starts with Ctrl-C's default, as from a terminal
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     for _ in range(600):  # interrupt mid-dub: once its work folder exists (speech made, video being analysed)
         if list(tmp.glob("lipsync-*")) or proc.poll() is not None:
             break
