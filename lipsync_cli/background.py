@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from lipsync_cli import progress
+
 T = TypeVar("T")
 _END = object()
 
@@ -80,6 +82,7 @@ class Prefetch(Generic[T]):
 
 def _child(conn, fn: Callable, args: tuple, inbox=None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides and kills us
+    progress.set_quiet(True)  # the parent's bars own the terminal; warnings still print
     try:
         conn.send((True, fn(*args, inbox.recv) if inbox is not None else fn(*args)))
     except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it

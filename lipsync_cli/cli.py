@@ -15,6 +15,7 @@ from lipsync_cli import __version__, progress
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import (
     Engine,
+    Hear,
     Precision,
     Settings,
     SyncMode,
@@ -141,12 +142,18 @@ def dub(
         str | None,
         typer.Option(help="The words spoken in --audio (text, or a text file): p/b/m and vowels timed exactly."),
     ] = None,
+    hear: Annotated[
+        Hear | None,
+        typer.Option(help=_d("--audio without --transcript: recognise words (English) or phones (any).", "hear")),
+    ] = None,
     measure: Annotated[bool, typer.Option("--measure", metavar="", help=MEASURE_HELP)] = False,
     batch: Annotated[Path | None, typer.Option("--batch", help=BATCH_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """Make the person in VIDEO say TEXT (or the speech in --audio), in their own voice."""
-    s = _settings(ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes)
+    s = _settings(
+        ctx, sync_mode=sync_mode, face_index=face, engine=engine, crf=crf, adapt_minutes=adapt_minutes, hear=hear
+    )
     s = _voice_settings(s, tts, voice, voice_ref, voice_fallback, tts_model_dir)
     if batch is not None:
         if video is not None or text is not None or audio is not None or output is not None:

@@ -254,16 +254,12 @@ def speech_phones(
 ) -> list | None:
     """The phones of the new speech, with their timings: what the mouth must show (visemes.py). Piper's own phone
     timings when it spoke (exact); else forced alignment of the known words (`text` for other TTS, `transcript` for
-    an audio file); else phone recognition. None when none of these finds anything to go by."""
+    an audio file); else of the words recognised in it. None when none of these finds anything to go by."""
     if spoken is not None:
         return spoken
     from lipsync_cli import phones
 
-    try:
-        found = phones.align_phones(speech, transcript if transcript is not None else text)
-    except LipsyncError:
-        return None
-    return found if any(p.label != phones.SIL for p in found) else None
+    return phones.find_phones(speech, transcript if transcript is not None else text)
 
 
 def mouth_must_close(
@@ -454,6 +450,13 @@ def dub(
         plan_w = retime(plan, rate, info.n_frames(fps), fps)
         if job is not None:
             job.send(speech.analysis)
+        hearing = None  # an audio file's phones are found beside the face pass (recognition costs ~0.1 s a second)
+        if audio is not None and settings.engine != "seed":
+            from lipsync_cli.phones import find_phones
+
+            hearing = stack.enter_context(
+                background.Job(find_phones, speech.analysis, transcript, settings.hear == "words")
+            )
         check_temp_space(2 * len(speech.out) + 16e6, "the speech")
         est = (info.width * info.height * rate * 0.15 + 20e3) * len(plan) / rate  # ~1.2 bits/pixel at crf 18
         free = shutil.disk_usage(folder).free
@@ -476,10 +479,12 @@ def dub(
         if not clone:
             speech.analysis = apply_voice(speech.analysis, voice)  # XTTS / --voice tts / --audio: unchanged
         mouth_speech = match_loudness(speech.analysis, SR, target_db)
-        ph = speech_phones(mouth_speech, text if audio is None else None, speech.phones, transcript)
         pauses = ~voice_activity(mouth_speech, SR, fps=fps, n_frames=len(plan_w))  # what shuts when no phone is found
         animate = get_engine(settings.engine, settings)
-        targets = {} if settings.engine == "seed" else {"phones": ph}  # the seed generates from audio alone
+        targets = {}  # the seed generates from audio alone
+        if settings.engine != "seed":
+            ph = hearing.result() if hearing is not None else speech_phones(mouth_speech, text, speech.phones)
+            targets["phones"] = ph
         track = animate(source, mouth_speech, plan_w, close=pauses, **targets)
         timings["engine"] = time.perf_counter() - t
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lipsync_cli.audio import SR, voice_activity
+from lipsync_cli.errors import LipsyncError
 from lipsync_cli.progress import log, track
 
 FRAME_S = 0.01  # pocketsphinx frame period
@@ -244,6 +245,18 @@ def _phone_decoder() -> Any:
     return Decoder(samprate=SR, allphone=lm, lw=2.0, beam=1e-20, pbeam=1e-20, loglevel="FATAL")
 
 
+def _word_decoder(thorough: bool = False) -> Any:
+    """A new large-vocabulary recogniser (the wheel's en-us model, dictionary and 3-gram LM), one per call as
+    _align_decoder. Unless `thorough` (pocketsphinx's defaults, for the eval's word error rates), one fast pass (no
+    re-scoring passes, a narrower search): 2.5x quicker, and as good for the phones that matter here
+    (docs/articulation_engine.md)."""
+    from pocketsphinx import Decoder
+
+    if thorough:
+        return Decoder(samprate=SR, loglevel="FATAL")
+    return Decoder(samprate=SR, fwdflat=False, bestpath=False, maxhmmpf=3000, maxwpf=5, loglevel="FATAL")
+
+
 def _pcm(x: np.ndarray) -> bytes:
     return (np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
 
@@ -396,7 +409,7 @@ def align_words(audio16k: np.ndarray, text: str) -> list[Word]:
     d = _align_decoder()
     words = _known_words(d, text_to_words(text))
     if not words:
-        return [Word("", 0.0, dur, align_phones(x))]
+        return [Word("", 0.0, dur, _phone_loop(x))]
     blocks = _chunks(x, BLOCK_S)
     if len(blocks) == 1:
         return _align_block(d, x, words, 0.0)
@@ -407,18 +420,57 @@ def align_words(audio16k: np.ndarray, text: str) -> list[Word]:
     return out
 
 
-def align_phones(audio16k: np.ndarray, text: str | None = None) -> list[Phone]:
-    """Phones in 16 kHz mono speech: forced alignment when the text is known, phone recognition otherwise.
+def recognise_words(audio16k: np.ndarray, thorough: bool = False) -> str:
+    """The words heard in 16 kHz speech (large-vocabulary recognition in pieces cut at pauses; "" for none)."""
+    x = np.asarray(audio16k, np.float32).ravel()
+    if _silent(x):
+        return ""
+    chunks = _chunks(x)
+    heard = []
+    for a, b in track(chunks, "words") if len(chunks) > 1 else chunks:
+        d = _word_decoder(thorough)
+        d.start_utt()
+        d.process_raw(_pcm(x[a:b]), full_utt=True)
+        d.end_utt()
+        if d.hyp() is not None:
+            heard.append(d.hyp().hypstr)
+    return " ".join(h for h in heard if h)
 
-    Silence gives [SIL] (empty audio gives []); long audio is decoded in chunks cut at pauses.
+
+def align_phones(audio16k: np.ndarray, text: str | None = None, words: bool = True) -> list[Phone]:
+    """Phones in 16 kHz mono speech: forced alignment of the text when it is known, else of the words recognised
+    in it (unless not `words`), else a phone loop's.
+
+    Recognised words, even wrong ones, carry the lexicon's constraints that a bare phone loop lacks: on natural
+    English sentences their phones find more of the p/b/m and far fewer false ones. On speech that is not (another
+    language, GRID's word lists) the language model's guesses cost p/b/m, and the phone loop does better
+    (docs/articulation_engine.md). Silence gives [SIL] (empty audio gives []); long audio is decoded in chunks cut
+    at pauses.
     """
     x = np.asarray(audio16k, np.float32).ravel()
     if len(x) == 0:
         return []
-    if text is not None and text_to_words(text):
-        return [p for w in align_words(x, text) for p in w.phones]
     if _silent(x):
         return [Phone(SIL, 0.0, len(x) / SR)]
+    if text is None and words:
+        text = recognise_words(x)
+    if text and text_to_words(text):
+        return [p for w in align_words(x, text) for p in w.phones]
+    return _phone_loop(x)
+
+
+def find_phones(audio16k: np.ndarray, text: str | None = None, words: bool = True) -> list[Phone] | None:
+    """align_phones, or None when it finds no speech sound to go by (or fails). A dub runs this in a process of its
+    own, beside its face pass (pocketsphinx holds the GIL)."""
+    try:
+        found = align_phones(audio16k, text, words)
+    except LipsyncError:
+        return None
+    return found if any(p.label != SIL for p in found) else None
+
+
+def _phone_loop(x: np.ndarray) -> list[Phone]:
+    """Phone recognition (no words: any phone may follow any other, weighted by a phone bigram)."""
     chunks = _chunks(x)
     pieces = track(chunks, "phones") if len(chunks) > 1 else chunks
     d = _phone_decoder()

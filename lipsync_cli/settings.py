@@ -28,6 +28,7 @@ Engine = Literal["retrieval", "neural", "seed"]
 SyncMode = Literal["bounce", "loop", "cut"]
 Tts = Literal["piper", "espeak", "xtts"]
 Voice = Literal["clone", "tts"]
+Hear = Literal["words", "phones"]
 Precision = Literal["auto", "32", "bf16", "16"]
 
 
@@ -135,6 +136,11 @@ class Settings(BaseSettings):
         "model",
         description="Speech -> lip shape inside the engine: the learned model (weights/lips.safetensors, adapted to "
         "the video's mouth) or the map fitted on the video alone (also used when the weights are absent).",
+    )
+    hear: Hear = Field(
+        "words",
+        description="--audio without --transcript: recognise English words and align them (natural English "
+        "speech), or bare phones (another language, word lists): what times the p/b/m and vowels.",
     )
     tts: Tts = Field(
         "piper", description="Text-to-speech: piper (bundled), espeak, or xtts (Coqui XTTS v2 from tts_model_dir)."

@@ -38,6 +38,7 @@ from rich.table import Table
 from lipsync_cli import media, progress
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import VIDEO_EXT
+from lipsync_cli.phones import recognise_words
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import SR, mel_frames, similarity, speaker_embedding, speech_only
 
@@ -70,22 +71,10 @@ def wer(ref: str, hyp: str) -> float:
     return float(d[-1]) / max(len(r), 1)
 
 
-def _decoder():
-    """A new recogniser (~0.3 s) for every transcription: a decoder carries state from one utterance to the next
-    (phones._align_decoder), and a WER should not depend on what was transcribed before."""
-    from pocketsphinx import Decoder
-
-    return Decoder(samprate=SR, loglevel="FATAL")  # default en-us model + language model, inside the wheel
-
-
 def transcribe(x: np.ndarray) -> str:
-    """pocketsphinx's best hypothesis for 16 kHz speech (large-vocabulary decoding, not alignment to the text)."""
-    d = _decoder()
-    d.start_utt()
-    d.process_raw((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
-    d.end_utt()
-    hyp = d.hyp()
-    return hyp.hypstr if hyp else ""
+    """pocketsphinx's best hypothesis for 16 kHz speech (large-vocabulary decoding at its default settings, a new
+    recogniser each time: a WER should not depend on what was transcribed before)."""
+    return recognise_words(x, thorough=True)
 
 
 def tts(text: str) -> np.ndarray:
