@@ -182,6 +182,9 @@ def dub(
         f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
     )
+    if result.heard is not None:
+        shown = result.heard if len(result.heard) <= 200 else result.heard[:200] + " ..."
+        progress.log(f'heard "{shown}" (the mouth follows these words; --transcript gives the right ones)')
     if a := result.articulation:
         progress.log(
             f"re-tracked output: p/b/m closed {a['bilabial']:.0%} of {a['n_bilabial']:.0f}, "

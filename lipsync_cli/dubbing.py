@@ -63,6 +63,7 @@ class DubResult:
     engine: str = ""
     voice: str = ""  # where the voice came from (a file name), "tts", or "audio" (--audio, used as given)
     articulation: dict[str, float] | None = None  # figures measured on the output, when a stage computed them
+    heard: str | None = None  # the words recognised in --audio (no --transcript): what the mouth was timed by
 
     def to_json(self) -> dict:
         """Plain JSON types (paths as text): what `lipsync dub --json` prints."""
@@ -259,7 +260,7 @@ def speech_phones(
         return spoken
     from lipsync_cli import phones
 
-    return phones.find_phones(speech, transcript if transcript is not None else text)
+    return phones.find_phones(speech, transcript if transcript is not None else text)[0]
 
 
 def mouth_must_close(
@@ -481,10 +482,11 @@ def dub(
         mouth_speech = match_loudness(speech.analysis, SR, target_db)
         pauses = ~voice_activity(mouth_speech, SR, fps=fps, n_frames=len(plan_w))  # what shuts when no phone is found
         animate = get_engine(settings.engine, settings)
-        targets = {}  # the seed generates from audio alone
-        if settings.engine != "seed":
-            ph = hearing.result() if hearing is not None else speech_phones(mouth_speech, text, speech.phones)
-            targets["phones"] = ph
+        targets, heard = {}, None  # the seed generates from audio alone
+        if hearing is not None:
+            targets["phones"], heard = hearing.result()
+        elif settings.engine != "seed":
+            targets["phones"] = speech_phones(mouth_speech, text, speech.phones)
         track = animate(source, mouth_speech, plan_w, close=pauses, **targets)
         timings["engine"] = time.perf_counter() - t
 
@@ -523,6 +525,5 @@ def dub(
             timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     spoke = "audio" if audio is not None else cloned_from if clone else voice.source if voice is not None else "tts"
-    return DubResult(
-        output, len(plan), len(plan) / rate, float(source.found.mean()), timings, video, settings.engine, spoke
-    )
+    faces = float(source.found.mean())
+    return DubResult(output, len(plan), len(plan) / rate, faces, timings, video, settings.engine, spoke, heard=heard)

@@ -459,14 +459,18 @@ def align_phones(audio16k: np.ndarray, text: str | None = None, words: bool = Tr
     return _phone_loop(x)
 
 
-def find_phones(audio16k: np.ndarray, text: str | None = None, words: bool = True) -> list[Phone] | None:
-    """align_phones, or None when it finds no speech sound to go by (or fails). A dub runs this in a process of its
-    own, beside its face pass (pocketsphinx holds the GIL)."""
+def find_phones(
+    audio16k: np.ndarray, text: str | None = None, words: bool = True
+) -> tuple[list[Phone] | None, str | None]:
+    """(align_phones, or None when it finds no speech sound to go by; the words it recognised: None when it was
+    given the text or not asked for words). A dub runs this in a process of its own, beside its face pass
+    (pocketsphinx holds the GIL)."""
+    heard = recognise_words(audio16k) if text is None and words else None
     try:
-        found = align_phones(audio16k, text, words)
+        found = align_phones(audio16k, heard if heard is not None else text, words=False)
     except LipsyncError:
-        return None
-    return found if any(p.label != SIL for p in found) else None
+        return None, heard
+    return (found if any(p.label != SIL for p in found) else None), heard
 
 
 def _phone_loop(x: np.ndarray) -> list[Phone]:

@@ -191,8 +191,9 @@ def test_an_audio_file_without_its_words_still_closes_on_bilabials(tmp_path):
     video = shared_file("media/retalking_face2.mp4")
     wav, out = tmp_path / "speech.wav", tmp_path / "out.mp4"
     media.write_wav(wav, tts.synthesize(PBM_SENTENCE, progress=False), 16000)
-    r = run_cli("dub", video, "--audio", wav, "-o", out)
+    r = run_cli("dub", video, "--audio", wav, "-o", out, "--json")
     assert r.returncode == 0, r.stderr
+    assert "bob" in json.loads(r.stdout)["heard"].split()  # what the mouth was timed by, for the user to check
     s = articulation.measure(out, PBM_SENTENCE).scores
     assert s["bilabial"] >= 0.85, s
     assert s["contrast"] >= 3.0, s

@@ -133,6 +133,7 @@ def test_without_text_the_recognised_words_are_aligned(bob):
     heard = phones.recognise_words(x)
     out = phones.align_phones(x)
     assert heard and [p.label for p in out] == [p.label for p in phones.align_phones(x, heard)]
+    assert phones.find_phones(x) == (out, heard)
     # a bare phone loop finds B M M here (its false ones elsewhere: 0.34 per true p/b/m on 11 sentences, against
     # 0.06 for the words it heard, aligned; docs/articulation_engine.md)
     assert [p.label for p in out if p.label in phones.BILABIALS] == ["B", "B", "B", "M", "M", "P"]
