@@ -459,18 +459,30 @@ def align_phones(audio16k: np.ndarray, text: str | None = None, words: bool = Tr
     return _phone_loop(x)
 
 
-def find_phones(
-    audio16k: np.ndarray, text: str | None = None, words: bool = True
-) -> tuple[list[Phone] | None, str | None]:
-    """(align_phones, or None when it finds no speech sound to go by; the words it recognised: None when it was
-    given the text or not asked for words). A dub runs this in a process of its own, beside its face pass
-    (pocketsphinx holds the GIL)."""
+def find_phones(audio16k: np.ndarray, text: str | None = None, words: bool = True) -> tuple[list[Phone], str | None]:
+    """(align_phones ([] when it fails), the words it recognised: None when it was given the text or not asked for
+    words). A dub runs this in processes of its own beside its face pass (pocketsphinx holds the GIL), on parts of
+    the speech at once: `parts_at_pauses`, `join_found`."""
     heard = recognise_words(audio16k) if text is None and words else None
     try:
-        found = align_phones(audio16k, heard if heard is not None else text, words=False)
+        return align_phones(audio16k, heard if heard is not None else text, words=False), heard
     except LipsyncError:
-        return None, heard
-    return (found if any(p.label != SIL for p in found) else None), heard
+        return [], heard
+
+
+def parts_at_pauses(audio16k: np.ndarray, n: int = 2) -> list[tuple[int, int]]:
+    """Sample ranges to find phones in at once, in n (or n + 1) processes: about equal parts cut at the quietest
+    pauses; one part for up to CHUNK_S of speech (a process costs ~1 s to start)."""
+    x = np.asarray(audio16k, np.float32).ravel()
+    return _chunks(x, max(CHUNK_S, 1.2 * len(x) / SR / n))
+
+
+def join_found(parts: Sequence[tuple[float, tuple[list[Phone], str | None]]]) -> tuple[list[Phone] | None, str | None]:
+    """find_phones' results on consecutive parts of one speech, each with its start (seconds), as one: (the phones,
+    None when there is no speech sound among them to go by; the words recognised, None when none were asked for)."""
+    found = [Phone(p.label, p.start + t, p.end + t) for t, (ph, _) in parts for p in ph]
+    heard = [h for _, (_, h) in parts if h is not None]
+    return (found if any(p.label != SIL for p in found) else None), (" ".join(h for h in heard if h) if heard else None)
 
 
 def _phone_loop(x: np.ndarray) -> list[Phone]:
