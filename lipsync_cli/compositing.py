@@ -107,16 +107,17 @@ def _sample(img: np.ndarray, A: np.ndarray, x: np.ndarray, y: np.ndarray, flags:
 def composite(
     frame: np.ndarray,
     M: np.ndarray,
+    size: int,
     mouth: np.ndarray,
     mouth_points: np.ndarray,
     frame_points: np.ndarray,
     mouth_fix: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend an aligned mouth crop into `frame` (in place, and returned). M: the frame's frame->crop transform;
-    mouth_points / frame_points: aligned landmarks of the shown mouth and of the frame's own face; mouth_fix: the
-    move from the mouth crop's pixels to its aligned coordinates (SourceFaces.crop_fix), folded into the one
-    resample its pixels go through."""
-    size = mouth.shape[0]
+    """Blend a mouth into `frame` (in place, and returned). M: the frame's frame -> aligned crop transform (crops of
+    `size`); mouth_points / frame_points: aligned landmarks of the shown mouth and of the frame's own face; mouth:
+    an aligned crop, or with `mouth_fix` (the move from its pixels to aligned coordinates, SourceFaces.crop_fix)
+    any image of it (a stored mouth: a box of its own frame), the move folded into the one resample its pixels go
+    through."""
     mask = lower_face_mask([mouth_points, frame_points], size)
 
     # only the pixels under the mask's footprint in the frame are touched (its bounding box: ~half of them)
@@ -149,8 +150,8 @@ def composite(
 
     q = max(size // FIELD_STEP, 8)
     to_q = _scale(q / size)
-    field = colour_field(  # mouth_fix's sub-pixel move does not count at this resolution
-        cv2.resize(mouth, (q, q), interpolation=cv2.INTER_AREA),
+    field = colour_field(
+        face.warp_to_aligned(mouth, to_q if mouth_fix is None else face.compose_affine(to_q, mouth_fix), q),
         face.warp_to_aligned(frame, face.compose_affine(to_q, M), q),
         cv2.resize(mask, (q, q), interpolation=cv2.INTER_AREA),
     )

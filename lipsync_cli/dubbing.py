@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from lipsync_cli import background, compositing, face, files, media, progress
@@ -81,7 +82,15 @@ PAINT_CROP = 256  # the crop the neural and seed engines paint on (every frame's
 POOL_FRAMES = 1500  # at most 60 s (at 25 fps) of the person's mouths are kept for the engine to show
 POOL_MIN_FRAMES = 500  # and at least 20 s where the video has them, even when the output needs fewer frames
 POOL_BLOCK = 50  # they are sampled in 2 s stretches: retrieval shows source frames in their own order for free
-POOL_BYTES = 300e6  # and their crops take at most this much memory (fewer frames when the face is large)
+POOL_BYTES = 360e6  # and their crops take at most this much memory (fewer frames when the face is large)
+# A pool frame's mouth is stored as the frame's own pixels under the aligned crop's lower part (rows from STORE_TOP
+# down, its whole width: the compositor's mask stays within rows 0.20-0.92 on the shared clips), a box copied
+# without resampling: shown, it is resampled once, into the output frame (an aligned crop cut first was a second
+# Lanczos pass: -5% of the mouth's Laplacian variance, and 1.5 s of a 19 s dub's analysis). A box has room for
+# STORE_ROOM (height, width) crop sides: a head rolled up to ~10 degrees; one that does not fit (a face larger than
+# the crop, a head rolled further) is stored as its aligned crop, as before.
+STORE_TOP = 0.15
+STORE_ROOM = (1.05, 1.15)
 
 
 def crop_size(M: np.ndarray, size: int, most: int = MAX_CROP) -> int:
@@ -127,15 +136,56 @@ def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.nd
     return ranges, pool
 
 
-class PoolCrops:
-    """The aligned crops of the pool frames only, indexed by source frame like the (T, S, S, 3) array it stands for
-    (frames outside the pool read as zeros: engines only show pool mouths, `SourceFaces.usable`)."""
+def store_shape(size: int, native: float) -> tuple[int, int]:
+    """(height, width) of a stored mouth for aligned crops of `size` of a face `native` pixels across (the crop's
+    side in frame pixels): `STORE_ROOM`, or the crop's own where the face is larger than the crop (its boxes would
+    not fit: it is stored shrunk, as its aligned crop)."""
+    if native > size:
+        return size, size
+    return int(np.ceil(STORE_ROOM[0] * size)), int(np.ceil(STORE_ROOM[1] * size))
 
-    def __init__(self, keep: np.ndarray, size: int):
+
+def store_mouth(frame: np.ndarray, M: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels of `shape`, the 2x3 move from frame pixels to them): what the pool keeps of a frame whose aligned crop
+    `M` gives (of `size`). The frame's own pixels under the crop's rows STORE_TOP..1 (edges replicated where the box
+    leaves the frame or its room), else, where they do not fit, the aligned crop itself."""
+    h, w = shape
+    corners = np.array([[0, STORE_TOP], [1, STORE_TOP], [0, 1], [1, 1]]) * size - 0.5
+    fc = face.transform_points(corners, face.invert_affine(M))
+    (x0, y0), (x1, y1) = np.floor(fc.min(0)).astype(int) - 2, np.ceil(fc.max(0)).astype(int) + 3
+    if y1 - y0 > h or x1 - x0 > w:
+        out = np.empty((h, w, 3), np.uint8)
+        out[:size, :size] = face.warp_to_aligned(frame, M, size, face.SHARP)
+        return _replicate(out, size, size), np.asarray(M, np.float64)
+    H, W = frame.shape[:2]
+    box = frame[max(y0, 0) : min(y1, H), max(x0, 0) : min(x1, W)]
+    top, left = max(y0, 0) - y0, max(x0, 0) - x0
+    out = np.empty((h, w, 3), np.uint8)
+    if box.size == 0:  # the crop lies wholly off the frame (a face cut by the edge): nothing of it to keep
+        out[:] = 0
+    else:
+        out[top : top + box.shape[0], left : left + box.shape[1]] = box
+        out = _replicate(out, box.shape[0], box.shape[1], top, left)
+    return out, np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
+
+
+def _replicate(img: np.ndarray, h: int, w: int, top: int = 0, left: int = 0) -> np.ndarray:
+    """img with everything outside its h x w block at (top, left) filled from the block's edges."""
+    block = img[top : top + h, left : left + w]
+    H, W = img.shape[:2]
+    return cv2.copyMakeBorder(block, top, H - h - top, left, W - w - left, cv2.BORDER_REPLICATE)
+
+
+class PoolCrops:
+    """The stored mouths (`store_mouth`) of the pool frames only, indexed by source frame like the (T, h, w, 3)
+    array it stands for (frames outside the pool read as zeros: engines only show pool mouths,
+    `SourceFaces.usable`)."""
+
+    def __init__(self, keep: np.ndarray, shape: tuple[int, int]):
         self.slot = np.full(len(keep), -1, np.int64)
         self.slot[keep] = np.arange(int(keep.sum()))
-        self.data = np.zeros((int(keep.sum()) + 1, size, size, 3), np.uint8)  # the last row: zeros
-        self.shape = (len(keep), size, size, 3)
+        self.data = np.zeros((int(keep.sum()) + 1, *shape, 3), np.uint8)  # the last row: zeros
+        self.shape = (len(keep), *shape, 3)
         self.dtype = self.data.dtype
 
     def __len__(self) -> int:
@@ -182,14 +232,14 @@ def analyse_video(
     Frames are decoded a few ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs
     stay loaded: the API's Dubber), else one is made for this video."""
     T = ranges[-1][1]
-    raw_M = np.full((T, 2, 3), np.nan)
+    stored_M = np.full((T, 2, 3), np.nan)  # frame pixels -> stored mouth pixels
     keep = pool.copy()
     if workdir is not None:
         keep[:] = False
         for a, b in ranges:
             keep[a:b] = True
     crops: PoolCrops | np.ndarray | None = None
-    size, n = 0, 0
+    size, shape, n = 0, (0, 0), 0
 
     def stretches() -> Iterator[tuple[int, Iterator[np.ndarray]]]:
         for a, b in ranges:
@@ -198,26 +248,27 @@ def analyse_video(
                 yield a, itertools.islice(frames, b - a)
 
     def keep_crop(t: int, frame: np.ndarray, lm: np.ndarray | None) -> None:
-        """The crop of a pool frame, at its raw pose while the frame is at hand (frames are never stored)."""
-        nonlocal crops, size, n
+        """A pool frame's stored mouth (`store_mouth`), while the frame is at hand (frames are never stored)."""
+        nonlocal crops, size, shape, n
         n += 1
         if lm is None:
             return
         if crops is None:
-            size = crop_size(face.align_matrix(lm, 128), 128, max_crop)
+            M = face.align_matrix(lm, 128)
+            size = crop_size(M, 128, max_crop)
+            shape = store_shape(size, 128 / float(np.sqrt(abs(np.linalg.det(M[:, :2])))))
             if workdir is None:
                 held = np.flatnonzero(keep)
                 keep[:] = False
-                keep[spread_blocks(held, max(int(POOL_BYTES // (size * size * 3)), POOL_BLOCK))] = True
-                crops = PoolCrops(keep, size)
+                keep[spread_blocks(held, max(int(POOL_BYTES // (np.prod(shape) * 3)), POOL_BLOCK))] = True
+                crops = PoolCrops(keep, shape)
             else:
-                check_temp_space(keep.sum() * size * size * 3, "the face crops")
+                check_temp_space(keep.sum() * np.prod(shape) * 3, "the face crops")
                 crops = np.lib.format.open_memmap(
-                    workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(T, size, size, 3)
+                    workdir / "crops.npy", mode="w+", dtype=np.uint8, shape=(T, *shape, 3)
                 )
         if keep[t]:
-            raw_M[t] = face.align_matrix(lm, size)
-            crops[t] = face.warp_to_aligned(frame, raw_M[t], size, face.SHARP)
+            crops[t], stored_M[t] = store_mouth(frame, face.align_matrix(lm, size), size, shape)
 
     with contextlib.closing(stretches()) as parts:
         track = face.track_faces(
@@ -232,10 +283,10 @@ def analyse_video(
 
     smoothed, matrices = track.landmarks, track.align(size)
     matrices[~found] = np.nan  # engines and the compositor leave frames without a face alone
-    # each stored crop's move from its raw pose to the smoothed one (sub-pixel), applied when it is shown
+    # each stored mouth's move to its aligned coordinates (at the smoothed pose), applied when it is shown
     crop_fix = np.full((T, 2, 3), np.nan)
     for t in np.flatnonzero(found & keep):
-        crop_fix[t] = face.compose_affine(matrices[t], face.invert_affine(raw_M[t]))
+        crop_fix[t] = face.compose_affine(matrices[t], face.invert_affine(stored_M[t]))
     own = soundtrack(video, settings) if info.has_audio else None
     return SourceFaces(
         crops=crops,
@@ -381,7 +432,7 @@ def render_frames(
                 M = face.align_matrix(lm, source.size)
             pts = face.transform_points(lm, M)  # per frame: no (T, 478, 2) held
             crop, fix = track.mouth(i, source)
-            compositing.composite(frame, M, crop, track.points[i], pts, fix)
+            compositing.composite(frame, M, source.size, crop, track.points[i], pts, fix)
             yield frame
 
 

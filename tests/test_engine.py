@@ -149,42 +149,54 @@ def test_colour_match_ignores_backdrop_on_the_rim():
 
 
 def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
-    """Retrieval's path for a mouth's pixels (frame -> crop at the raw pose -> composite into the frame at the
-    smoothed pose, a sub-pixel move apart) on a 305 px face: a crop at the face's own resolution keeps more of the
-    mouth's Laplacian variance than the 256 px crop it used to be shrunk to, and folding the sub-pixel move into
-    the composite's resample keeps more than a resample of its own (what the dub did until 2026-12-05)."""
+    """Retrieval's path for a mouth's pixels (frame -> stored mouth at the raw pose -> composite into the frame at
+    the smoothed pose, a sub-pixel move apart) on a 305 px face: a crop at the face's own resolution keeps more of
+    the mouth's Laplacian variance than the 256 px crop it used to be shrunk to; folding the sub-pixel move into
+    the composite's resample keeps more than a resample of its own (the dub until 2026-12-05); and storing the
+    frame's own pixels (a box, no resample: dubbing.store_mouth) more than storing an aligned crop (until
+    2026-12-07)."""
     import cv2
 
     from lipsync_cli import face, media
     from lipsync_cli.compositing import composite
-    from lipsync_cli.dubbing import crop_size
+    from lipsync_cli.dubbing import crop_size, store_mouth, store_shape
     from lipsync_cli.eval.metrics import sharpness
     from tests.conftest import shared_file
 
     frames = list(media.iter_frames(shared_file("media/retalking_face2.mp4"), start=30, count=4))
     track = face.track_faces(frames)
     kept = {}
-    for most, folded in ((256, False), (384, False), (384, True)):
+    for way in ((256, "resampled"), (384, "resampled"), (384, "folded"), (384, "stored")):
         ratios = []
         for frame, lm in zip(frames, track.landmarks, strict=True):
-            size = crop_size(face.align_matrix(lm, 128), 128, most)
+            size = crop_size(face.align_matrix(lm, 128), 128, way[0])
             raw = face.align_matrix(lm, size)
-            crop = face.warp_to_aligned(frame, raw, size, face.SHARP)
+            if way[1] == "stored":
+                crop, stored = store_mouth(
+                    frame, raw, size, store_shape(size, size / np.sqrt(np.linalg.det(raw[:, :2])))
+                )
+                assert crop.shape[:2] != (size, size) and np.allclose(stored[:, :2], np.eye(2))  # a box, as it is
+            else:
+                crop, stored = face.warp_to_aligned(frame, raw, size, face.SHARP), raw
             M = raw.copy()
             M[:, 2] += 0.3  # the smoothed pose: a sub-pixel move
-            fix = M @ np.vstack([face.invert_affine(raw), [0, 0, 1]])
+            fix = face.compose_affine(M, face.invert_affine(stored))
             pts = face.transform_points(lm, M)
-            if folded:
-                out = composite(frame.copy(), M, crop, pts, pts, fix)
-            else:
+            # shown on a frame whose head sits a little turned and moved (as another frame of the video would)
+            there = face.compose_affine(cv2.getRotationMatrix2D((size / 2, size / 2), 2.0, 1.01), M)
+            there[:, 2] += (0.37, -0.21)
+            if way[1] == "resampled":
                 crop = cv2.warpAffine(crop, fix, (size, size), flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
-                out = composite(frame.copy(), M, crop, pts, pts)
+                out = composite(frame.copy(), there, size, crop, pts, pts)
+            else:
+                out = composite(frame.copy(), there, size, crop, pts, pts, fix)
             (x0, y0), (x1, y1) = lm[face.LIPS].min(0).astype(int), lm[face.LIPS].max(0).astype(int)
             box = np.zeros(frame.shape[:2], bool)
             box[y0:y1, x0:x1] = True
             ratios.append(sharpness(out, box) / sharpness(frame, box))
-        kept[most, folded] = (size, float(np.mean(ratios)))
+        kept[way] = (size, float(np.mean(ratios)))
     print(f"crop size and mouth-box Laplacian variance kept: {kept}")
-    assert kept[256, False][0] == 256 and kept[384, False][0] > 300
-    assert kept[384, False][1] > kept[256, False][1] + 0.05, kept
-    assert kept[384, True][1] > kept[384, False][1] + 0.01, kept
+    assert kept[256, "resampled"][0] == 256 and kept[384, "resampled"][0] > 300
+    assert kept[384, "resampled"][1] > kept[256, "resampled"][1] + 0.05, kept
+    assert kept[384, "folded"][1] > kept[384, "resampled"][1] + 0.01, kept
+    assert kept[384, "stored"][1] > kept[384, "folded"][1] + 0.015, kept

@@ -20,7 +20,9 @@ MADE_KEPT = 16  # re-shaped mouths kept for reuse by MouthTrack.mouth
 
 @dataclass
 class SourceFaces:
-    crops: np.ndarray  # (T, S, S, 3) uint8 aligned lower-face crops (may be a disk memmap); zeros where no face
+    # (T, h, w, 3) uint8 stored mouths (may be a disk memmap): aligned crops, or with crop_fix any image of them (each
+    # frame's own pixels under its lower face: dubbing.store_mouth); zeros where no face
+    crops: np.ndarray
     landmarks: np.ndarray  # (T, 478, 2) smoothed full-frame pixel landmarks, NaN where no face
     found: np.ndarray  # (T,) bool
     matrices: np.ndarray  # (T, 2, 3) frame -> crop similarity transforms (NaN where no face)
@@ -28,9 +30,8 @@ class SourceFaces:
     audio: np.ndarray | None  # the video's own speech, 16 kHz mono, aligned with frame 0 (None: no audio track)
     fps: float = 25.0
     usable: np.ndarray | None = None  # (T,) bool: frames an engine may borrow mouths / fit maps from (None: found)
-    # (T, 2, 3): a stored crop's pixels -> its aligned coordinates (None: the crops are aligned). Crops are cut at the
-    # raw tracked pose while the frame is at hand; the smoothed pose differs by a sub-pixel move, which is applied
-    # in the one resample that pastes a mouth (compositing) instead of in a resample of its own (-3% sharpness)
+    # (T, 2, 3): a stored mouth's pixels -> its aligned coordinates at the smoothed pose (None: the crops are
+    # aligned), applied in the one resample that pastes a mouth (compositing), not in a resample of its own
     crop_fix: np.ndarray | None = None
 
     @property
@@ -49,7 +50,7 @@ class SourceFaces:
 
     def aligned_crop(self, t: int) -> np.ndarray:
         """Frame t's crop in its aligned coordinates: for the engines that paint on crops."""
-        return _aligned(*self.crop_at(t))
+        return _aligned(*self.crop_at(t), self.size)
 
     def aligned_crops(self, frames: np.ndarray) -> np.ndarray:
         """(len(frames), S, S, 3): `aligned_crop` of each of the frames."""
@@ -104,15 +105,15 @@ class MouthTrack:
 
     def crop(self, i: int, source: SourceFaces) -> np.ndarray:
         """Output frame i's mouth crop in aligned coordinates."""
-        return _aligned(*self.mouth(i, source))
+        return _aligned(*self.mouth(i, source), source.size)
 
 
-def _aligned(crop: np.ndarray, fix: np.ndarray | None) -> np.ndarray:
-    """A stored crop moved to its aligned coordinates (a copy of it when no move is needed)."""
+def _aligned(crop: np.ndarray, fix: np.ndarray | None, size: int) -> np.ndarray:
+    """A stored mouth as its size x size aligned crop (a copy of it when no move is needed)."""
     if fix is None:
         return np.array(crop)
-    size = crop.shape[1], crop.shape[0]
-    return cv2.warpAffine(np.ascontiguousarray(crop), fix, size, flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
+    crop = np.ascontiguousarray(crop)
+    return cv2.warpAffine(crop, fix, (size, size), flags=face.SHARP, borderMode=cv2.BORDER_REPLICATE)
 
 
 class Engine(Protocol):

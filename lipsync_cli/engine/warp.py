@@ -56,8 +56,8 @@ def reshaped(pts: np.ndarray, scale: float) -> np.ndarray:
 
 
 def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(aligned crop, its landmarks (478, 2)) -> the crop with the mouth's inner-lip gap times `scale` (0: shut),
-    and the moved landmarks (`reshaped`)."""
+    """(a mouth image, its landmarks in its pixels (478, 2)) -> the image with the mouth's inner-lip gap times
+    `scale` (0: shut), and the moved landmarks (`reshaped`)."""
     pts = np.asarray(pts, np.float64)
     new = reshaped(pts, scale)
     moved = np.concatenate([INNER_PAIRS.ravel(), INNER_CORNERS, OUTER_UPPER, OUTER_LOWER, OUTER_CORNERS, CHIN])
@@ -71,9 +71,8 @@ def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray
 
 def _warp(img: np.ndarray, dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Piecewise-affine backward warp: the pixel at dst[k] comes from src[k]; identity outside their hull."""
-    size = img.shape[0]
     x0, y0 = np.floor(np.maximum(np.minimum(dst.min(0), src.min(0)), 0)).astype(int)
-    x1, y1 = np.ceil(np.minimum(np.maximum(dst.max(0), src.max(0)) + 1, size)).astype(int)
+    x1, y1 = np.ceil(np.minimum(np.maximum(dst.max(0), src.max(0)) + 1, img.shape[1::-1])).astype(int)
     gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
     disp = LinearNDInterpolator(dst, src - dst, fill_value=0.0)(gx, gy)
     map_x = (gx + disp[..., 0]).astype(np.float32)

@@ -271,10 +271,22 @@ def resize_source(src: SourceFaces, frames: np.ndarray, size: int) -> SourceFace
     return dataclasses.replace(src, crops=crops, matrices=mats, size=size, crop_fix=None)
 
 
+def _as_aligned(src: SourceFaces) -> SourceFaces:
+    """The same source with every stored mouth as its aligned size x size crop."""
+    if src.crop_fix is None:
+        return src
+    crops = np.zeros((src.n_frames, src.size, src.size, 3), np.uint8)
+    for t in np.flatnonzero(src.found):
+        crops[t] = src.aligned_crop(int(t))
+    return dataclasses.replace(src, crops=crops, crop_fix=None)
+
+
 def concat_sources(parts: list[SourceFaces], usable: list[bool]) -> SourceFaces:
     """One source from several clips (same crop size), each clip wholly usable or not."""
     if len({p.size for p in parts}) != 1:
         raise ValueError(f"crop sizes differ: {[p.size for p in parts]}; resize_source first")
+    if len({np.shape(p.crops)[1:] for p in parts}) > 1:  # stored mouths of other shapes (a resized clip's crops)
+        parts = [_as_aligned(p) for p in parts]
     fps = parts[0].fps
     fixes = [np.full((p.n_frames, 2, 3), np.nan) if p.crop_fix is None else p.crop_fix for p in parts]  # NaN: none
     return SourceFaces(
@@ -404,7 +416,7 @@ def composite(source: SourceFaces, frames: np.ndarray, background: np.ndarray, t
     for i, b in enumerate(background):
         if track.source_index[i] >= 0 and source.found[b]:
             crop, fix = track.mouth(i, source)
-            compositing.composite(out[i], source.matrices[b], crop, track.points[i], aligned[b], fix)
+            compositing.composite(out[i], source.matrices[b], source.size, crop, track.points[i], aligned[b], fix)
     return out
 
 
