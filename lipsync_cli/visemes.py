@@ -70,8 +70,9 @@ def kind_of(label: str) -> int:
 
 def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LEAD_S) -> Targets:
     """Per-frame viseme targets for `phones` (seconds from the speech's start). Frames no phone covers, and pauses
-    of MIN_REST_S or more, rest. Every bilabial shuts at least the MIN_CLOSED frames around its middle (however
-    short it is); the frame before a closure opens at most APPROACH_IN, the one after at most APPROACH."""
+    of MIN_REST_S or more, rest. Every bilabial shuts at least MIN_CLOSED frames however short it is (the one
+    nearest its middle and the next towards its less open neighbour: `_closure_frames`); the frame before a closure
+    opens at most APPROACH_IN, the one after at most APPROACH."""
     kind = np.full(n_frames, REST, np.int64)
     openness = np.zeros(n_frames)
     label = [""] * n_frames
@@ -81,9 +82,7 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
         rest = p.label == SIL and p.end - p.start >= MIN_REST_S
         covered = np.flatnonzero((t >= p.start) & (t < p.end))
         if len(covered) < MIN_CLOSED and p.label in BILABIALS:  # never lose a closure between two frames
-            mid = ((p.start + p.end) / 2 - lead) * fps
-            first = int(np.clip(round(mid - MIN_CLOSED / 2), 0, max(n_frames - MIN_CLOSED, 0)))
-            covered = np.arange(first, min(first + MIN_CLOSED, n_frames))
+            covered = _closure_frames(phones, j, n_frames, fps, lead)
         for i in covered:
             if kind[i] == CLOSED and p.label not in BILABIALS:
                 continue  # a closure is never overwritten by its neighbour
@@ -106,6 +105,29 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
         if len(frames) >= 2 and phones[j].end - phones[j].start >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
             cap[frames[0]] = SQUEEZED_CAP
     return Targets(kind, np.minimum(openness, cap), cap, label, pid)
+
+
+def _closure_frames(phones: Sequence[Phone], j: int, n_frames: int, fps: float, lead: float) -> np.ndarray:
+    """The MIN_CLOSED frames that bilabial j, too short to hold them, shuts: the frame nearest its middle, grown
+    towards its less open neighbour (a vowel keeps its frames; the lips close as readily during a consonant or a
+    pause), towards the nearer frame on a tie."""
+    p = phones[j]
+    mid = ((p.start + p.end) / 2 - lead) * fps
+
+    def opening(k: int) -> float:
+        if not 0 <= k < len(phones) or phones[k].label == SIL:
+            return 0.0
+        return 0.0 if phones[k].label in BILABIALS else OPENNESS.get(phones[k].label, CONSONANT_OPENNESS)
+
+    lo = hi = int(np.clip(round(mid), 0, n_frames - 1))
+    while hi - lo + 1 < min(MIN_CLOSED, n_frames):
+        before, after = opening(j - 1), opening(j + 1)
+        back = before < after or (before == after and mid - (lo - 1) < (hi + 1) - mid)
+        if lo == 0 or (hi < n_frames - 1 and not back):
+            hi += 1
+        else:
+            lo -= 1
+    return np.arange(lo, hi + 1)
 
 
 def from_close(close: np.ndarray) -> Targets:

@@ -13,12 +13,17 @@ def test_bilabials_always_shut_even_between_frames_and_are_never_overwritten():
     fps = 25.0
     ph = [Phone("AA", 0.0, 0.205), Phone("P", 0.205, 0.225), Phone("AA", 0.225, 0.6), Phone("M", 0.6, 0.7)]
     tg = visemes.targets(ph, 20, fps, lead=0.0)
-    # the 20 ms P holds no frame time (0.2, 0.24): the MIN_CLOSED frames around its middle shut anyway
-    assert (tg.kind[4:6] == visemes.CLOSED).all() and (tg.openness[4:6] == 0.0).all()
-    assert tg.openness[3] <= visemes.APPROACH_IN == tg.cap[3]  # on their way in: nearly together already
-    assert tg.cap[6] == visemes.APPROACH > visemes.APPROACH_IN  # on their way out: a release is faster
+    # the 20 ms P holds no frame time (0.2, 0.24): the MIN_CLOSED frames nearest its middle (0.215) shut anyway,
+    # those two and not 0.16 and 0.2 (until 2026-12-07 the closure sat half a frame early on average)
+    assert (tg.kind[5:7] == visemes.CLOSED).all() and (tg.openness[5:7] == 0.0).all()
+    assert tg.kind[4] == visemes.OPEN and tg.kind[7] == visemes.OPEN
+    assert tg.openness[4] <= visemes.APPROACH_IN == tg.cap[4]  # on their way in: nearly together already
+    assert tg.cap[7] == visemes.APPROACH > visemes.APPROACH_IN  # on their way out: a release is faster
     assert (tg.kind[15:18] == visemes.CLOSED).all()
     assert tg.kind[3] == visemes.OPEN and tg.kind[8] == visemes.OPEN
+    # a 22 ms B between frames 10 and 11 (0.4, 0.44 s), its middle 0.39 frame past 10: frames 10 and 11, not 9-10
+    late = visemes.targets([Phone("AA", 0.0, 0.405), Phone("B", 0.405, 0.427), Phone("AA", 0.427, 0.8)], 20, fps, 0.0)
+    assert np.flatnonzero(late.kind == visemes.CLOSED).tolist() == [10, 11]
     assert tg.kind[19] == visemes.REST  # after the last phone: rest
     assert tg.phone[5] == "P" and tg.phone_id[5] == 1
 
@@ -112,13 +117,30 @@ def test_lips_choices():
 
 
 def test_an_open_vowel_squeezed_between_closures_still_opens():
-    """piper's "Bob bought": B 23 ms, AA 128 ms, B, B. The closures' 2-frame minimum leaves the AA two frames, both
-    next to a closure; its first (after the release) opens, the one before the next closure stays nearly shut."""
-    ph = [Phone("B", 0.035, 0.058), Phone("AA", 0.058, 0.186), Phone("B", 0.186, 0.238), Phone("B", 0.238, 0.29)]
-    ph.append(Phone("AO", 0.29, 0.43))
+    """A 92 ms AA between two short B's keeps two frames, both next to a closure; its first (after the release)
+    opens, the one before the next closure stays nearly shut."""
+    ph = [Phone("B", 0.035, 0.058), Phone("AA", 0.058, 0.15), Phone("B", 0.15, 0.2), Phone("AO", 0.2, 0.34)]
     tg = visemes.targets(ph, 12, 25.0)
     vowel = np.flatnonzero(tg.phone_id == 1)
     assert list(tg.kind[vowel]) == [visemes.OPEN] * len(vowel) and len(vowel) == 2
     assert tg.openness[vowel[0]] == visemes.SQUEEZED_CAP > visemes.APPROACH  # opens
     assert tg.openness[vowel[-1]] <= visemes.APPROACH_IN  # on the way into the next closure
     assert (tg.kind[np.flatnonzero(tg.phone_id == 2)] == visemes.CLOSED).all()
+
+
+def test_a_short_closure_takes_its_second_frame_from_the_less_open_neighbour():
+    """piper's "Bob bought": B 23 ms, AA 128 ms, B, B, AO. Each B too short for two frames takes its second from
+    the pause or consonant beside it, not from the vowel: the AA keeps three frames and opens fully in the middle
+    one (until 2026-12-07 the first closure took one of them and the AA opened on one frame only)."""
+    ph = [Phone("B", 0.035, 0.058), Phone("AA", 0.058, 0.186), Phone("B", 0.186, 0.238), Phone("B", 0.238, 0.29)]
+    ph.append(Phone("AO", 0.29, 0.43))
+    tg = visemes.targets(ph, 12, 25.0)
+    assert np.flatnonzero(tg.phone_id == 0).tolist() == [0, 1]  # the first B: frame 1 and the silence before
+    vowel = np.flatnonzero(tg.phone_id == 1)
+    assert len(vowel) == 3 and tg.openness[vowel[1]] == visemes.OPENNESS["AA"]
+    assert tg.openness[vowel[0]] <= visemes.APPROACH and tg.openness[vowel[2]] <= visemes.APPROACH_IN
+    # "maybe": the B's second frame comes from the IY after it (0.35 open), not the EY before (0.55)
+    ph = [Phone("M", 0.035, 0.081), Phone("EY", 0.081, 0.221), Phone("B", 0.221, 0.25), Phone("IY", 0.25, 0.35)]
+    tg = visemes.targets(ph, 10, 25.0)
+    assert np.flatnonzero(tg.phone_id == 2).tolist() == [5, 6]
+    assert (tg.kind[np.flatnonzero(tg.phone_id == 1)] == visemes.OPEN).sum() == 3
