@@ -94,8 +94,8 @@ STORE_ROOM = (1.05, 1.15)
 
 
 def crop_size(M: np.ndarray, size: int, most: int = MAX_CROP) -> int:
-    """A crop size at or above the face's native resolution (never shrunk: the mouth is resampled three times on
-    its way back), in steps of 16, within [96, most]."""
+    """A crop size at or above the face's native resolution (a face shrunk into a smaller crop loses detail that
+    no resample gives back), in steps of 16, within [96, most]."""
     native = size / max(float(np.sqrt(abs(np.linalg.det(M[:, :2])))), 1e-6)  # M: crop pixels per frame pixel
     return int(np.clip(np.ceil(native / 16) * 16, 96, most))
 
