@@ -119,7 +119,9 @@ def _closure_frames(phones: Sequence[Phone], j: int, n_frames: int, fps: float, 
             return 0.0
         return 0.0 if phones[k].label in BILABIALS else OPENNESS.get(phones[k].label, CONSONANT_OPENNESS)
 
-    lo = hi = int(np.clip(round(mid), 0, n_frames - 1))
+    lo = hi = int(round(mid))
+    if not 0 <= lo < n_frames:  # heard before the first frame or after the last: no frame of it to shut
+        return np.arange(0)
     while hi - lo + 1 < min(MIN_CLOSED, n_frames):
         before, after = opening(j - 1), opening(j + 1)
         back = before < after or (before == after and mid - (lo - 1) < (hi + 1) - mid)

@@ -144,3 +144,6 @@ def test_a_short_closure_takes_its_second_frame_from_the_less_open_neighbour():
     tg = visemes.targets(ph, 10, 25.0)
     assert np.flatnonzero(tg.phone_id == 2).tolist() == [5, 6]
     assert (tg.kind[np.flatnonzero(tg.phone_id == 1)] == visemes.OPEN).sum() == 3
+    # no frames at all, or a short B after the last frame: nothing to shut, no error
+    assert len(visemes.targets([Phone("B", 0.0, 0.01)], 0, 25.0).kind) == 0
+    assert not (visemes.targets([Phone("AA", 0.0, 0.5), Phone("B", 0.9, 0.91)], 5, 25.0).kind == visemes.CLOSED).any()
