@@ -96,8 +96,12 @@ STORE_ROOM = (1.05, 1.15)
 def crop_size(M: np.ndarray, size: int, most: int = MAX_CROP) -> int:
     """A crop size at or above the face's native resolution (a face shrunk into a smaller crop loses detail that
     no resample gives back), in steps of 16, within [96, most]."""
-    native = size / max(float(np.sqrt(abs(np.linalg.det(M[:, :2])))), 1e-6)  # M: crop pixels per frame pixel
-    return int(np.clip(np.ceil(native / 16) * 16, 96, most))
+    return int(np.clip(np.ceil(native_side(M, size) / 16) * 16, 96, most))
+
+
+def native_side(M: np.ndarray, size: int) -> float:
+    """The side, in frame pixels, of the size x size aligned crop that M (frame -> crop) cuts."""
+    return size / max(float(np.sqrt(abs(np.linalg.det(M[:, :2])))), 1e-6)
 
 
 def spread_blocks(frames: np.ndarray, most: int) -> np.ndarray:
@@ -154,26 +158,15 @@ def store_mouth(frame: np.ndarray, M: np.ndarray, size: int, shape: tuple[int, i
     fc = face.transform_points(corners, face.invert_affine(M))
     (x0, y0), (x1, y1) = np.floor(fc.min(0)).astype(int) - 2, np.ceil(fc.max(0)).astype(int) + 3
     if y1 - y0 > h or x1 - x0 > w:
-        out = np.empty((h, w, 3), np.uint8)
-        out[:size, :size] = face.warp_to_aligned(frame, M, size, face.SHARP)
-        return _replicate(out, size, size), np.asarray(M, np.float64)
-    H, W = frame.shape[:2]
-    box = frame[max(y0, 0) : min(y1, H), max(x0, 0) : min(x1, W)]
-    top, left = max(y0, 0) - y0, max(x0, 0) - x0
-    out = np.empty((h, w, 3), np.uint8)
-    if box.size == 0:  # the crop lies wholly off the frame (a face cut by the edge): nothing of it to keep
-        out[:] = 0
+        block, top, left, move = face.warp_to_aligned(frame, M, size, face.SHARP), 0, 0, np.asarray(M, np.float64)
     else:
-        out[top : top + box.shape[0], left : left + box.shape[1]] = box
-        out = _replicate(out, box.shape[0], box.shape[1], top, left)
-    return out, np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
-
-
-def _replicate(img: np.ndarray, h: int, w: int, top: int = 0, left: int = 0) -> np.ndarray:
-    """img with everything outside its h x w block at (top, left) filled from the block's edges."""
-    block = img[top : top + h, left : left + w]
-    H, W = img.shape[:2]
-    return cv2.copyMakeBorder(block, top, H - h - top, left, W - w - left, cv2.BORDER_REPLICATE)
+        H, W = frame.shape[:2]
+        block = frame[max(y0, 0) : max(min(y1, H), 0), max(x0, 0) : max(min(x1, W), 0)]  # a stop < 0 would wrap
+        top, left, move = max(y0, 0) - y0, max(x0, 0) - x0, np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
+    if block.size == 0:  # the crop lies wholly off the frame (a face cut by the edge): nothing of it to keep
+        return np.zeros((h, w, 3), np.uint8), move
+    bottom, right = h - top - block.shape[0], w - left - block.shape[1]
+    return cv2.copyMakeBorder(block, top, bottom, left, right, cv2.BORDER_REPLICATE), move
 
 
 class PoolCrops:
@@ -256,7 +249,7 @@ def analyse_video(
         if crops is None:
             M = face.align_matrix(lm, 128)
             size = crop_size(M, 128, max_crop)
-            shape = store_shape(size, 128 / float(np.sqrt(abs(np.linalg.det(M[:, :2])))))
+            shape = store_shape(size, native_side(M, 128))
             if workdir is None:
                 held = np.flatnonzero(keep)
                 keep[:] = False
