@@ -432,8 +432,8 @@ def recognise_words(audio16k: np.ndarray, thorough: bool = False) -> str:
         d.start_utt()
         d.process_raw(_pcm(x[a:b]), full_utt=True)
         d.end_utt()
-        if d.hyp() is not None:
-            heard.append(d.hyp().hypstr)
+        if (hyp := d.hyp()) is not None:
+            heard.append(hyp.hypstr)
     return " ".join(h for h in heard if h)
 
 

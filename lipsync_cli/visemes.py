@@ -122,8 +122,8 @@ def _closure_frames(phones: Sequence[Phone], j: int, n_frames: int, fps: float, 
     lo = hi = int(round(mid))
     if not 0 <= lo < n_frames:  # heard before the first frame or after the last: no frame of it to shut
         return np.arange(0)
+    before, after = opening(j - 1), opening(j + 1)
     while hi - lo + 1 < min(MIN_CLOSED, n_frames):
-        before, after = opening(j - 1), opening(j + 1)
         back = before < after or (before == after and mid - (lo - 1) < (hi + 1) - mid)
         if lo == 0 or (hi < n_frames - 1 and not back):
             hi += 1
