@@ -8,8 +8,8 @@ Cases, as `lipsync eval` builds them (eval/protocols.py) but from the prepped sh
           the first 60% is the reference, the last HOLD_OUT is re-created ("unseen" = speakers the model never
           trained on: the manifest's held-out speakers)
 Systems: mean (the reference's mean lip shape), map (models/lipmap.py fitted on the reference), model (models/lips.py
-de-normalised with the reference's mean shape and scale, eased to the closed mouth in silence and partly on the
-pause/p/b/m frames dub marks), model+adapt (plus the per-video calibration dub uses).
+de-normalised with the reference's mean shape and scale, eased to the closed mouth in silence), model+adapt (plus
+the per-video calibration dub uses).
 `target` LVE scores the lip shape each system aims at (in the map's PCA basis, as retrieval receives it); `retrieved`
 scores the source mouths retrieval.select_mouths then picks. LVE = mean lip-point distance / inter-ocular distance.
 """
@@ -31,7 +31,7 @@ from lipsync_cli.data.dataset import clip_key
 from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
 from lipsync_cli.eval.protocols import GRID_REFS, HOLD_OUT, MAX_CLIP_S
-from lipsync_cli.models import lipmap, lips
+from lipsync_cli.models import lipmap, lips_infer
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("mean", "map", "model", "model+adapt")
@@ -84,8 +84,8 @@ def score(src: SourceFaces, bg: np.ndarray, text: str | None, model) -> dict[str
     targets = {
         "mean": np.zeros((n, len(lm.basis))),
         "map": lipmap.predict(lm, speech, n, fps, close=close),
-        "model": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=False, close=close),
-        "model+adapt": lips.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=True, close=close),
+        "model": lips_infer.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=False),
+        "model+adapt": lips_infer.predict(model, lm, shapes, valid, src.audio, speech, n, fps, adapt=True),
     }
     src_coef = lipmap.coefficients(lm, np.nan_to_num(shapes)) / lm.scale
     pose = retrieval._pose_features(aligned, src.size)
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="GRID test clips (0: all)")
     args = ap.parse_args()
     root, meta = args.manifest.parent, json.loads(args.manifest.read_text())
-    model, _ = models.load(args.weights)
+    model = lips_infer.load(args.weights)
     t0, c0 = time.time(), os.times()
     rows: dict[str, list[dict]] = {}
     cases = list(grid_cases(root, meta))[: args.limit or None] + list(media_cases(root, meta))

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 from lipsync_cli import models
 from lipsync_cli.engine import retrieval, warp
 from lipsync_cli.engine.base import SourceFaces
-from lipsync_cli.models import lips
+from lipsync_cli.models import lips, lips_infer
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "band": 5, "window": 25, "dropout": 0.0}
 
@@ -22,9 +22,10 @@ def test_model_maps_feature_rows_to_frames_at_any_length():
     for T in (1, 7, 40):
         assert model(torch.randn(2, 4 * T, 81)).shape == (2, T, 80)
     speech = np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32)
-    out = lips.run(model, speech, 60)  # 60 frames of 3 s of speech: cut features; 90: padded
+    net = lips_infer.from_module(model)
+    out = lips_infer.run(net, speech, 60)  # 60 frames of 3 s of speech: cut features; 90: padded
     assert out.shape == (60, 80) and np.isfinite(out).all()
-    assert lips.run(model, speech, 90).shape == (90, 80)
+    assert lips_infer.run(net, speech, 90).shape == (90, 80)
 
 
 def test_speaker_normalisation_round_trips_and_removes_mean_and_scale():
@@ -33,11 +34,11 @@ def test_speaker_normalisation_round_trips_and_removes_mean_and_scale():
     valid = np.ones(200, bool)
     valid[:10] = False
     shapes[:10] = np.nan  # frames without a face are ignored
-    mean, scale = lips.speaker_stats(shapes, valid)
-    y = lips.normalise(shapes[10:], mean, scale)
+    mean, scale = lips_infer.speaker_stats(shapes, valid)
+    y = lips_infer.normalise(shapes[10:], mean, scale)
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-9)
     assert np.sqrt((y**2).mean()) == pytest.approx(1.0, rel=1e-3)
-    np.testing.assert_allclose(lips.denormalise(y, mean, scale), shapes[10:], atol=1e-12)
+    np.testing.assert_allclose(lips_infer.denormalise(y, mean, scale), shapes[10:], atol=1e-12)
 
 
 def _shard(path, start, end, source):
@@ -119,7 +120,7 @@ def test_retrieval_uses_the_model_and_keeps_the_maps_target_space(tiny_prep, mon
     src, bg = _source(tiny_prep)
     speech = src.audio[bg[0] * 640 : (bg[-1] + 1) * 640]
     tiny = lips.build({**TINY, "model": "lips"}).eval()
-    monkeypatch.setattr(retrieval, "_default_lips", lambda: tiny)
+    monkeypatch.setattr(retrieval, "_default_lips", lambda: lips_infer.from_module(tiny))
     close = np.zeros(len(bg), bool)
     close[:5] = True
     by_model = retrieval.animate(src, speech, bg, close=close, lips="model")
@@ -147,8 +148,8 @@ def test_model_target_rests_closed_in_silence(tiny_prep):
     n, half = len(bg), len(bg) // 2
     speech[half * 640 :] = 0.0  # the second half is silence
     tiny = lips.build({**TINY, "model": "lips"}).eval()
-    free = lips.predict(tiny, lm, shapes, valid, src.audio, speech, n, src.fps)
-    np.testing.assert_allclose(free[half + 3 + lips.REST_LAG :] - lm.closed, 0.0, atol=1e-9)
+    free = lips_infer.predict(lips_infer.from_module(tiny), lm, shapes, valid, src.audio, speech, n, src.fps)
+    np.testing.assert_allclose(free[half + 3 + lips_infer.REST_LAG :] - lm.closed, 0.0, atol=1e-9)
     assert np.abs(free[:half] - lm.closed).max() > 1e-3  # speech still moves it
 
 
@@ -157,16 +158,30 @@ def test_committed_weights_load_and_are_small():
     model, config = models.load(path)
     assert config["model"] == "lips" and isinstance(model, lips.LipsModel)
     assert path.stat().st_size < 8 << 20
-    speech = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
-    assert np.isfinite(lips.run(model, speech, 25)).all()
+
+
+def test_numpy_forward_is_the_torch_models():
+    """Dub runs the committed weights in numpy (lips_infer: no torch import); training runs the torch module. On real
+    speech, at lengths under and over the attention band, the two give the same lip points."""
+    model, _ = models.load(models.WEIGHTS / "lips.safetensors")
+    net = lips_infer.load(models.WEIGHTS / "lips.safetensors")
+    rng = np.random.default_rng(0)
+    for T in (7, 60):
+        feat = rng.normal(size=(4 * T, 81)).astype(np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(feat)[None])[0].numpy()
+        got = lips_infer.forward(net, feat)
+        assert got.shape == want.shape == (T, 80)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert np.abs(want).max() > 0.1  # a real output, not two zeros
 
 
 def test_long_speech_runs_in_windows_with_the_same_numbers():
     """Windows with the model's whole receptive field as context give what one call over the whole speech gives
     (one call holds T x T attention weights: ~9 GB for 10 minutes)."""
-    model = models.default("lips")[0]
+    net = retrieval.lips_model("model")
     speech = np.random.default_rng(0).normal(0, 0.1, 16000 * 24).astype(np.float32)  # 600 frames
-    whole = lips.run(model, speech, 600, chunk=10**9)
-    windowed = lips.run(model, speech, 600, chunk=100)
+    whole = lips_infer.run(net, speech, 600, chunk=10**9)
+    windowed = lips_infer.run(net, speech, 600, chunk=100)
     assert windowed.shape == whole.shape == (600, 80)
     np.testing.assert_allclose(windowed, whole, atol=1e-4)

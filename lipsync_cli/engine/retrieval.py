@@ -19,11 +19,11 @@ import functools
 
 import numpy as np
 
-from lipsync_cli import audio, face, visemes
+from lipsync_cli import audio, face, models, visemes
 from lipsync_cli.engine import warp
 from lipsync_cli.engine.base import MouthTrack, SourceFaces
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models import lipmap
+from lipsync_cli.models import lipmap, lips_infer
 
 N_CANDIDATES = 24
 POSE_WEIGHT = 4.0  # a mouth from a turned head looks pasted on: pose mismatch costs like shape mismatch
@@ -288,26 +288,23 @@ def shape_targets(
     elif model is None:
         target = lipmap.predict(lm, speech, n_out, source.fps, sr=sr)
     else:
-        from lipsync_cli.models import lips as lips_net
-
-        target = lips_net.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
+        target = lips_infer.predict(model, lm, shapes, valid, source.audio, speech, n_out, source.fps, sr)
     return aligned, shapes, lm, target
 
 
-def lips_model(choice: str = "model"):
-    """The learned speech -> lips model, or None for the self-fitted map (`lips` = "map", or no weights) and for
-    "phones" (the viseme targets alone: the ablation that shows what the lips model or map adds between them)."""
+def lips_model(choice: str = "model") -> lips_infer.LipsNet | None:
+    """The learned speech -> lips model (its numpy form: no torch at dub time), or None for the self-fitted map
+    (`lips` = "map", or no weights) and for "phones" (the viseme targets alone: the ablation that shows what the
+    lips model or map adds between them)."""
     if choice not in LIPS:
         raise ValueError(f"unknown lips choice {choice!r} ({', '.join(LIPS)})")
     return _default_lips() if choice == "model" else None
 
 
 @functools.cache
-def _default_lips():
-    from lipsync_cli import models
-
-    found = models.default("lips")
-    return None if found is None else found[0]
+def _default_lips() -> lips_infer.LipsNet | None:
+    path = models.WEIGHTS / "lips.safetensors"
+    return lips_infer.load(path) if path.is_file() else None
 
 
 def _pose_features(aligned: np.ndarray, size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     seed.py   the original design (MFCC transformer + 3D-conv video encoder + cross-attention + 32x32 GAN generator)
     sync.py   SyncNet-style audio-visual sync expert (eval --metric sync, and a loss for the others)
-    lips.py   audio -> lip shape generalist (replaces the self-fitted map inside dub)
+    lips.py   audio -> lip shape generalist (replaces the self-fitted map inside dub); lips_infer.py runs it in numpy
     render.py neural mouth renderer: lower-face inpainting from a reference frame + target lip shape
 
 Each model file has a `Config` dataclass, `build(config: dict) -> nn.Module` and `make_task(manifest, overrides)`
@@ -16,12 +16,13 @@ import importlib
 import json
 from pathlib import Path
 from types import ModuleType
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import atomic, write_json
+
+if TYPE_CHECKING:  # torch is imported where a model is built: `from lipsync_cli.models import lipmap` needs none
+    import torch
 
 MODELS = ("seed", "sync", "lips", "render")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # committed default checkpoints: <name>.safetensors
@@ -36,6 +37,8 @@ def module(name: str) -> ModuleType:
 
 def save(model: torch.nn.Module, config: dict, path: str | Path, meta: dict | None = None) -> Path:
     """Write `path` (.safetensors) and its .json config atomically; `config["model"]` names the model file."""
+    from safetensors.torch import save_file
+
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -47,6 +50,8 @@ def save(model: torch.nn.Module, config: dict, path: str | Path, meta: dict | No
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from `<stem>.json` and load `<stem>.safetensors` into it (strict), in eval mode."""
+    from safetensors.torch import load_file
+
     path = Path(path).with_suffix(".safetensors")
     cfg_path = path.with_suffix(".json")
     if not path.is_file() or not cfg_path.is_file():

@@ -5,9 +5,10 @@ channel and spectral tilt cancel) plus one loudness channel relative to the utte
 conv turns 4 feature rows into one video frame (25 fps), a depthwise conv gives the frames their relative position,
 and a 4-layer transformer (d 128, 4 heads, ff 512) attends within +-BAND frames (so any length runs, and the mouth
 may lead the sound). Output: the 40 lip points of every frame, speaker-normalised: (shape - speaker mean shape) /
-speaker motion scale, in aligned-crop units. At dub time the input video's own mean shape and scale put them back
-(`predict`), an optional per-video calibration on the video's own audio adapts the motion to that mouth, and
-the target eases to the video's closed mouth where the speech falls silent.
+speaker motion scale, in aligned-crop units. At dub time (models/lips_infer.py: the same forward pass in numpy, so
+a dub loads no torch) the input video's own mean shape and scale put them back (`predict`), an optional per-video
+calibration on the video's own audio adapts the motion to that mouth, and the target eases to the video's closed
+mouth where the speech falls silent.
 
 Losses: landmark L1 and velocity L1 (frame-to-frame motion, against jitter and lag); optionally L1 on the inner-lip
 gap (`w_gap`, off in the committed weights: it made the target close more but not the shown mouth). The sync expert
@@ -30,14 +31,10 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli import audio, face
+from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import clip_key, eval_spans
-from lipsync_cli.models import lipmap
-
-N_MELS = 80
-ROWS = 4  # feature rows per video frame (100 Hz / 25 fps)
-REST_LEAD, REST_LAG = 2, 2  # frames: the silence gate opens this early and closes this late
+from lipsync_cli.models.lips_infer import N_MELS, ROWS, features, normalise, speaker_stats
 
 
 @dataclass
@@ -62,29 +59,7 @@ def config_from(d: dict) -> Config:
     return Config(**{k: v for k, v in d.items() if k in names})
 
 
-# ----------------------------------------------------------------------------- features
-
-
-def level_channel(logmel: np.ndarray) -> np.ndarray:
-    """Row energy mapped to 0 (30 dB under the utterance's loud parts, or quieter) .. 1: voice-independent."""
-    e = logmel.mean(1)
-    peak = float(np.percentile(e, 95)) if len(e) else 0.0
-    return np.clip((e - (peak - 3.0)) / 3.0, 0.0, 1.0).astype(np.float32)
-
-
-def features(logmel: np.ndarray) -> np.ndarray:
-    """(R, 80) log10 mel -> (R, 81): per-utterance normalised mel + the loudness channel."""
-    return np.concatenate([audio.normalise_utterance(logmel), level_channel(logmel)[:, None]], axis=1)
-
-
-def speech_features(speech: np.ndarray, n_frames: int, sr: int = audio.SR) -> np.ndarray:
-    """(4 * n_frames, 81) features for `n_frames` video frames of speech (row 4i is frame i's instant)."""
-    if sr != audio.SR:
-        speech = audio.resample(speech, sr, audio.SR)
-    logmel = audio.mel_spectrogram(np.asarray(speech, np.float32), audio.SR, n_mels=N_MELS)
-    feat = features(logmel)
-    rows = ROWS * n_frames
-    return np.pad(feat[:rows], ((0, max(0, rows - len(feat))), (0, 0)), mode="edge")
+# ----------------------------------------------------------------------------- augmentation
 
 
 def augment_logmel(logmel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -140,110 +115,6 @@ class LipsModel(nn.Module):
 
 def build(config: dict) -> LipsModel:
     return LipsModel(config_from(config))
-
-
-# ----------------------------------------------------------------------------- speaker normalisation
-
-
-def speaker_stats(shapes: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Mean lip shape (D,) and motion scale (RMS distance from it per coordinate) of one speaker's frames."""
-    x = shapes if valid is None else shapes[valid]
-    x = x[np.isfinite(x).all(1)]
-    mean = x.mean(0)
-    return mean, float(np.sqrt(((x - mean) ** 2).mean())) + 1e-6
-
-
-def normalise(shapes: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
-    return (shapes - mean) / scale
-
-
-def denormalise(y: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
-    return mean + scale * y
-
-
-# ----------------------------------------------------------------------------- inference and speaker adaptation
-
-
-RUN_CHUNK = 1000  # frames per model call (40 s): the banded attention's mask and weights are T x T in memory
-
-
-@torch.no_grad()
-def run(model: LipsModel, speech: np.ndarray, n_frames: int, sr: int = audio.SR, chunk: int = RUN_CHUNK) -> np.ndarray:
-    """(n_frames, 80) speaker-normalised lip points for the speech (any length: attention is banded).
-
-    Long speech goes through the model in windows of `chunk` frames, each with as much context on both sides as a
-    frame can see (band per layer, plus the position conv): the same numbers (measured: 1.7e-6 on 3 min), while
-    one call over 10 minutes of speech held ~9 GB of attention weights (15000 x 15000 per head)."""
-    feat = torch.from_numpy(speech_features(speech, n_frames, sr))[None]
-    model.eval()
-    margin = model.cfg.n_layers * model.cfg.band + 8
-    out = []
-    for a in range(0, n_frames, chunk):
-        b = min(n_frames, a + chunk)
-        lo, hi = max(0, a - margin), min(n_frames, b + margin)
-        out.append(model(feat[:, ROWS * lo : ROWS * hi])[0][a - lo : b - lo])
-    return torch.cat(out).double().numpy()
-
-
-def predict(
-    model: LipsModel,
-    lm,  # lipmap.LipMap fitted on the source: its PCA basis is the target space retrieval selects in
-    shapes: np.ndarray,
-    valid: np.ndarray,
-    source_audio: np.ndarray | None,
-    speech: np.ndarray,
-    n_frames: int,
-    fps: float,
-    sr: int = audio.SR,
-    adapt: bool = True,
-) -> np.ndarray:
-    """(n_frames, k) target coefficients in the map's basis: the generalist's motion de-normalised with the video's
-    own mean shape and scale; with `adapt`, calibrated per coefficient on the video's own audio and lips; then
-    eased towards the source's closed mouth where the speech is quiet (`rest_in_silence`).
-
-    Why the easing: the model is trained with L1, so where it is unsure (a voice it never heard, a pause) it
-    predicts a mouth near the speaker's mean. It shapes the motion between the viseme anchors (visemes.py); the
-    anchors themselves (p/b/m shut, open vowels open) are enforced by the engine, never by this target."""
-    mean, scale = speaker_stats(shapes, valid)
-    to_coef = lambda y: lipmap.coefficients(lm, denormalise(y, mean, scale))  # noqa: E731
-    coef = to_coef(run(model, speech, n_frames, sr))
-    if adapt and source_audio is not None and len(source_audio) > sr:
-        T = len(shapes)
-        usable = valid & (np.arange(T) < int(len(source_audio) / sr * fps))
-        if usable.sum() >= 50:
-            own = to_coef(run(model, source_audio, T, sr))[usable]
-            real = lipmap.coefficients(lm, shapes[usable])
-            coef = _calibrate(own, real, coef)
-    drive = lipmap.loudness_drive(speech, n_frames, fps, sr)
-    return rest_in_silence(coef, lm.closed, _spread(drive, REST_LEAD, REST_LAG))
-
-
-def rest_in_silence(coef: np.ndarray, closed: np.ndarray, drive: np.ndarray, gain: float = 4.0) -> np.ndarray:
-    """Fade towards the closed mouth as the loudness drive (0 silence .. 1 loud vowels) vanishes: the model's
-    pauses sit near the speaker's mean shape, and no sound means no articulation whoever speaks."""
-    return closed + np.clip(gain * drive, 0.0, 1.0)[:, None] * (coef - closed)
-
-
-def _spread(x: np.ndarray, lead: int, lag: int) -> np.ndarray:
-    """Running max over frames i - lag .. i + lead: the lips part before a sound starts and close after it ends."""
-    if lead + lag <= 0 or not len(x):
-        return x
-    p = np.pad(x, (lag, lead), mode="edge")
-    return np.max([p[i : i + len(x)] for i in range(lead + lag + 1)], axis=0)
-
-
-def _calibrate(pred: np.ndarray, real: np.ndarray, target: np.ndarray, prior: float = 200.0) -> np.ndarray:
-    """Per coefficient real ~ a * pred + b on the source, then applied to the target prediction. The gain is shrunk
-    towards 1 as if `prior` more frames agreed with the model: a few seconds of video can say how far this mouth
-    moves, not teach it to speak (weaker priors, or a ridge on the hidden features, did worse on unseen voices)."""
-    out = np.empty_like(target)
-    for k in range(pred.shape[1]):
-        p, r = pred[:, k], real[:, k]
-        X = np.stack([p, np.ones_like(p)], 1)
-        reg = prior * np.diag([float(p.var()) + 1e-12, 1e-6])
-        a, b = np.linalg.solve(X.T @ X + reg, X.T @ r + reg @ np.array([1.0, 0.0]))
-        out[:, k] = a * target[:, k] + b
-    return out
 
 
 # ----------------------------------------------------------------------------- data
