@@ -102,8 +102,10 @@ def test_converted_voice_is_closer_to_held_out_speech_of_the_person(tmp_path, se
 
 
 def test_embedding_is_resemblyzers_without_librosa():
-    """speaker.mel_frames replaces resemblyzer's librosa call (seconds of start-up): same numbers, same embedding."""
+    """speaker.mel_frames replaces resemblyzer's librosa call (seconds of start-up) and voice/ge2e.py its torch
+    encoder: same numbers, same embedding as resemblyzer's own embed_utterance."""
     pytest.importorskip("librosa")
+    from resemblyzer import VoiceEncoder
     from resemblyzer import audio as resemblyzer_audio
 
     from lipsync_cli.voice import speaker
@@ -112,7 +114,7 @@ def test_embedding_is_resemblyzers_without_librosa():
     ours, theirs = speaker.mel_frames(x), resemblyzer_audio.wav_to_mel_spectrogram(x)
     assert ours.shape == theirs.shape and np.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     level = np.clip(x * (10 ** (-30 / 20) / np.sqrt(np.mean(x.astype(np.float64) ** 2))), -1, 1)
-    reference = speaker.load_encoder().embed_utterance(level.astype(np.float32))
+    reference = VoiceEncoder(device="cpu", verbose=False).embed_utterance(level.astype(np.float32))
     assert similarity(speaker.speaker_embedding(x, vad=False), reference) > 0.9999
 
 

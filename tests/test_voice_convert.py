@@ -10,6 +10,7 @@ from scipy.signal import lfilter
 
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.voice import convert as vc
+from lipsync_cli.voice import ge2e
 from lipsync_cli.voice.speaker import SR, similarity, speaker_embedding, speech_mask, speech_only
 from tests.conftest import shared_file
 
@@ -29,13 +30,18 @@ def synthetic_voice(f0: float, formants: list[tuple[float, float]], seconds: flo
     return (0.3 * x * syllables / np.abs(x).max() + 0.001 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """GE2E on one thread, as convert runs it: on a shared machine, torch's threads spin waiting for each other."""
+@pytest.fixture(scope="module")
+def torch_encoder():
+    """resemblyzer's own (torch) encoder, on one thread: the reference voice/ge2e.py is held to."""
     torch = pytest.importorskip("torch")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from resemblyzer import VoiceEncoder
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    yield VoiceEncoder(device="cpu", verbose=False)
     torch.set_num_threads(n)
 
 
@@ -110,6 +116,101 @@ def test_shaping_gain_undoes_a_known_filter(low):
     assert similarity(speaker_embedding(shaped), tilted.embedding) > similarity(
         speaker_embedding(low), tilted.embedding
     )
+
+
+def test_numpy_encoder_is_resemblyzers(torch_encoder, low, high):
+    """ge2e.forward / backward give torch's numbers: embeddings of real mel frames (a voice, and noise, in an odd
+    batch of 3, which pads to two pairs) and the gradient of a loss on them back onto the mel frames."""
+    import torch
+
+    from lipsync_cli.voice.speaker import mel_frames
+
+    mels = np.stack([mel_frames(x)[:160] for x in (low, high, np.random.default_rng(2).random(SR * 2) - 0.5)])
+    enc = ge2e.load()
+    emb, kept = ge2e.forward(enc, mels, keep=True)
+    m = torch.from_numpy(mels).requires_grad_(True)
+    ref = torch_encoder(m)
+    assert np.abs(emb - ref.detach().numpy()).max() < 1e-5
+    probe = np.random.default_rng(3).standard_normal(emb.shape).astype(np.float32)
+    (ref * torch.from_numpy(probe)).sum().backward()
+    grad, want = ge2e.backward(enc, kept, probe), m.grad.numpy()
+    assert grad.shape == mels.shape and np.abs(grad - want).max() < 1e-5 * np.abs(want).max()
+    for n in (SR // 2, SR, 4 * SR, 10 * SR + 37, 61 * SR):
+        assert ge2e.partial_slices(n) == torch_encoder.compute_partial_slices(n, rate=1.3, min_coverage=0.75)[1]
+
+
+def test_shaping_gradient_is_autograds(torch_encoder, low, high_profile):
+    """The shaping gain's hand-written gradient (cosine, encoder, mel filterbank, loudness, spectrum anchor, gain
+    curves) equals torch autograd's on the same objective, written the way the torch version of convert had it."""
+    import torch
+
+    n = len(low) // vc.HOP + 1
+    voicing = np.clip(np.sin(np.arange(n) / 15.0) + 0.5, 0, 1)
+    fit = vc.Shaping(low[: 3 * SR], high_profile, voicing)
+    w = (0.3 * np.random.default_rng(4).standard_normal((2, vc.SHAPE_COSINES))).astype(np.float32)
+    loss, grad = fit.loss_and_grad(w)
+
+    wt = torch.from_numpy(w).requires_grad_(True)
+    P, fb, basis, classes = (torch.from_numpy(a) for a in (fit.P, fit.fb, fit.basis, fit.classes))
+    Pg = P * torch.exp(classes @ (wt @ basis.T))
+    mel = (Pg * (P.sum() / Pg.sum())) @ fb.T
+    db = 10 * (mel.mean(0) + 1e-12).log10()
+    spectrum = vc.SHAPE_LTAS * (((db - db.mean()) - torch.from_numpy(fit.ltas)) ** 2).mean()
+    mel = torch.nn.functional.pad(mel, (0, 0, 0, fit.pad))
+    e = torch_encoder(torch.stack([mel[s] for s in fit.parts])).mean(0)
+    want = -(e @ torch.from_numpy(fit.target)) / e.norm() + vc.SHAPE_L2 * (wt**2).sum() + spectrum
+    want.backward()
+    assert abs(loss - want.item()) < 1e-5
+    assert np.abs(grad - wt.grad.numpy()).max() < 1e-3 * np.abs(wt.grad.numpy()).max()
+
+
+def test_weights_reader_refuses_code(tmp_path):
+    """The checkpoint reader builds dicts and float tensors only: a file whose pickle names any other callable (here
+    os.system) is refused before anything runs; so is a truncated file (no tensor may reach past what was read)."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(b"".join(pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, {}, Payload(), [])))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        ge2e.read_checkpoint(path)
+    assert not (tmp_path / "ran").exists()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ge2e.weights_path().read_bytes()[:-1000])
+    with pytest.raises(pickle.UnpicklingError, match="truncated"):
+        ge2e.read_checkpoint(cut)
+
+
+def test_voice_conversion_needs_no_torch(low, high):
+    """Learning a voice and converting speech into it (all a dub's voice process does) runs with torch unimportable
+    (resemblyzer imports it): GE2E runs in numpy, its weights read from resemblyzer's wheel without importing it."""
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np\n"
+        "from lipsync_cli.voice import convert\n"
+        "x, ref = np.load(sys.argv[1]), np.load(sys.argv[2])\n"
+        "y = convert.clone_voice(x, ref)\n"
+        "assert len(y) == len(x) and np.isfinite(y).all()\n"
+        "assert 'resemblyzer' not in sys.modules\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        np.save(f"{d}/x.npy", low)
+        np.save(f"{d}/ref.npy", high)
+        r = subprocess.run([sys.executable, "-c", code, f"{d}/x.npy", f"{d}/ref.npy"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unknown_method_is_a_clear_error(low, high_profile):

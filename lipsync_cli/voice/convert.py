@@ -1,7 +1,8 @@
 """Voice conversion: make TTS speech sound like the on-screen speaker, keeping its timing sample-exact.
 
 Driven by a few seconds of the speaker's own speech (VAD'd): WORLD analysis (pyworld: harvest F0, CheapTrick
-envelope) and the speaker's GE2E embedding (resemblyzer, weights in its wheel); nothing is trained or downloaded.
+envelope) and the speaker's GE2E embedding (resemblyzer's encoder, in numpy: voice/ge2e.py); nothing is trained
+or downloaded.
 The TTS waveform itself is modified, never resynthesised, in three steps:
 
 * pitch: voiced log-F0 is mapped to the speaker's centre and spread (median / MAD: octave errors are common), by
@@ -32,7 +33,6 @@ loses 0.02-0.05 to every target; +0.04 vs +0.06 for the same envelopes on PSOLA 
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +40,16 @@ import scipy.signal as ss
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.voice import ge2e
 from lipsync_cli.voice.speaker import (
+    LEVEL_DBFS,
+    MEL_HOP,
     SR,
     hz_to_mel,
     load_encoder,
     mel_filters,
     mel_frames,
+    one_thread,
     power_frames,
     similarity,
     speaker_embedding,
@@ -247,24 +251,10 @@ def _fit(y: np.ndarray, n: int) -> np.ndarray:
     return np.pad(y, (0, n - len(y)))
 
 
-def _ltas_db(mel_mean):
-    """Mean mel power (numpy or torch) as dB with the overall level removed: the spectrum's shape only."""
-    db = 10 * (mel_mean + 1e-12).log10() if hasattr(mel_mean, "log10") else 10 * np.log10(mel_mean + 1e-12)
+def _ltas_db(mel_mean: np.ndarray) -> np.ndarray:
+    """Mean mel power as dB with the overall level removed: the spectrum's shape only."""
+    db = 10 * np.log10(mel_mean + 1e-12)
     return db - db.mean()
-
-
-@contextmanager
-def _one_thread():
-    """torch on one thread: the encoder sees a few 160-frame partials, too little work to share, and on a busy
-    machine threads that wait for each other cost ~20x the CPU time (measured: shaping 0.7 s vs 16 s)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _excerpt(n: int) -> slice:
@@ -272,7 +262,6 @@ def _excerpt(n: int) -> slice:
     return slice(0, min(n, int(EXCERPT_S * SR)))
 
 
-@_one_thread()
 def estimate_alpha(
     shifted: np.ndarray, L: np.ndarray, v: np.ndarray, profile: VoiceProfile, floor_hz: float = 0.0
 ) -> float:
@@ -294,13 +283,12 @@ def estimate_alpha(
     return float(ALPHAS[int(np.argmax(np.array(scores) - ALPHA_COST * np.log(ALPHAS)))])
 
 
-@_one_thread()
 def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> np.ndarray:
     """(frames, 513) log-power gain that brings the GE2E embedding of `x` closest to the speaker's.
 
     `voicing` (one 0..1 value per 5 ms frame of `x`) mixes two gain curves, one for voiced frames, one for the
     rest (fricatives, breath, pauses): the voice source and the room show differently in each.
-    The encoder (resemblyzer: a 3-layer LSTM over 40-band mel power frames, 25 ms / 10 ms) is differentiable, so
+    The encoder (resemblyzer's: a 3-layer LSTM over 40-band mel power frames, 25 ms / 10 ms) is differentiable, so
     the curves are fitted by gradient ascent on the cosine, through the encoder's own front end: power STFT, times
     the gain, loudness normalised (as speaker_embedding does), mel filterbank, partial utterances, mean, cosine.
     Only 2 x SHAPE_COSINES weights move, with an L2 pull to a flat gain: a filter per frame class, with no
@@ -310,51 +298,74 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
     moving the spectrum away from the speaker's held-out speech (measured: 5.1 dB from it vs 5.0 dB for warp
     alone); with it, both GE2E similarity and the spectrum move towards the speaker (4.0 dB).
     """
-    import torch
-    from resemblyzer import VoiceEncoder, hparams
-
-    hop = SR * hparams.mel_window_step // 1000
     x = np.asarray(x, np.float32)[_excerpt(len(x))]
     if len(x) < SR:
         return np.zeros((len(voicing), FFT // 2 + 1))
-    x = x / max(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1e-6) * 10 ** (hparams.audio_norm_target_dBFS / 20)
-    P = torch.from_numpy(power_frames(x))
-    mel_fb = torch.from_numpy(mel_filters())
-    _, parts = VoiceEncoder.compute_partial_slices(len(x), rate=1.3, min_coverage=0.75)  # as embed_utterance
-    pad = max(0, parts[-1].stop - P.shape[0])
-    basis = torch.from_numpy(_cosines(np.linspace(0, SR / 2, P.shape[1]))).float()
-    target, ltas = (torch.from_numpy(np.asarray(a, np.float32)) for a in (profile.embedding, profile.ltas))
-    encoder = load_encoder()
-    v10 = np.interp(np.arange(P.shape[0]) * hop / HOP, np.arange(len(voicing)), voicing)  # 5 ms -> 10 ms
-    classes = torch.from_numpy(np.stack([v10, 1 - v10], 1)).float()
-    w = torch.zeros(2, SHAPE_COSINES, requires_grad=True)
-    m, v2 = torch.zeros_like(w), torch.zeros_like(w)
-    for step in range(1, SHAPE_STEPS + 1):
-        Pg = P * torch.exp(classes @ (w @ basis.T))
-        Pg = Pg * (P.sum() / Pg.sum())
-        mel = Pg @ mel_fb.T
-        spectrum = SHAPE_LTAS * ((_ltas_db(mel.mean(0)) - ltas) ** 2).mean()
-        mel = torch.nn.functional.pad(mel, (0, 0, 0, pad))
-        e = encoder(torch.stack([mel[s] for s in parts])).mean(0)
-        loss = -(e @ target) / e.norm() + SHAPE_L2 * (w**2).sum() + spectrum
-        w.grad = None
-        loss.backward()
-        _adam_step(w, m, v2, step)
+    fit = Shaping(x, profile, voicing)
+    w = np.zeros((2, SHAPE_COSINES), np.float32)
+    m, v2 = np.zeros_like(w), np.zeros_like(w)
+    with one_thread():
+        for step in range(1, SHAPE_STEPS + 1):
+            _adam_step(w, fit.loss_and_grad(w)[1], m, v2, step)
     lim = SHAPE_MAX_DB * np.log(10) / 10
-    g = np.clip(w.detach().numpy().astype(np.float64) @ _cosines(np.linspace(0, SR / 2, FFT // 2 + 1)).T, -lim, lim)
+    g = np.clip(w.astype(np.float64) @ _cosines(np.linspace(0, SR / 2, FFT // 2 + 1)).T, -lim, lim)
     return voicing[:, None] * g[0] + (1 - voicing[:, None]) * g[1]
 
 
-def _adam_step(w, m, v, step: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
-    """One Adam step on `w` (moments `m`, `v`), the same operations as torch.optim.Adam's single-tensor path (the
-    same numbers): torch.optim's first use imports torch._dynamo, ~1.2 s of CPU in every voice process."""
-    import torch
+class Shaping:
+    """The shaping gain's objective on one excerpt `x`, and its gradient (by hand, through `ge2e.backward`).
 
-    with torch.no_grad():
-        m.lerp_(w.grad, 1 - b1)
-        v.mul_(b2).addcmul_(w.grad, w.grad, value=1 - b2)
-        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-SHAPE_LR / (1 - b1**step))
+    loss(w) = -cos(GE2E(x filtered by the gains w), the speaker's) + SHAPE_L2 |w|^2 + SHAPE_LTAS * (long-term
+    spectrum's mean squared dB distance to the speaker's), the gains being exp(classes @ w @ basis^T) on the power
+    STFT frames (classes: voiced / other weight of each 10 ms frame)."""
+
+    def __init__(self, x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray):
+        x = x / max(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1e-6) * 10 ** (LEVEL_DBFS / 20)
+        self.P = power_frames(x)  # (T, 201)
+        self.fb = mel_filters()  # (40, 201)
+        self.parts = ge2e.partial_slices(len(x))  # as embed_utterance cuts an utterance
+        self.pad = max(0, self.parts[-1].stop - len(self.P))
+        self.basis = _cosines(np.linspace(0, SR / 2, self.P.shape[1])).astype(np.float32)  # (201, K)
+        v10 = np.interp(np.arange(len(self.P)) * MEL_HOP / HOP, np.arange(len(voicing)), voicing)  # 5 ms -> 10 ms
+        self.classes = np.stack([v10, 1 - v10], 1).astype(np.float32)  # (T, 2)
+        self.target = np.asarray(profile.embedding, np.float32)
+        self.ltas = np.asarray(profile.ltas, np.float32)
+        self.encoder = load_encoder()
+
+    def loss_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        P, fb, T = self.P, self.fb, len(self.P)
+        Pg = P * np.exp(self.classes @ (w @ self.basis.T))
+        total, scale = P.sum(), P.sum() / Pg.sum()  # the filtered speech keeps the excerpt's loudness
+        mel = (Pg * scale) @ fb.T
+        mean = mel.mean(0)
+        r = _ltas_db(mean) - self.ltas
+        spectrum = SHAPE_LTAS * float(np.mean(r * r))
+        padded = np.concatenate([mel, np.zeros((self.pad, mel.shape[1]), np.float32)])
+        emb, kept = ge2e.forward(self.encoder, np.stack([padded[s] for s in self.parts]), keep=True)
+        e = emb.mean(0)
+        n = float(np.linalg.norm(e))
+        cos = float(e @ self.target) / n
+        loss = -cos + SHAPE_L2 * float(np.sum(w * w)) + spectrum
+        # back: cosine -> partial embeddings -> encoder -> mel frames (+ the spectrum term) -> gains -> w
+        d_e = -(self.target / n - cos * e / (n * n))
+        d_parts = ge2e.backward(self.encoder, kept, np.broadcast_to(d_e / len(emb), emb.shape).astype(np.float32))
+        d_mel = np.zeros_like(padded)
+        for s, d in zip(self.parts, d_parts, strict=True):
+            d_mel[s] += d
+        d_db = SHAPE_LTAS * 2 * r / len(r)
+        d_mean = (d_db - d_db.mean()) * 10 / (np.log(10) * (mean + 1e-12))
+        d_scaled = (d_mel[:T] + d_mean / T) @ fb
+        d_Pg = scale * d_scaled - float(np.sum(d_scaled * Pg)) * total / Pg.sum() ** 2
+        d_w = self.classes.T @ (d_Pg * Pg) @ self.basis + 2 * SHAPE_L2 * w
+        return loss, d_w.astype(np.float32)
+
+
+def _adam_step(w, grad, m, v, step: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step on `w` (moments `m`, `v`, all updated in place), as torch.optim.Adam takes it."""
+    m += (1 - b1) * (grad - m)
+    v *= b2
+    v += (1 - b2) * grad * grad
+    w -= SHAPE_LR / (1 - b1**step) * m / (np.sqrt(v) / (1 - b2**step) ** 0.5 + eps)
 
 
 def _cosines(freqs: np.ndarray) -> np.ndarray:

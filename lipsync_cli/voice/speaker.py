@@ -1,4 +1,5 @@
-"""Who is speaking: speech-only extraction (VAD) and GE2E speaker embeddings (resemblyzer, weights in its wheel).
+"""Who is speaking: speech-only extraction (VAD) and GE2E speaker embeddings (resemblyzer's encoder, run in
+numpy by voice/ge2e.py).
 
 A video's soundtrack is not all speaker: silence, room noise and music would pull both the embedding and the voice
 profile away from the person on screen, so everything here looks only at the frames a VAD calls speech.
@@ -11,17 +12,21 @@ process, more than all of a dub's embeddings together.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
 from scipy.ndimage import binary_closing, binary_opening
+from threadpoolctl import threadpool_limits
 
 from lipsync_cli.audio import SR
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.voice import ge2e
 
 VAD_FRAME = 480  # 30 ms at 16 kHz, one of the three sizes webrtcvad accepts
 MIN_SPEECH_S = 1.0  # below this, GE2E embeddings and F0 statistics are noise
-MEL_WINDOW, MEL_HOP, MEL_BANDS = 400, 160, 40  # resemblyzer's params.py: 25 ms, 10 ms, 40 mel channels
+MEL_WINDOW, MEL_HOP, MEL_BANDS = 400, ge2e.FRAME_SAMPLES, 40  # resemblyzer's params.py: 25 ms, 10 ms, 40 mel channels
+LEVEL_DBFS = -30  # resemblyzer's audio_norm_target_dBFS: each utterance is scaled to this RMS before embedding
 
 
 def _webrtc_flags(pcm: np.ndarray, aggressiveness: int) -> np.ndarray:
@@ -72,13 +77,9 @@ def speech_only(audio16k: np.ndarray, min_seconds: float = MIN_SPEECH_S) -> np.n
     return speech
 
 
-@lru_cache(maxsize=1)
-def load_encoder():
-    """The GE2E encoder, loaded once from resemblyzer's wheel (pretrained.pt ships inside it, nothing downloads)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from resemblyzer import VoiceEncoder
-    return VoiceEncoder(device="cpu", verbose=False)
+def load_encoder() -> ge2e.Encoder:
+    """The GE2E encoder, read once from resemblyzer's wheel (pretrained.pt ships inside it, nothing downloads)."""
+    return ge2e.load()
 
 
 _F_SP, _MIN_LOG_HZ, _LOGSTEP = 200.0 / 3, 1000.0, np.log(6.4) / 27.0  # Slaney's mel scale, as librosa's default
@@ -123,20 +124,25 @@ def speaker_embedding(audio16k: np.ndarray, vad: bool = True) -> np.ndarray:
     """L2-normalised 256-d GE2E embedding of the voice in `audio16k` (its speech frames only when `vad`).
 
     As resemblyzer's embed_utterance: 1.6 s partial windows at 1.3 per second, embedded and averaged."""
-    import torch
-
     x = speech_only(audio16k) if vad else np.asarray(audio16k, np.float32).ravel()
     if len(x) < MIN_SPEECH_S * SR:
         raise LipsyncError("no usable speech in the reference audio (under 1 s)")
     rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
-    x = np.clip(x * (10 ** (-30 / 20) / max(rms, 1e-6)), -1, 1)  # resemblyzer's -30 dBFS loudness normalisation
-    encoder = load_encoder()
-    wav_slices, mel_slices = encoder.compute_partial_slices(len(x), rate=1.3, min_coverage=0.75)
-    mel = mel_frames(np.pad(x, (0, max(0, wav_slices[-1].stop - len(x)))))
-    with torch.no_grad():
-        partial = encoder(torch.from_numpy(np.stack([mel[s] for s in mel_slices]))).numpy()
-    emb = partial.mean(0)
+    x = np.clip(x * (10 ** (LEVEL_DBFS / 20) / max(rms, 1e-6)), -1, 1)  # resemblyzer's loudness normalisation
+    parts = ge2e.partial_slices(len(x))
+    mel = mel_frames(np.pad(x, (0, max(0, parts[-1].stop * MEL_HOP - len(x)))))
+    with one_thread():
+        emb = ge2e.forward(load_encoder(), np.stack([mel[s] for s in parts])).mean(0)
     return (emb / (np.linalg.norm(emb) + 1e-12)).astype(np.float32)
+
+
+@contextmanager
+def one_thread():
+    """BLAS on one thread while the encoder runs: it multiplies small matrices, 480 in a row, too little work to
+    share, and on a busy machine threads that wait for each other cost many times the CPU time (with torch's
+    encoder: shaping 0.7 s vs 16 s of CPU)."""
+    with threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
