@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,31 @@ def test_dub_from_text_longer_than_video_bounces(tmp_path):
     r2 = run_cli("dub", video, "Hello.", "-o", out)
     assert r2.returncode != 0 and "--force" in r2.stderr
     assert sha(out) == stamp
+
+
+def test_a_dub_needs_no_torch(tmp_path):
+    """The default dub (retrieval, lips model, voice clone) runs with torch unimportable, in its own process and in
+    the voice process it spawns: the lips model and the speaker encoder run in numpy (torch only trains, and paints
+    with --engine neural). A sitecustomize on PYTHONPATH blocks the import in every process the dub starts."""
+    video = shared_file("media/pcavs_00086.mp4")
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(block), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the block works (this test can fail)
+    out = tmp_path / "out.mp4"
+    cmd = [sys.executable, "-m", "lipsync_cli.cli", "--quiet", "dub", str(video), "Bob bought a map.", "-o", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert media.probe(out).has_audio
 
 
 def make_clip(path: Path, source: str, seconds: float = 2.0, audio: bool = True) -> Path:
