@@ -32,6 +32,7 @@ loses 0.02-0.05 to every target; +0.04 vs +0.06 for the same envelopes on PSOLA 
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass
 
@@ -99,6 +100,23 @@ class VoiceProfile:
     embedding: np.ndarray  # (256,) GE2E embedding
     speech_seconds: float
     ltas: np.ndarray  # (40,) long-term average spectrum in the GE2E encoder's mel bands, dB, level removed
+
+
+def keep_heap() -> None:
+    """Have glibc's malloc keep freed memory for reuse in this process: blocks up to 32 MB come from the heap
+    (M_MMAP_THRESHOLD) and the heap's free top goes back to the system only past 64 MB (M_TRIM_THRESHOLD).
+
+    harvest allocates and frees FFT buffers of a few MB for each of its ~130 F0 channels; by default each came
+    fresh from the system and was zero-filled page by page (a million page faults in a dub). Learning the voice
+    and converting the 19 s bench speech: 2.2 -> 0.8 s of system CPU, 8.8 -> 7.0 s in all (docs/speed.md,
+    "Session 19"). A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - glibc's, or AttributeError
+    except (OSError, AttributeError):
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's largest)
+    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def analyse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -220,6 +220,9 @@ def learn_and_convert(
     gives (16 kHz) into it: (converted, where the voice came from), or (None, "tts") for the plain TTS voice
     (--voice-fallback). `dub` runs this in its own process from its start: the voice is learned while the TTS
     speaks, and converted beside the face pass. It imports only what the voice needs."""
+    from lipsync_cli.voice.convert import keep_heap
+
+    keep_heap()  # this process's own malloc: harvest's buffers reused, not faulted in afresh
     own = soundtrack(video, settings) if has_audio else None
     voice = speaker_voice(settings, own, video.name)
     if voice is None:
