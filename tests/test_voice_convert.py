@@ -129,6 +129,7 @@ def test_numpy_encoder_is_resemblyzers(torch_encoder, low, high):
     mels = np.stack([mel_frames(x)[:160] for x in (low, high, np.random.default_rng(2).random(SR * 2) - 0.5)])
     enc = ge2e.load()
     emb, kept = ge2e.forward(enc, mels, keep=True)
+    assert np.array_equal(ge2e.forward(enc, mels), emb)  # without keeping the gates: the same numbers
     m = torch.from_numpy(mels).requires_grad_(True)
     ref = torch_encoder(m)
     assert np.abs(emb - ref.detach().numpy()).max() < 1e-5

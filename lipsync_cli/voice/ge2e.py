@@ -163,7 +163,7 @@ def forward(enc: Encoder, mels: np.ndarray, keep: bool = False):
     x = np.ascontiguousarray(pairs.transpose(2, 0, 3, 1))  # (T, pairs, 40, 2)
     saved = []
     for w_ih, w_hh, bias in zip(enc.w_ih, enc.w_hh, enc.bias, strict=True):
-        x, cs, gates = _layer(x, w_ih, w_hh, bias)
+        x, cs, gates = _layer(x, w_ih, w_hh, bias, keep)
         saved.append((cs, gates))
     last = x[-1].transpose(0, 2, 1).reshape(-1, HIDDEN)[:B]  # each partial's final hidden state, (B, 256)
     raw = last @ enc.linear_w.T + enc.linear_b
@@ -173,13 +173,13 @@ def forward(enc: Encoder, mels: np.ndarray, keep: bool = False):
     return (emb, (saved, raw, norm, emb)) if keep else emb
 
 
-def _layer(x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, bias: np.ndarray):
-    """One LSTM layer over inputs x (T, pairs, in, 2): its hidden states, cell states (T, pairs, 256, 2) and gates
-    (T, pairs, 1024, 2)."""
+def _layer(x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, bias: np.ndarray, keep: bool):
+    """One LSTM layer over inputs x (T, pairs, in, 2): its hidden states, cell states (T, pairs, 256, 2) and, with
+    `keep`, its gates (T, pairs, 1024, 2; else one step's)."""
     T, P, _, k = x.shape
     zx = np.matmul(w_ih * _HALF, x) + bias[:, None] * _HALF  # the input's part of every gate, all steps at once
     w = np.ascontiguousarray(w_hh * _HALF)
-    gates = np.empty((T, P, 4 * HIDDEN, k), np.float32)
+    gates = np.empty((T if keep else 1, P, 4 * HIDDEN, k), np.float32)
     hs, cs = np.empty((T, P, HIDDEN, k), np.float32), np.empty((T, P, HIDDEN, k), np.float32)
     h, c = np.zeros((P, HIDDEN, k), np.float32), np.zeros((P, HIDDEN, k), np.float32)
     z = np.empty((P, 4 * HIDDEN, k), np.float32)
@@ -187,7 +187,7 @@ def _layer(x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, bias: np.ndarray):
         np.matmul(w, h, out=z)
         z += zx[t]
         np.tanh(z, out=z)
-        a = gates[t]
+        a = gates[t if keep else 0]
         np.multiply(z, _HALF_PAIR, out=a)
         a += _SHIFT_PAIR
         c = a[:, HIDDEN : 2 * HIDDEN] * c + a[:, :HIDDEN] * a[:, 2 * HIDDEN : 3 * HIDDEN]
