@@ -208,8 +208,10 @@ def voice_(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help=JSON_HELP)] = False,
 ) -> None:
     """The speech `dub` would give VIDEO for TEXT, alone, as a wav: to listen to, or to reuse with --audio."""
+    from lipsync_cli.voice.convert import keep_heap
     from lipsync_cli.voice.speech import speak
 
+    keep_heap()  # this command's process converts the voice itself, as dub's voice process does
     s = _voice_settings(_settings(ctx), tts, voice, voice_ref, voice_fallback, tts_model_dir)
     result = speak(video, text, output, s, force=force)
     if as_json:
