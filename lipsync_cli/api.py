@@ -65,9 +65,9 @@ class Dubber:
                 if tts.piper_available():
                     tts.piper_voice()
             if s.voice == "clone" and s.tts != "xtts":
-                from lipsync_cli.voice import speaker
+                from lipsync_cli.voice import ge2e
 
-                speaker.load_encoder()
+                ge2e.load()
         return self
 
     def _face_tracker(self):

@@ -47,7 +47,6 @@ from lipsync_cli.voice.speaker import (
     MEL_HOP,
     SR,
     hz_to_mel,
-    load_encoder,
     mel_filters,
     mel_frames,
     one_thread,
@@ -340,6 +339,7 @@ class Shaping:
     def __init__(self, x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray):
         x = x / max(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1e-6) * 10 ** (LEVEL_DBFS / 20)
         self.P = power_frames(x)  # (T, 201)
+        self.total = float(self.P.sum())  # the filtered speech keeps the excerpt's loudness
         self.fb = mel_filters()  # (40, 201)
         self.parts = ge2e.partial_slices(len(x))  # as embed_utterance cuts an utterance
         self.pad = max(0, self.parts[-1].stop - len(self.P))
@@ -348,12 +348,13 @@ class Shaping:
         self.classes = np.stack([v10, 1 - v10], 1).astype(np.float32)  # (T, 2)
         self.target = np.asarray(profile.embedding, np.float32)
         self.ltas = np.asarray(profile.ltas, np.float32)
-        self.encoder = load_encoder()
+        self.encoder = ge2e.load()
 
     def loss_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         P, fb, T = self.P, self.fb, len(self.P)
         Pg = P * np.exp(self.classes @ (w @ self.basis.T))
-        total, scale = P.sum(), P.sum() / Pg.sum()  # the filtered speech keeps the excerpt's loudness
+        filtered = float(Pg.sum())
+        scale = self.total / filtered
         mel = (Pg * scale) @ fb.T
         mean = mel.mean(0)
         r = _ltas_db(mean) - self.ltas
@@ -373,7 +374,7 @@ class Shaping:
         d_db = SHAPE_LTAS * 2 * r / len(r)
         d_mean = (d_db - d_db.mean()) * 10 / (np.log(10) * (mean + 1e-12))
         d_scaled = (d_mel[:T] + d_mean / T) @ fb
-        d_Pg = scale * d_scaled - float(np.sum(d_scaled * Pg)) * total / Pg.sum() ** 2
+        d_Pg = scale * d_scaled - float(np.sum(d_scaled * Pg)) * self.total / filtered**2
         d_w = self.classes.T @ (d_Pg * Pg) @ self.basis + 2 * SHAPE_L2 * w
         return loss, d_w.astype(np.float32)
 

@@ -77,11 +77,6 @@ def speech_only(audio16k: np.ndarray, min_seconds: float = MIN_SPEECH_S) -> np.n
     return speech
 
 
-def load_encoder() -> ge2e.Encoder:
-    """The GE2E encoder, read once from resemblyzer's wheel (pretrained.pt ships inside it, nothing downloads)."""
-    return ge2e.load()
-
-
 _F_SP, _MIN_LOG_HZ, _LOGSTEP = 200.0 / 3, 1000.0, np.log(6.4) / 27.0  # Slaney's mel scale, as librosa's default
 
 
@@ -132,7 +127,7 @@ def speaker_embedding(audio16k: np.ndarray, vad: bool = True) -> np.ndarray:
     parts = ge2e.partial_slices(len(x))
     mel = mel_frames(np.pad(x, (0, max(0, parts[-1].stop * MEL_HOP - len(x)))))
     with one_thread():
-        emb = ge2e.forward(load_encoder(), np.stack([mel[s] for s in parts])).mean(0)
+        emb = ge2e.forward(ge2e.load(), np.stack([mel[s] for s in parts])).mean(0)
     return (emb / (np.linalg.norm(emb) + 1e-12)).astype(np.float32)
 
 
