@@ -22,6 +22,23 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
+def torch_blocked_env(folder: Path) -> dict[str, str]:
+    """An environment in which `import torch` fails in every Python process started with it (a sitecustomize on
+    PYTHONPATH, written into `folder`), children those processes spawn included; checked to block before use."""
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the block works (the tests using it can fail)
+    return env
+
+
 def shared_file(rel: str) -> Path:
     """Path of a file under ../shared, or skip the test when it is not there."""
     p = SHARED / rel

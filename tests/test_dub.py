@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from lipsync_cli import face, media
 from lipsync_cli.audio import rms_envelope
 from lipsync_cli.voice import tts
-from tests.conftest import run_cli, shared_file
+from tests.conftest import run_cli, shared_file, torch_blocked_env
 
 SR = 16000
 
@@ -116,21 +115,9 @@ def test_dub_from_text_longer_than_video_bounces(tmp_path):
 def test_a_dub_needs_no_torch(tmp_path):
     """The default dub (retrieval, lips model, voice clone) runs with torch unimportable, in its own process and in
     the voice process it spawns: the lips model and the speaker encoder run in numpy (torch only trains, and paints
-    with --engine neural). A sitecustomize on PYTHONPATH blocks the import in every process the dub starts."""
+    with --engine neural). The import is blocked in every process the dub starts."""
     video = shared_file("media/pcavs_00086.mp4")
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import importlib.abc, sys\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(block), os.environ.get("PYTHONPATH")]))}
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0 and "blocked" in probe.stderr  # the block works (this test can fail)
+    env = torch_blocked_env(tmp_path)
     out = tmp_path / "out.mp4"
     cmd = [sys.executable, "-m", "lipsync_cli.cli", "--quiet", "dub", str(video), "Bob bought a map.", "-o", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ from lipsync_cli.errors import LipsyncError
 from lipsync_cli.voice import convert as vc
 from lipsync_cli.voice import ge2e
 from lipsync_cli.voice.speaker import SR, similarity, speaker_embedding, speech_mask, speech_only
-from tests.conftest import shared_file
+from tests.conftest import shared_file, torch_blocked_env
 
 
 def synthetic_voice(f0: float, formants: list[tuple[float, float]], seconds: float = 3.0, seed: int = 0):
@@ -187,36 +187,26 @@ def test_weights_reader_refuses_code(tmp_path):
         ge2e.read_checkpoint(cut)
 
 
-def test_voice_conversion_needs_no_torch(low, high):
+def test_voice_conversion_needs_no_torch(tmp_path, low, high):
     """Learning a voice and converting speech into it (all a dub's voice process does) runs with torch unimportable
     (resemblyzer imports it): GE2E runs in numpy, its weights read from resemblyzer's wheel without importing it."""
-    import sys
-
     code = (
-        "import importlib.abc, sys\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import numpy as np\n"
+        "import sys, numpy as np\n"
         "from lipsync_cli.voice import convert\n"
         "x, ref = np.load(sys.argv[1]), np.load(sys.argv[2])\n"
         "y = convert.clone_voice(x, ref)\n"
         "assert len(y) == len(x) and np.isfinite(y).all()\n"
         "assert 'resemblyzer' not in sys.modules\n"
     )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        np.save(f"{d}/x.npy", low)
-        np.save(f"{d}/ref.npy", high)
-        r = subprocess.run([sys.executable, "-c", code, f"{d}/x.npy", f"{d}/ref.npy"], capture_output=True, text=True)
+    np.save(tmp_path / "x.npy", low)
+    np.save(tmp_path / "ref.npy", high)
+    args = [sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "ref.npy")]
+    r = subprocess.run(args, env=torch_blocked_env(tmp_path), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_keep_heap_stops_harvest_faulting_its_buffers_in(low):
+def test_keep_heap_stops_harvest_faulting_its_buffers_in(tmp_path, low):
     """With keep_heap (the voice process sets it) harvest's FFT buffers are reused from the heap, not faulted in
     afresh from the system on every call: far fewer page faults for the same analysis."""
     code = (
@@ -230,18 +220,15 @@ def test_keep_heap_stops_harvest_faulting_its_buffers_in(low):
         "convert.analyse(x[: len(x) - 1234])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        np.save(f"{d}/x.npy", low)
-        faults = {
-            how: int(
-                subprocess.run(
-                    [sys.executable, "-c", code, f"{d}/x.npy", how], capture_output=True, text=True, check=True
-                ).stdout
-            )
-            for how in ("default", "keep")
-        }
+    np.save(tmp_path / "x.npy", low)
+    faults = {
+        how: int(
+            subprocess.run(
+                [sys.executable, "-c", code, str(tmp_path / "x.npy"), how], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for how in ("default", "keep")
+    }
     assert faults["keep"] < 0.3 * faults["default"], faults
 
 
