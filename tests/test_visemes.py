@@ -146,6 +146,12 @@ def test_a_short_closure_takes_its_second_frame_from_the_less_open_neighbour():
     tg = visemes.targets(ph, 10, 25.0)
     assert np.flatnonzero(tg.phone_id == 2).tolist() == [5, 6]
     assert (tg.kind[np.flatnonzero(tg.phone_id == 1)] == visemes.OPEN).sum() == 3
+    # piper's "apple": a 58 ms P between a 122 ms AE and a 35 ms schwa takes its second frame from the schwa (on a
+    # tie with the AE, the nearer frame, it had taken the AE's: the stressed vowel opened on one frame only)
+    ph = [Phone("AE", 1.027, 1.149), Phone("P", 1.149, 1.207), Phone("AH", 1.207, 1.242), Phone("L", 1.242, 1.312)]
+    tg = visemes.targets(ph, 33, 25.0)
+    assert np.flatnonzero(tg.phone_id == 1).tolist() == [29, 30]
+    assert (tg.openness[26:28] == visemes.OPENNESS["AE"]).all() and tg.openness[28] <= visemes.APPROACH_IN
     # no frames at all, or a short B after the last frame: nothing to shut, no error
     assert len(visemes.targets([Phone("B", 0.0, 0.01)], 0, 25.0).kind) == 0
     assert not (visemes.targets([Phone("AA", 0.0, 0.5), Phone("B", 0.9, 0.91)], 5, 25.0).kind == visemes.CLOSED).any()
