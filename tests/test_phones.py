@@ -185,9 +185,9 @@ def test_the_same_speech_aligns_the_same_every_time(shared):
     """A pocketsphinx decoder carries state from one utterance to the next: with one cached decoder, GRID bbaf2n
     aligned a second time moved 16 of its phones by 10 ms (and an eval's figures depended on which clips came
     before). Each alignment now has a decoder of its own."""
-    from lipsync_cli.data.grid import grid_sentence
+    from lipsync_cli.data.grid import sentence
 
-    sig = [[(p.label, p.start, p.end) for p in phones.align_phones(grid_clip(shared, c)[0], grid_sentence(c))]
+    sig = [[(p.label, p.start, p.end) for p in phones.align_phones(grid_clip(shared, c)[0], sentence(c))]
            for c in ("bbaf2n", "lbak3a", "bbaf2n")]  # fmt: skip
     assert sig[0] == sig[2]
 

@@ -150,27 +150,6 @@ def read_align(path: Path) -> list[tuple[float, float, str]]:
     return out
 
 
-_ID_WORDS = (
-    {"b": "bin", "l": "lay", "p": "place", "s": "set"},
-    {"b": "blue", "g": "green", "r": "red", "w": "white"},
-    {"a": "at", "b": "by", "i": "in", "w": "with"},
-    {c: c for c in "abcdefghijklmnopqrstuvxyz"},  # GRID's letters (no w)
-    dict(
-        zip("z123456789", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], strict=True)
-    ),
-    {"a": "again", "n": "now", "p": "please", "s": "soon"},
-)
-
-
-def grid_sentence(clip_id: str) -> str | None:
-    """The sentence a GRID clip id spells, one letter a word ("bbaf2n" -> "bin blue at f two now"); None when the
-    id is not one (GRID's fixed grammar: command, colour, preposition, letter, digit, adverb)."""
-    s = clip_id.lower()
-    if len(s) != len(_ID_WORDS) or any(c not in table for c, table in zip(s, _ID_WORDS, strict=True)):
-        return None
-    return " ".join(table[c] for c, table in zip(s, _ID_WORDS, strict=True))
-
-
 def wanted_parts(speaker: int, audio: bool = False) -> set[str]:
     parts = {"align"} | ({"audio"} if audio else set())
     return parts if speaker in NO_VIDEO else parts | {"video"}

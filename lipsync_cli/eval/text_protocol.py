@@ -131,9 +131,9 @@ def stored_transcripts() -> dict[str, str]:
 
 def transcript(path: Path) -> str | None:
     """What the clip's own speaker says: the stored transcript, else a GRID id's sentence, else None."""
-    from lipsync_cli.data.grid import grid_sentence
+    from lipsync_cli.data.grid import sentence
 
-    return stored_transcripts().get(path.stem) or grid_sentence(path.stem)
+    return stored_transcripts().get(path.stem) or sentence(path.stem)
 
 
 # ----------------------------------------------------------------------------- results
