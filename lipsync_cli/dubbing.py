@@ -91,6 +91,10 @@ POOL_BYTES = 360e6  # and their crops take at most this much memory (fewer frame
 # the crop, a head rolled further) is stored as its aligned crop, as before.
 STORE_TOP = 0.15
 STORE_ROOM = (1.05, 1.15)
+# A face larger than the crop keeps its own pixels too, up to a side that leaves POOL_BYTES room for 10 s of mouths
+# (GRID's 3 s clips dub with every p/b/m shut): ~630 px; a larger face's mouths are stored shrunk to that.
+STORE_MIN_FRAMES = 250
+MAX_STORE_SIDE = int(np.sqrt(POOL_BYTES / (STORE_MIN_FRAMES * 3 * STORE_ROOM[0] * STORE_ROOM[1])))
 
 
 def crop_size(M: np.ndarray, size: int, most: int = MAX_CROP) -> int:
@@ -140,13 +144,17 @@ def sample_frames(n_src: int, needed: int) -> tuple[list[tuple[int, int]], np.nd
     return ranges, pool
 
 
-def store_shape(size: int, native: float) -> tuple[int, int]:
+def store_shape(size: int, native: float, own_pixels: bool = True) -> tuple[int, int]:
     """(height, width) of a stored mouth for aligned crops of `size` of a face `native` pixels across (the crop's
-    side in frame pixels): `STORE_ROOM`, or the crop's own where the face is larger than the crop (its boxes would
-    not fit: it is stored shrunk, as its aligned crop)."""
-    if native > size:
+    side in frame pixels): `STORE_ROOM` crop sides, or face sides where the face is larger than the crop (up to
+    MAX_STORE_SIDE), so its mouth keeps the frame's own pixels: a 300 px face's mouth through a 192 px crop kept 0.36
+    of its Laplacian variance, 0.93 as its own pixels (docs/articulation_engine.md "Session 21"). Not `own_pixels`
+    (the painting engines keep every frame's crop on disk and paint a 64 px box): such a face is stored shrunk, as
+    its aligned crop."""
+    if native > size and not own_pixels:
         return size, size
-    return int(np.ceil(STORE_ROOM[0] * size)), int(np.ceil(STORE_ROOM[1] * size))
+    side = max(size, min(native, MAX_STORE_SIDE))
+    return int(np.ceil(STORE_ROOM[0] * side)), int(np.ceil(STORE_ROOM[1] * side))
 
 
 def store_mouth(frame: np.ndarray, M: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +165,10 @@ def store_mouth(frame: np.ndarray, M: np.ndarray, size: int, shape: tuple[int, i
     corners = np.array([[0, STORE_TOP], [1, STORE_TOP], [0, 1], [1, 1]]) * size - 0.5
     fc = face.transform_points(corners, face.invert_affine(M))
     (x0, y0), (x1, y1) = np.floor(fc.min(0)).astype(int) - 2, np.ceil(fc.max(0)).astype(int) + 3
-    if y1 - y0 > h or x1 - x0 > w:
-        block, top, left, move = face.warp_to_aligned(frame, M, size, face.SHARP), 0, 0, np.asarray(M, np.float64)
+    if y1 - y0 > h or x1 - x0 > w:  # its aligned crop, scaled to the room a face larger than the crop was given
+        side = max(size, int(min(h / STORE_ROOM[0], w / STORE_ROOM[1])))
+        move = np.asarray(M, np.float64) * (side / size)
+        block, top, left = face.warp_to_aligned(frame, move, side, face.SHARP), 0, 0
     else:
         H, W = frame.shape[:2]
         block = frame[max(y0, 0) : max(min(y1, H), 0), max(x0, 0) : max(min(x1, W), 0)]  # a stop < 0 would wrap
@@ -217,6 +227,7 @@ def analyse_video(
     workdir: Path | None = None,
     tracker: face.FaceTracker | None = None,
     max_crop: int = MAX_CROP,
+    own_pixels: bool = True,
 ) -> SourceFaces:
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
     keep aligned crops of the `pool` frames (in memory, at most POOL_BYTES of them), or of every analysed frame when
@@ -249,7 +260,7 @@ def analyse_video(
         if crops is None:
             M = face.align_matrix(lm, 128)
             size = crop_size(M, 128, max_crop)
-            shape = store_shape(size, native_side(M, 128))
+            shape = store_shape(size, native_side(M, 128), own_pixels)
             if workdir is None:
                 held = np.flatnonzero(keep)
                 keep[:] = False
@@ -517,8 +528,10 @@ def dub(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
         ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
-        crops_dir = None if settings.engine == "retrieval" else workdir  # retrieval keeps only the pool's, in memory
-        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, crop_limit(settings.engine))
+        shows = settings.engine == "retrieval"  # shows the person's own mouths, or paints on crops (neural, seed)
+        crops_dir = None if shows else workdir  # retrieval keeps only the pool's, in memory
+        most = crop_limit(settings.engine)
+        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most, own_pixels=shows)
         plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 

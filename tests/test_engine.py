@@ -154,7 +154,8 @@ def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
     the mouth's Laplacian variance than the 256 px crop it used to be shrunk to; folding the sub-pixel move into
     the composite's resample keeps more than a resample of its own (the dub until 2026-12-05); and storing the
     frame's own pixels (a box, no resample: dubbing.store_mouth) more than storing an aligned crop (until
-    2026-12-07)."""
+    2026-12-07). A face larger than the crop (here a 192 px cap, as a 600 px phone-video face meets 384) keeps its
+    own pixels too: stored shrunk, as its aligned crop (until 2026-12-07), it kept 0.36."""
     import cv2
 
     from lipsync_cli import face, media
@@ -166,16 +167,17 @@ def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
     frames = list(media.iter_frames(shared_file("media/retalking_face2.mp4"), start=30, count=4))
     track = face.track_faces(frames)
     kept = {}
-    for way in ((256, "resampled"), (384, "resampled"), (384, "folded"), (384, "stored")):
+    for way in ((256, "resampled"), (384, "resampled"), (384, "folded"), (384, "stored"), (192, "stored"),
+                (192, "shrunk")):  # fmt: skip
         ratios = []
         for frame, lm in zip(frames, track.landmarks, strict=True):
             size = crop_size(face.align_matrix(lm, 128), 128, way[0])
             raw = face.align_matrix(lm, size)
-            if way[1] == "stored":
-                crop, stored = store_mouth(
-                    frame, raw, size, store_shape(size, size / np.sqrt(np.linalg.det(raw[:, :2])))
-                )
-                assert crop.shape[:2] != (size, size) and np.allclose(stored[:, :2], np.eye(2))  # a box, as it is
+            if way[1] in ("stored", "shrunk"):
+                native = size / np.sqrt(np.linalg.det(raw[:, :2]))
+                crop, stored = store_mouth(frame, raw, size, store_shape(size, native, way[1] == "stored"))
+                # a box as it is; shrunk: the aligned crop
+                assert np.allclose(stored[:, :2], np.eye(2)) == (way[1] == "stored"), way
             else:
                 crop, stored = face.warp_to_aligned(frame, raw, size, face.SHARP), raw
             M = raw.copy()
@@ -200,3 +202,24 @@ def test_a_large_face_keeps_its_mouth_detail_through_the_crop_and_back():
     assert kept[384, "resampled"][1] > kept[256, "resampled"][1] + 0.05, kept
     assert kept[384, "folded"][1] > kept[384, "resampled"][1] + 0.01, kept
     assert kept[384, "stored"][1] > kept[384, "folded"][1] + 0.015, kept
+    assert kept[192, "stored"][1] > kept[384, "stored"][1] - 0.02 and kept[192, "shrunk"][1] < 0.5, kept
+
+
+def test_a_rolled_face_larger_than_the_crop_is_stored_at_its_own_scale():
+    """A head rolled too far for a box (dubbing.store_mouth stores its aligned crop instead): a 600 px face with a
+    192 px crop is not shrunk to 192 but kept near its own scale (MAX_STORE_SIDE allows 630 px), unless the engine
+    paints on crops (own_pixels off)."""
+    import cv2
+
+    from lipsync_cli.dubbing import MAX_STORE_SIDE, store_mouth, store_shape
+
+    frame = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3)).astype(np.uint8)
+    size, native = 192, 600.0
+    M = cv2.getRotationMatrix2D((700.0, 700.0), 20.0, size / native)  # frame -> aligned crop, face centred
+    M[:, 2] += size / 2 - 700.0
+    for own, scale in ((True, 1.0), (False, size / native)):
+        shape = store_shape(size, native, own)
+        crop, move = store_mouth(frame, M, size, shape)
+        assert abs(move[0, 1]) > 0.2 * scale, own  # rolled: stored as its aligned crop, not as a box
+        assert crop.shape[:2] == shape and abs(np.sqrt(np.linalg.det(move[:, :2])) - scale) < 0.05 * scale, own
+    assert store_shape(size, 2000.0)[0] < 1.1 * MAX_STORE_SIDE  # a huge face: its mouths shrunk to that, memory kept
