@@ -46,6 +46,14 @@ from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import atomic
 from lipsync_cli.progress import log
 
+HDR_TRANSFERS = {16: "smpte2084", 18: "arib-std-b67"}  # ffmpeg's AVColorTransferCharacteristic codes: PQ, HLG
+# HDR to SDR: HDR reference white (ITU-R BT.2408: 203 cd/m2) is SDR white (1.0 linear); the Mobius curve keeps
+# everything under HDR_KNEE as it is and rolls the rest, up to HDR_PEAK (1000 cd/m2, BT.2100 HLG's nominal peak, a
+# phone's brightest), into what is left: reference white reads 238 of 255, mid-tones unchanged. (Hable's curve
+# darkened the whole picture by a third; ffmpeg's default Mobius knee, 0.3, greyed the skin.)
+HDR_WHITE_NITS = 203
+HDR_KNEE = 0.7
+HDR_PEAK = 1000 / HDR_WHITE_NITS
 PIPE_SIZE = 1 << 20  # Linux default max for F_SETPIPE_SZ; bigger pipes mean fewer context switches per frame
 _QUIET = ("-nostdin", "-hide_banner", "-loglevel", "error")
 
@@ -61,6 +69,7 @@ class VideoInfo:
     has_audio: bool
     codec: str
     stream_index: int = 0  # the video stream decoded (cover-art streams are skipped)
+    hdr: str = ""  # the HDR transfer ("smpte2084": PQ, "arib-std-b67": HLG, a phone's default), "" for SDR
 
     def n_frames(self, fps: float = 25.0) -> int:
         """How many frames `iter_frames(path, fps)` yields: ffmpeg's fps filter rounds the end to the nearest frame."""
@@ -156,6 +165,7 @@ def _scan(path: Path, container, stream) -> VideoInfo:
         width = max(2, round(width * sar))
     if rotation in (90, 270):
         width, height = height, width
+    trc = getattr(first, "color_trc", None) or getattr(stream.codec_context, "color_trc", None)
     return VideoInfo(
         path=path,
         width=width,
@@ -166,6 +176,7 @@ def _scan(path: Path, container, stream) -> VideoInfo:
         has_audio=bool(container.streams.audio),
         codec=stream.codec_context.name,
         stream_index=stream.index,
+        hdr=HDR_TRANSFERS.get(int(trc or 0), ""),
     )
 
 
@@ -220,10 +231,25 @@ def iter_frames(
     video = src.filter("fps", fps=_rate(fps))
     if start > 0:
         video = video.filter("trim", start_pts=start)
+    if info.hdr:
+        video = _to_sdr(video)
     video = video.filter("scale", info.width, info.height)
     out = ffmpeg_python.output(video, "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count)
     cmd = out.compile(cmd=[exe, *_QUIET])
     return _frames(cmd, info, count)
+
+
+def _to_sdr(video):
+    """HDR (PQ or HLG, BT.2020) to SDR BT.709, tone-mapped. Decoded as if it were SDR, a talking head made HDR and
+    back came out dim and grey: mean luma 90-91 instead of 102, saturation 54 (HLG) and 34 (PQ) instead of 66."""
+    return (
+        video.filter("zscale", t="linear", npl=HDR_WHITE_NITS)
+        .filter("format", "gbrpf32le")
+        .filter("zscale", p="bt709")
+        .filter("tonemap", tonemap="mobius", param=HDR_KNEE, peak=HDR_PEAK, desat=0)
+        .filter("zscale", t="bt709", m="bt709", r="tv")
+        .filter("format", "yuv420p")
+    )
 
 
 def _frames(cmd: list[str], info: VideoInfo, total: int) -> Iterator[np.ndarray]:

@@ -22,7 +22,21 @@ SIZE = "s=160x120"
 VIDEO = f"testsrc={SIZE}:r=30:d=2"
 TONE = "sine=f=440:d=2"
 H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+SMOOTH = f"testsrc2={SIZE}:d=0.4,gblur=sigma=4"  # colours without hard edges (4:2:0 twice would blur those apart)
 BOX = "color=black:s=160x120:d=1,drawbox=x=0:y=0:w=40:h=30:color=white:t=fill"  # white top-left corner
+
+
+def hdr_recipe(transfer: str) -> tuple[list[str], list[str]]:
+    """SMOOTH made HDR (PQ or HLG, BT.2020, 10 bit), its white at BT.2408's reference white."""
+    hdr = (
+        f"setparams=color_trc=bt709:color_primaries=bt709:colorspace=bt709:range=tv,zscale=t=linear:"
+        f"npl={media.HDR_WHITE_NITS},format=gbrpf32le,zscale=p=2020:t={transfer}:m=2020_ncl:r=tv:"
+        f"npl={media.HDR_WHITE_NITS},format=yuv420p10le"
+    )
+    x265 = ["-c:v", "libx265", "-x265-params", "log-level=error:crf=10"]
+    tags = ["-color_primaries", "bt2020", "-color_trc", transfer, "-colorspace", "bt2020nc"]
+    return ["-f", "lavfi", "-i", f"{SMOOTH},{hdr}", *x265, *tags], ["libx265"]
+
 
 # name -> (ffmpeg arguments after the binary, encoders needed)
 RECIPES: dict[str, tuple[list[str], list[str]]] = {
@@ -60,6 +74,9 @@ RECIPES: dict[str, tuple[list[str], list[str]]] = {
     "late_audio.mp4": (["-f", "lavfi", "-i", VIDEO, "-itsoffset", "0.5", "-f", "lavfi", "-i", TONE, *H264], []),
     "box.mp4": (["-f", "lavfi", "-i", BOX, *H264], []),
     "anamorphic.mp4": (["-f", "lavfi", "-i", f"testsrc={SIZE}:d=1,setsar=2", *H264], []),
+    "sdr.mp4": (["-f", "lavfi", "-i", SMOOTH, *H264[:4], "-crf", "10", "-pix_fmt", "yuv420p"], []),
+    "hdr_smpte2084.mp4": hdr_recipe("smpte2084"),
+    "hdr_arib-std-b67.mp4": hdr_recipe("arib-std-b67"),
     "phone.mp4": ([], []),  # made from box.mp4 by the fixture: stored landscape, shown portrait
     "tone.wav": (["-f", "lavfi", "-i", "sine=f=440:d=1:r=48000", "-ac", "2"], []),
     "tone.mp3": (["-f", "lavfi", "-i", "sine=f=440:d=1"], ["libmp3lame"]),
@@ -199,6 +216,20 @@ def test_rotation_is_applied(clip):
     assert f.shape == (160, 120)  # portrait
     # the stored top-left corner is displayed top-right after turning the picture clockwise
     assert f[:20, -20:].mean() > 200 and f[:20, :20].mean() < 50 and f[-20:, :].mean() < 50
+
+
+@pytest.mark.parametrize("transfer", ["smpte2084", "arib-std-b67"])
+def test_hdr_is_tone_mapped_to_sdr(clip, transfer):
+    """A phone's HDR video (HLG, or PQ) decodes as the SDR picture it shows, not dim and grey: the same test pattern
+    made HDR (BT.2408 white) reads as its SDR encoding in the mid-tones (4.8 levels off), its brightest colours
+    rolled off (media.HDR_KNEE), not clipped. Decoded as if it were SDR, its mid-tones read 16-23 levels off."""
+    info = media.probe(clip(f"hdr_{transfer}.mp4"))
+    assert info.hdr == transfer and media.probe(clip("sdr.mp4")).hdr == ""
+    hdr = np.stack(list(media.iter_frames(info.path))).astype(float)
+    sdr = np.stack(list(media.iter_frames(clip("sdr.mp4")))).astype(float)
+    mid, top = sdr.max(-1) < 170, sdr.max(-1) > 250
+    assert hdr.shape == sdr.shape and np.abs(hdr - sdr)[mid].mean() < 7.0, np.abs(hdr - sdr)[mid].mean()
+    assert 225 < hdr.max(-1)[top].mean() < 250
 
 
 def test_anamorphic_is_shown_with_square_pixels(clip):
