@@ -154,6 +154,23 @@ def test_warp_measures_the_largest_shift():
     assert text_protocol.warp(moved, lm, trim=2) == 0.0  # the last frames (a track's end) left out
 
 
+def test_mouths_of_a_face_larger_than_the_crop_are_measured_at_its_own_resolution():
+    """The eval's sharpness looks at mouth boxes cut from aligned crops: for a 600 px face with a 192 px crop they are
+    cut at 600 px (in the crop the loss of a mouth shrunk to it was invisible), for a face that fits, at the crop's."""
+    from lipsync_cli.engine import SourceFaces
+    from lipsync_cli.eval import text_protocol
+
+    def source(native: float, size: int = 192) -> SourceFaces:
+        M = np.array([[size / native, 0.0, 5.0], [0.0, size / native, 7.0]])
+        return SourceFaces(crops=None, landmarks=np.zeros((3, 478, 2)), found=np.ones(3, bool),
+                           matrices=np.stack([M] * 3), size=size, audio=None)  # fmt: skip
+
+    matrices, size = text_protocol._measuring(source(600.0))
+    assert size == 600 and np.allclose(matrices[:, :, :2], np.eye(2))  # frame pixels, unscaled
+    matrices, size = text_protocol._measuring(source(200.0))
+    assert size == 192 and np.allclose(matrices, source(200.0).matrices)  # as before
+
+
 def test_lag_finds_a_mouth_that_trails_the_sound():
     fps = 25.0
     ph = [Phone(lab, i * 0.16, i * 0.16 + 0.12) for i, lab in enumerate(["M", "AA", "P", "AE", "B", "AH"] * 3)]

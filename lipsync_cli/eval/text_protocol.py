@@ -57,6 +57,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "neural": ("neural", {"lips": "model", "adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
 }
 DEFAULT_ROWS = ("lips model", "map", "phone targets", REAL)
+MEASURE_AT_FACE = 1.25  # a face this much larger than the crop has its mouths measured at its own resolution
 MAX_CLIP_S = 20.0  # seconds of each clip analysed (the whole of every shared clip)
 TRANSCRIPTS = Path(__file__).with_name("media_transcripts.json")
 # Mesh points the composite must not move (inter-ocular units): nose tip 1, nose wings 98 / 327, cheeks beside the
@@ -309,13 +310,24 @@ def _source_mouths(clip: _Clip, settings: Settings) -> np.ndarray:
     be counted as the source's."""
     if clip.mouths is None:
         src = clip.source
-        tap = _Tap(1.0, src.matrices, src.size, small=False, around=_around(src.landmarks))
+        matrices, size = _measuring(src)
+        tap = _Tap(1.0, matrices, size, small=False, around=_around(src.landmarks))
         with contextlib.closing(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)) as frames:
             for _ in tap(frames):
                 if len(tap.mouths) >= src.n_frames:
                     break
         clip.mouths, clip.patches = np.stack(tap.mouths), tap.patches
     return clip.mouths
+
+
+def _measuring(src: SourceFaces) -> tuple[np.ndarray, int]:
+    """The aligned matrices and crop size the mouth boxes are cut at, for sharpness and strips: the crop's, or the
+    face's own resolution where the face is clearly larger (MEASURE_AT_FACE) than the crop: in the smaller crop the
+    eval could not see what a large face's mouth lost (docs/articulation_engine.md "Session 21")."""
+    ok = np.isfinite(src.matrices[:, 0, 0])
+    native = float(np.median([dubbing.native_side(M, src.size) for M in src.matrices[ok]])) if ok.any() else 0.0
+    k = native / src.size if native > MEASURE_AT_FACE * src.size else 1.0
+    return src.matrices * k, int(round(src.size * k))
 
 
 def _around(landmarks: np.ndarray) -> np.ndarray:
@@ -345,7 +357,7 @@ def _real_row(clip: _Clip, text: str, settings: Settings) -> RowResult:
     src = clip.source
     t0 = time.perf_counter()
     scale = _scale_for_sync(src.landmarks)
-    tap = _Tap(scale, src.matrices, src.size)
+    tap = _Tap(scale, *_measuring(src))
     with contextlib.closing(media.iter_frames(clip.path, fps=src.fps, ffmpeg=settings.ffmpeg)) as frames:
         for _ in tap(frames):
             if len(tap.small) >= src.n_frames:
@@ -378,7 +390,8 @@ def _dub_row(
             for frame in dubbing.render_frames(clip.path, clip.video, src, plan, track, settings):
                 vw.write(frame)
     scale = _scale_for_sync(src.landmarks)
-    tap = _Tap(scale, src.matrices[plan], src.size, around=_around(src.landmarks[plan]))
+    matrices, size = _measuring(src)
+    tap = _Tap(scale, matrices[plan], size, around=_around(src.landmarks[plan]))
     frames, total = articulation.frames_of(out, src.fps)
     audio = media.read_audio(out, SR, ffmpeg=settings.ffmpeg)
     res = articulation.measure_frames(tap(frames), audio, text, src.fps, total, settings.face_index, out)
