@@ -87,11 +87,11 @@ POOL_BYTES = 360e6  # and their crops take at most this much memory (fewer frame
 # down, its whole width: the compositor's mask stays within rows 0.20-0.92 on the shared clips), a box copied
 # without resampling: shown, it is resampled once, into the output frame (an aligned crop cut first was a second
 # Lanczos pass: -5% of the mouth's Laplacian variance, and 1.5 s of a 19 s dub's analysis). A box has room for
-# STORE_ROOM (height, width) crop sides: a head rolled up to ~10 degrees; one that does not fit (a face larger than
-# the crop, a head rolled further) is stored as its aligned crop, as before.
+# STORE_ROOM (height, width) sides of the crop, or of the face where it is larger (`store_shape`): a head rolled up
+# to ~10 degrees; one rolled further is stored as its aligned crop, at the face's own scale.
 STORE_TOP = 0.15
 STORE_ROOM = (1.05, 1.15)
-# A face larger than the crop keeps its own pixels too, up to a side that leaves POOL_BYTES room for 10 s of mouths
+# A face larger than the crop keeps its own pixels up to a side that leaves POOL_BYTES room for 10 s of mouths
 # (GRID's 3 s clips dub with every p/b/m shut): ~630 px; a larger face's mouths are stored shrunk to that.
 STORE_MIN_FRAMES = 250
 MAX_STORE_SIDE = int(np.sqrt(POOL_BYTES / (STORE_MIN_FRAMES * 3 * STORE_ROOM[0] * STORE_ROOM[1])))
@@ -232,7 +232,8 @@ def analyse_video(
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
     keep aligned crops of the `pool` frames (in memory, at most POOL_BYTES of them), or of every analysed frame when
     `workdir` is given (a disk memmap there: the neural and seed engines paint on the crops of the frames they
-    show; they want no more than PAINT_CROP: `crop_limit`).
+    show; they want no more than PAINT_CROP: `crop_limit`). `own_pixels`: a face larger than the crop keeps its
+    own resolution (`store_shape`; off for the painting engines, which keep every frame's crop).
     Frames are decoded a few ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs
     stay loaded: the API's Dubber), else one is made for this video."""
     T = ranges[-1][1]
