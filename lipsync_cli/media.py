@@ -70,6 +70,7 @@ class VideoInfo:
     codec: str
     stream_index: int = 0  # the video stream decoded (cover-art streams are skipped)
     hdr: str = ""  # the HDR transfer ("smpte2084": PQ, "arib-std-b67": HLG, a phone's default), "" for SDR
+    interlaced: bool = False  # fields (TV, camcorders: 1080i, 576i): deinterlaced on decode
 
     def n_frames(self, fps: float = 25.0) -> int:
         """How many frames `iter_frames(path, fps)` yields: ffmpeg's fps filter rounds the end to the nearest frame."""
@@ -177,6 +178,7 @@ def _scan(path: Path, container, stream) -> VideoInfo:
         codec=stream.codec_context.name,
         stream_index=stream.index,
         hdr=HDR_TRANSFERS.get(int(trc or 0), ""),
+        interlaced=bool(getattr(first, "interlaced_frame", False)),
     )
 
 
@@ -227,8 +229,10 @@ def iter_frames(
         # (t = 0 at its start, as without seeking) so the fps filter's grid is the same as a full decode's, and cut
         # on that grid: frame `start` is bit-identical to the one a decode from the beginning yields
         args = dict(ss=f"{max(0.0, start / fps - 1.0):.6f}", copyts=None, start_at_zero=None)
-    src = ffmpeg_python.input(str(Path(path).absolute()), **args)[str(info.stream_index)]
-    video = src.filter("fps", fps=_rate(fps))
+    video = ffmpeg_python.input(str(Path(path).absolute()), **args)[str(info.stream_index)]
+    if info.interlaced:  # woven fields comb every moving edge (the face mesh reads them, the output would keep them)
+        video = video.filter("bwdif", mode="send_frame", deint="interlaced")  # a frame a frame: the rate is kept
+    video = video.filter("fps", fps=_rate(fps))
     if start > 0:
         video = video.filter("trim", start_pts=start)
     if info.hdr:

@@ -74,6 +74,11 @@ RECIPES: dict[str, tuple[list[str], list[str]]] = {
     "late_audio.mp4": (["-f", "lavfi", "-i", VIDEO, "-itsoffset", "0.5", "-f", "lavfi", "-i", TONE, *H264], []),
     "box.mp4": (["-f", "lavfi", "-i", BOX, *H264], []),
     "anamorphic.mp4": (["-f", "lavfi", "-i", f"testsrc={SIZE}:d=1,setsar=2", *H264], []),
+    "interlaced.mp4": (
+        ["-f", "lavfi", "-i", f"testsrc2={SIZE}:r=50:d=1,scroll=h=0.02,tinterlace=mode=interleave_top,setfield=tff"]
+        + [*H264, "-flags", "+ilme+ildct", "-x264-params", "tff=1"],
+        [],
+    ),
     "sdr.mp4": (["-f", "lavfi", "-i", SMOOTH, *H264[:4], "-crf", "10", "-pix_fmt", "yuv420p"], []),
     "hdr_smpte2084.mp4": hdr_recipe("smpte2084"),
     "hdr_arib-std-b67.mp4": hdr_recipe("arib-std-b67"),
@@ -230,6 +235,27 @@ def test_hdr_is_tone_mapped_to_sdr(clip, transfer):
     mid, top = sdr.max(-1) < 170, sdr.max(-1) > 250
     assert hdr.shape == sdr.shape and np.abs(hdr - sdr)[mid].mean() < 7.0, np.abs(hdr - sdr)[mid].mean()
     assert 225 < hdr.max(-1)[top].mean() < 250
+
+
+def combing(frames: np.ndarray) -> float:
+    """Mean vertical second difference: rows that alternate between two moments (woven fields) make it large."""
+    f = frames.astype(float)
+    return float(np.abs(2 * f[:, 1:-1] - f[:, :-2] - f[:, 2:]).mean())
+
+
+def test_interlaced_video_is_deinterlaced(clip):
+    """TV and camcorder video (1080i, 576i) weaves two moments into each frame: decoded as it is, every moving edge
+    combs, in the face mesh's input and in the output. It is deinterlaced (bwdif), frame for frame (a scrolling
+    pattern's combing 38 -> 11)."""
+    path = clip("interlaced.mp4")
+    info = media.probe(path)
+    assert info.interlaced and not media.probe(clip("h264.mp4")).interlaced
+    frames = np.stack(list(media.iter_frames(path, fps=info.fps)))
+    assert len(frames) == info.n_frames(info.fps)
+    cmd = [EXE, "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    woven = np.frombuffer(subprocess.run(cmd, capture_output=True, check=True).stdout, np.uint8)
+    woven = woven.reshape(-1, *frames.shape[1:])
+    assert combing(frames) < 0.6 * combing(woven), (combing(frames), combing(woven))
 
 
 def test_anamorphic_is_shown_with_square_pixels(clip):
