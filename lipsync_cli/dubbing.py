@@ -477,6 +477,8 @@ def dub(
     t0 = time.perf_counter()
     info = media.probe(video)
     fps, rate = settings.fps, info.fps
+    if info.hdr:
+        progress.log(f"HDR video ({'PQ' if info.hdr == 'smpte2084' else 'HLG'}): the output is SDR, tone-mapped")
 
     with contextlib.ExitStack() as stack:
         publish = files.atomic(output, output.suffix.lower(), force=force)  # proves the folder writable, first
