@@ -212,10 +212,11 @@ def check_temp_space(need: float, what: str) -> None:
         )
 
 
-def crop_limit(engine: str) -> int:
-    """analyse_video's max_crop for an engine: retrieval shows the crops' own pixels (up to MAX_CROP); the neural
-    and seed engines paint a 64 px box on every frame's crop, for which PAINT_CROP is plenty."""
-    return MAX_CROP if engine == "retrieval" else PAINT_CROP
+def crop_policy(engine: str) -> tuple[int, bool]:
+    """analyse_video's (max_crop, own_pixels) for an engine: retrieval shows the crops' own pixels (up to MAX_CROP,
+    a larger face at its own resolution); the neural and seed engines paint a 64 px box on every frame's crop, for
+    which a PAINT_CROP crop is plenty (a larger face is stored shrunk to it)."""
+    return (MAX_CROP, True) if engine == "retrieval" else (PAINT_CROP, False)
 
 
 def analyse_video(
@@ -232,7 +233,7 @@ def analyse_video(
     """Pass 1 over the working-rate view (settings.fps): decode the `ranges` (from `sample_frames`), track the face,
     keep aligned crops of the `pool` frames (in memory, at most POOL_BYTES of them), or of every analysed frame when
     `workdir` is given (a disk memmap there: the neural and seed engines paint on the crops of the frames they
-    show; they want no more than PAINT_CROP: `crop_limit`). `own_pixels`: a face larger than the crop keeps its
+    show; they want no more than PAINT_CROP: `crop_policy`). `own_pixels`: a face larger than the crop keeps its
     own resolution (`store_shape`; off for the painting engines, which keep every frame's crop).
     Frames are decoded a few ahead in a thread, never stored. A `tracker` given is reset and reused (its graphs
     stay loaded: the API's Dubber), else one is made for this video."""
@@ -531,10 +532,9 @@ def dub(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=files.temp_name() + "-")))
         t = time.perf_counter()
         ranges, pool = sample_frames(info.n_frames(fps), int(plan_w.max()) + 2)
-        shows = settings.engine == "retrieval"  # shows the person's own mouths, or paints on crops (neural, seed)
-        crops_dir = None if shows else workdir  # retrieval keeps only the pool's, in memory
-        most = crop_limit(settings.engine)
-        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most, own_pixels=shows)
+        crops_dir = None if settings.engine == "retrieval" else workdir  # retrieval keeps only the pool's, in memory
+        most, own = crop_policy(settings.engine)
+        source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most, own_pixels=own)
         plan_w = np.minimum(plan_w, source.n_frames - 1)
         timings["analyse"] = time.perf_counter() - t
 

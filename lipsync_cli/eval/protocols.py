@@ -243,11 +243,9 @@ def analyse(path: Path, settings: Settings, max_s: float | None = MAX_CLIP_S) ->
         info = dataclasses.replace(info, duration=min(info.duration, max_s))
     n = info.n_frames(settings.fps)
     with tempfile.TemporaryDirectory(prefix="lipsync-eval-") as tmp:
-        most = dubbing.crop_limit(settings.engine)  # the crops `lipsync dub` would keep
-        src = dubbing.analyse_video(
-            path, info, settings, [(0, n)], np.ones(n, bool), Path(tmp), max_crop=most,
-            own_pixels=settings.engine == "retrieval",
-        )  # fmt: skip
+        most, own = dubbing.crop_policy(settings.engine)  # the crops `lipsync dub` would keep
+        every = np.ones(n, bool)
+        src = dubbing.analyse_video(path, info, settings, [(0, n)], every, Path(tmp), max_crop=most, own_pixels=own)
         frames = np.stack(list(media.iter_frames(path, settings.fps, settings.ffmpeg, count=n)))
         src = SourceFaces(
             crops=np.array(src.crops[:n]),
