@@ -90,6 +90,26 @@ def test_warp_shuts_a_mouth_and_leaves_everything_outside_the_ring_alone():
     assert (opened[cy - 5 : cy + 10, cx - 5 : cx + 5, 0] < 60).all()  # more dark mouth
 
 
+def test_opening_a_mouth_moves_its_teeth_with_the_lips_and_shows_the_dark_inside():
+    img, pts = _open_mouth(gap_px=12.0)
+    cy = int(0.45 * 128)
+    img[cy - 6 : cy - 1, 48:80] = 235  # upper teeth, a dark parting, lower teeth
+    img[cy + 1 : cy + 6, 48:80] = 225
+    opened, wider = warp.reshape(img, pts, 2.0)
+    assert warp.eval_gap(wider) > 1.9 * warp.eval_gap(pts)
+
+    def runs(col: np.ndarray) -> tuple[int, int, int]:  # upper teeth, dark inside, lower teeth (rows)
+        bright, dark = col > 180, col < 60
+        rows = np.arange(len(col))
+        top, bottom = rows[bright & (rows < cy + 1)], rows[bright & (rows > cy + 10)]
+        return len(top), int(dark[top.max() : bottom.min()].sum()), len(bottom)
+
+    for x in (56, 64, 72):
+        up, inside, down = runs(opened[:, x].mean(1))
+        assert 4 <= up <= 6 and 4 <= down <= 6  # the teeth keep their height (stretched before: 7-8 px)
+        assert inside >= 10  # the mouth's dark inside fills the opening
+
+
 def test_retrieval_shows_only_allowed_mouths_on_anchored_frames():
     rng = np.random.default_rng(3)
     T, N = 200, 40

@@ -4,7 +4,8 @@ Retrieval needs a shut mouth on every p/b/m frame and an open one on every open 
 (a speaker who talks through the whole clip never fully closes; a mumbler never opens wide). Then the nearest real
 mouth is warped: the inner lip contours move together (or apart) along their vertical pairs, the lower lip and the
 chin ride with the jaw, and the warp fades to nothing on a fixed ring of nose, cheek and jaw-side points, so only
-the mouth region moves and the nose and cheeks keep their pixels. Everything outside the ring is bit-exact.
+the mouth region moves and the nose and cheeks keep their pixels. Everything outside the ring is bit-exact. Opening keeps the teeth (or the
+tongue) at their own size, riding with their lips: only the parting between them grows, in the mouth's own dark.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ PRESS = 0.25  # a shut mouth's seam shows lip, from this far into each lip: the 
 # 70 of 87 read shut (11 faces, 8 mouths each; GRID s33 lwbi5s 1 of 8), 84 of 87 with 0.3 (lwbi5s 7). The mesh
 # measures real closures at 0.97 of the lips' height, so this over-presses a little: docs/articulation.md
 ROLL = 0.3
+SEAM_SPAN = (0.15, 0.85)  # where between the inner lips an open mouth's parting is looked for (not the lips' rims)
+SEAM_PX = 0.5  # half the width of the parting an opening warp stretches
+SEAM_BEND = 2.0  # grey levels a parting pays per pixel squared of bend between neighbouring lip pairs
+INSIDE_PCT = 15  # the darkest share (percent) of a mouth's inside pixels that gives its colour
 
 
 def reshaped(pts: np.ndarray, scale: float) -> np.ndarray:
@@ -74,7 +79,76 @@ def reshape(crop: np.ndarray, pts: np.ndarray, scale: float) -> tuple[np.ndarray
     if scale <= 0:  # pressed lips: the seam samples the lips' bodies, not their dark inner edges
         src[INNER_PAIRS[:, 0]] += PRESS * (pts[OUTER_UPPER] - pts[INNER_PAIRS[:, 0]])
         src[INNER_PAIRS[:, 1]] += PRESS * (pts[OUTER_LOWER] - pts[INNER_PAIRS[:, 1]])
-    return _warp(crop, new[ctrl], src[ctrl]), new
+    dst, src = new[ctrl], src[ctrl]
+    if scale <= 1:
+        return _warp(crop, dst, src), new
+    # opening: the teeth ride with their lips, and the parting between them becomes the dark inside of the mouth
+    up, lo = pts[INNER_PAIRS[:, 0]], pts[INNER_PAIRS[:, 1]]
+    seam_up, seam_lo = teeth_seam(crop, up, lo)
+    band_up = seam_up + new[INNER_PAIRS[:, 0]] - up
+    band_lo = seam_lo + new[INNER_PAIRS[:, 1]] - lo
+    out = _warp(crop, np.concatenate([dst, band_up, band_lo]), np.concatenate([src, seam_up, seam_lo]))
+    return _fill(out, _ring(band_up, band_lo, new), _inside_colour(crop, pts)), new
+
+
+def _ring(upper: np.ndarray, lower: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """The closed outline from the left inner corner along `upper` to the right one and back along `lower`."""
+    return np.concatenate([pts[INNER_CORNERS[:1]], upper, pts[INNER_CORNERS[1:]], lower[::-1]])
+
+
+def _inside_colour(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """The colour of the mouth's dark inside: the mean of the darkest INSIDE_PCT of the pixels within its inner
+    lips (teeth, where they show, are the bright rest)."""
+    ring = _ring(pts[INNER_PAIRS[:, 0]], pts[INNER_PAIRS[:, 1]], pts)
+    mask = np.zeros(img.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(ring * 4).astype(np.int32)], 1, shift=2)
+    px = img[mask > 0].astype(np.float32)
+    if len(px) == 0:
+        return np.zeros(3, np.float32)
+    luma = px.mean(1)
+    return px[luma <= np.percentile(luma, INSIDE_PCT)].mean(0)
+
+
+def _fill(img: np.ndarray, polygon: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """img with `polygon` (sub-pixel) painted `colour`, its edge feathered over about a pixel."""
+    alpha = np.zeros(img.shape[:2], np.uint8)
+    cv2.fillPoly(alpha, [np.round(polygon * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    a = cv2.GaussianBlur(alpha, (0, 0), 0.6).astype(np.float32)[..., None] / 255.0
+    return np.clip(img * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
+
+
+def teeth_seam(img: np.ndarray, up: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where an open mouth parts, between each inner-lip pair (K, 2) and (K, 2): a dark line through the middle
+    SEAM_SPAN of the segments (between the upper and lower teeth, or the mouth's dark inside), as two points
+    SEAM_PX either side of it along each segment. An opening warp that pins these to their lips moves the teeth
+    with their lips (the piecewise-affine warp alone stretched the upper teeth long).
+
+    Each segment is read as a band as wide as the pairs' spacing (a dark gap between two teeth is not a parting),
+    and the line is the darkest path across the pairs that bends by SEAM_BEND grey levels per pixel squared."""
+    n = 32
+    u = np.linspace(*SEAM_SPAN, n)
+    along = lo - up  # (K, 2)
+    length = np.linalg.norm(along, axis=1)
+    normal = np.c_[-along[:, 1], along[:, 0]] / np.maximum(length, 1e-9)[:, None]
+    half = 0.5 * np.median(np.linalg.norm(np.diff(up, axis=0), axis=1))
+    offsets = np.linspace(-half, half, 5)
+    pts = up[:, None, None] + u[:, None, None] * along[:, None, None] + offsets[:, None] * normal[:, None, None]
+    gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    K = len(up)
+    maps = np.ascontiguousarray(pts.reshape(K, -1, 2).transpose(2, 0, 1), np.float32)
+    cost = cv2.remap(gray, maps[0], maps[1], cv2.INTER_LINEAR).reshape(K, n, len(offsets)).mean(2)
+    bend = SEAM_BEND * ((u[:, None] - u[None, :]) * length.mean()) ** 2  # (n, n): from position i to j
+    total, back = cost[0].copy(), np.zeros((K, n), np.int64)
+    for k in range(1, K):  # Viterbi over the pairs
+        step = total[:, None] + bend
+        back[k] = np.argmin(step, axis=0)
+        total = step[back[k], np.arange(n)] + cost[k]
+    path = [int(np.argmin(total))]
+    for k in range(K - 1, 0, -1):
+        path.append(int(back[k, path[-1]]))
+    at = u[np.array(path[::-1])]  # (K,) share of the way from the upper lip to the lower
+    w = np.minimum(SEAM_PX, 0.25 * length) / np.maximum(length, 1e-9)
+    return up + (at - w)[:, None] * along, up + (at + w)[:, None] * along
 
 
 def _warp(img: np.ndarray, dst: np.ndarray, src: np.ndarray) -> np.ndarray:
