@@ -4,8 +4,9 @@ Retrieval needs a shut mouth on every p/b/m frame and an open one on every open 
 (a speaker who talks through the whole clip never fully closes; a mumbler never opens wide). Then the nearest real
 mouth is warped: the inner lip contours move together (or apart) along their vertical pairs, the lower lip and the
 chin ride with the jaw, and the warp fades to nothing on a fixed ring of nose, cheek and jaw-side points, so only
-the mouth region moves and the nose and cheeks keep their pixels. Everything outside the ring is bit-exact. Opening keeps the teeth (or the
-tongue) at their own size, riding with their lips: only the parting between them grows, in the mouth's own dark.
+the mouth region moves and the nose and cheeks keep their pixels. Everything outside the ring is bit-exact.
+Opening keeps the teeth (or the tongue) at their own size, riding with their lips: only the parting between them
+grows, in the mouth's own dark.
 """
 
 from __future__ import annotations
