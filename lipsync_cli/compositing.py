@@ -1,8 +1,9 @@
 """Compositing the new mouth into each frame, and the timing plan that says which input frame sits behind each
 output frame.
 
-The mouth is blended in the aligned crop's coordinates with a feathered mask limited to the lower face (the union of
-the shown mouth's and the background's chin, so neither chin peeks out), after a smooth colour correction learned
+The mouth is blended in the aligned crop's coordinates with a feathered mask limited to the lower face (both the
+shown mouth's and the background's chin, so neither chin peeks out; beside the jaw, where another frame's hair or
+collar lies elsewhere, only the face the two share), after a smooth colour correction learned
 on the mask's rim (lighting drifts between the frames a mouth is borrowed from and the frame it lands in). Only the
 pixels under the mask change; the rest of the frame is left bit-exact.
 """
@@ -21,6 +22,12 @@ MASK_OUTLINE = np.array(
     [58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 436, 391, 393, 164, 167, 165, 216]
 )
 
+# how far each outline point is pulled in towards the mouth, in JAW_INSET units: the jaw's sides (which, unlike the
+# chin, hardly move as the mouth opens) stay the frame's own, so hair, collar or backdrop beside the jaw is never
+# borrowed from a frame where it lay elsewhere (hair strands cut into KatieHill's jaw, a collar tip on pcavs')
+INSET = np.array([1, 1, 0.75, 0.4, 0.15, 0, 0, 0, 0, 0, 0.15, 0.4, 0.75, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+JAW_INSET = 0.06  # crop sides: the mask's growth and feather (GROW + 2 FEATHER) and a margin
+JAW_APART = 0.03  # crop sides: jaw lines this far apart get the whole inset, closer ones in proportion
 GROW = 1 / 40  # the mask reaches this far (crop sides) beyond the outline
 # Gaussian feather of its edge (crop sides). Narrow: the colour match already evens out lighting, and inside the
 # feather two different mouths are averaged (a ghost of the upper lip, -5% mouth sharpness at 1/72, twice that at
@@ -50,11 +57,21 @@ def timing_plan(n_src: int, n_out: int, mode: str) -> np.ndarray:
 
 
 def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
-    """Feathered float32 mask (S, S) in aligned coordinates covering the lower face of every landmark set given."""
+    """Feathered float32 mask (S, S) in aligned coordinates over the lower face: down to the lowest chin of the
+    landmark sets given, and beside the jaw inside the innermost of their jaw lines, pulled in by JAW_INSET."""
     mask = np.zeros((size, size), np.uint8)
-    for pts in points:
-        hull = cv2.convexHull(np.round(pts[MASK_OUTLINE] * 4).astype(np.int32))
-        cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    outlines = np.stack([pts[MASK_OUTLINE] for pts in points])  # (K, P, 2)
+    centre = np.array(face.MOUTH_CENTER) * size  # where alignment puts the mouth
+    # the chin of every set (so neither chin peeks out); beside the jaw only the innermost set's, pulled in as far
+    # as the sets' jaw lines disagree there (where they agree, so do the hair and collar beside them)
+    inner = outlines[np.argmin(np.linalg.norm(outlines - centre, axis=-1), axis=0), np.arange(len(MASK_OUTLINE))]
+    apart = np.linalg.norm(outlines - inner, axis=-1).max(0) / size
+    pull = centre - inner
+    depth = INSET * JAW_INSET * np.clip(apart / JAW_APART, 0, 1) * size
+    inner += pull / np.maximum(np.linalg.norm(pull, axis=1, keepdims=True), 1e-9) * depth[:, None]
+    side = INSET > 0
+    hull = cv2.convexHull(np.round(np.concatenate([inner[side], *outlines[:, ~side]]) * 4).astype(np.int32))
+    cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
     grow = max(1, round(size * GROW))
     mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
     sigma = max(1.0, size * FEATHER)

@@ -130,6 +130,33 @@ def test_mask_is_feathered_and_colour_match_removes_a_lighting_offset():
     assert np.abs(fixed[inner] - target[inner].astype(float)).mean() < 3.0
 
 
+def test_mask_covers_both_chins_but_beside_the_jaw_stays_on_the_frames_own_face():
+    """A mouth shown from a frame where the head was turned has its jaw's side elsewhere, and beside it that frame's
+    hair, collar or backdrop: pasted, they cut strands into KatieHill's jaw line and put a collar tip on
+    pcavs_741400104's (until 2026-12-07). The chin, which drops as the mouth opens, is still covered for both."""
+    from lipsync_cli import face, media
+    from tests.conftest import shared_file
+
+    frame = next(media.iter_frames(shared_file("media/retalking_face2.mp4"), start=30, count=1))
+    lm = face.track_faces([frame]).landmarks[0]
+    size = 256
+    pts = face.transform_points(lm, face.align_matrix(lm, size))
+    centre = pts[[61, 291, 0, 17]].mean(0)
+    shown = pts.copy()
+    shown[:, 0] = centre[0] + 0.85 * (pts[:, 0] - centre[0])  # a narrower jaw: the head turned a little
+    below = pts[:, 1] > centre[1]
+    shown[below, 1] += 0.05 * size  # and the jaw dropped: the mouth opens
+    mask = lower_face_mask([shown, pts], size)
+
+    def at(p: np.ndarray) -> float:
+        return float(mask[int(round(p[1])), int(round(p[0]))])
+
+    for side in (58, 172, 288, 397):  # between the shown jaw's side and the frame's: the frame's own pixels
+        assert at((pts[side] + shown[side]) / 2) < 0.05
+    assert at((pts[152] + shown[152]) / 2) > 0.9  # between the two chins: covered
+    assert at(centre) > 0.99
+
+
 def test_colour_match_ignores_backdrop_on_the_rim():
     """Where the borrowed frame's jaw line sits elsewhere, its rim shows backdrop where the frame shows skin: that is
     no lighting change, and it tinted the whole chin (red backdrop: a cyan-grey chin)."""
