@@ -111,11 +111,18 @@ def _inside_colour(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def _fill(img: np.ndarray, polygon: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """img with `polygon` (sub-pixel) painted `colour`, its edge feathered over about a pixel."""
-    alpha = np.zeros(img.shape[:2], np.uint8)
-    cv2.fillPoly(alpha, [np.round(polygon * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    """img with `polygon` (sub-pixel) painted `colour`, its edge feathered over about a pixel; only the polygon's
+    box (and the feather's reach) is touched."""
+    x0, y0 = np.maximum(np.floor(polygon.min(0)).astype(int) - 3, 0)
+    x1, y1 = np.minimum(np.ceil(polygon.max(0)).astype(int) + 4, img.shape[1::-1])
+    if x1 <= x0 or y1 <= y0:
+        return img
+    alpha = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(alpha, [np.round((polygon - [x0, y0]) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
     a = cv2.GaussianBlur(alpha, (0, 0), 0.6).astype(np.float32)[..., None] / 255.0
-    return np.clip(img * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
+    box = img[y0:y1, x0:x1]
+    box[:] = np.clip(box * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
+    return img
 
 
 def teeth_seam(img: np.ndarray, up: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
