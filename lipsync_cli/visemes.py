@@ -29,6 +29,9 @@ APPROACH_IN = 0.2  # the most the frame before a closure opens: the lips come to
 # inter-ocular, 90th percentile 0.017; the frame after 0.010 and 0.054: docs/articulation_engine.md)
 SQUEEZED_VOWEL_S = 0.08  # an open vowel this long opens even where closures leave it only frames beside them
 SQUEEZED_CAP = 0.7  # ...and opens this far (a share of the wide-open mouth): docs/articulation_engine.md
+# a vowel this long left one frame between two closures opens as a release does (APPROACH), not as an approach:
+# the AE of "bamboo" (70 ms) stayed shut; schwas ("a", "the": 35-52 ms) stay near shut
+LONE_VOWEL_S = 0.06
 
 FREE, REST, CLOSED, LABIODENTAL, ROUND, OPEN = range(6)
 KIND_NAMES = ("free", "rest", "closed", "labiodental", "round", "open")
@@ -102,8 +105,11 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
     # Reduced one-frame vowels ("apple", "album") stay capped: a wide frame beside a closure blurs it open.
     for j in np.unique(pid[kind == OPEN]):
         frames = np.flatnonzero((pid == j) & (kind == OPEN))
-        if len(frames) >= 2 and phones[j].end - phones[j].start >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
+        long = phones[j].end - phones[j].start
+        if len(frames) >= 2 and long >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
             cap[frames[0]] = SQUEEZED_CAP
+        elif len(frames) == 1 and long >= LONE_VOWEL_S and before[frames[0]] and after[frames[0]]:
+            cap[frames[0]] = APPROACH  # a full vowel with one frame between two closures ("bamboo") parts the lips
     return Targets(kind, np.minimum(openness, cap), cap, label, pid)
 
 

@@ -175,6 +175,17 @@ def test_a_short_closure_takes_its_second_frame_from_the_less_open_neighbour():
     tg = visemes.targets(ph, 33, 25.0)
     assert np.flatnonzero(tg.phone_id == 1).tolist() == [29, 30]
     assert (tg.openness[26:28] == visemes.OPENNESS["AE"]).all() and tg.openness[28] <= visemes.APPROACH_IN
+    # piper's "a bamboo": the 70 ms AE has one frame between the B's closure and the M's; it parts the lips as a
+    # release does (APPROACH), not as an approach (APPROACH_IN: it stayed shut on every face, 2026-12-07)
+    ph = [Phone("AH", 0.801, 0.877), Phone("B", 0.877, 0.940), Phone("AE", 0.940, 1.010), Phone("M", 1.010, 1.080)]
+    ph += [Phone("B", 1.080, 1.115), Phone("UW", 1.115, 1.265)]
+    tg = visemes.targets(ph, 33, 25.0)
+    vowel = np.flatnonzero(tg.phone_id == 2)
+    assert len(vowel) == 1 and tg.kind[vowel[0] - 1] == tg.kind[vowel[0] + 1] == visemes.CLOSED
+    assert tg.cap[vowel[0]] == visemes.APPROACH and tg.openness[vowel[0]] > visemes.APPROACH_IN
+    ph[1:3] = [Phone("B", 0.877, 0.955), Phone("AH", 0.955, 1.000)]
+    tg = visemes.targets(ph, 33, 25.0)  # a 45 ms schwa in its place stays near shut
+    assert tg.openness[tg.phone_id == 2].tolist() == [visemes.APPROACH_IN]
     # no frames at all, or a short B after the last frame: nothing to shut, no error
     assert len(visemes.targets([Phone("B", 0.0, 0.01)], 0, 25.0).kind) == 0
     assert not (visemes.targets([Phone("AA", 0.0, 0.5), Phone("B", 0.9, 0.91)], 5, 25.0).kind == visemes.CLOSED).any()
