@@ -105,10 +105,10 @@ def targets(phones: Sequence[Phone], n_frames: int, fps: float, lead: float = LE
     # Reduced one-frame vowels ("apple", "album") stay capped: a wide frame beside a closure blurs it open.
     for j in np.unique(pid[kind == OPEN]):
         frames = np.flatnonzero((pid == j) & (kind == OPEN))
-        long = phones[j].end - phones[j].start
-        if len(frames) >= 2 and long >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
+        dur = phones[j].end - phones[j].start
+        if len(frames) >= 2 and dur >= SQUEEZED_VOWEL_S and (cap[frames] < 1).all():
             cap[frames[0]] = SQUEEZED_CAP
-        elif len(frames) == 1 and long >= LONE_VOWEL_S and before[frames[0]] and after[frames[0]]:
+        elif len(frames) == 1 and dur >= LONE_VOWEL_S and before[frames[0]] and after[frames[0]]:
             cap[frames[0]] = APPROACH  # a full vowel with one frame between two closures ("bamboo") parts the lips
     return Targets(kind, np.minimum(openness, cap), cap, label, pid)
 
