@@ -100,9 +100,8 @@ def _ring(upper: np.ndarray, lower: np.ndarray, pts: np.ndarray) -> np.ndarray:
 def _inside_colour(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """The colour of the mouth's dark inside: the mean of the darkest INSIDE_PCT of the pixels within its inner
     lips (teeth, where they show, are the bright rest)."""
-    ring = _ring(pts[INNER_PAIRS[:, 0]], pts[INNER_PAIRS[:, 1]], pts)
     mask = np.zeros(img.shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(ring * 4).astype(np.int32)], 1, shift=2)
+    cv2.fillPoly(mask, [np.round(pts[face.LIPS_INNER] * 4).astype(np.int32)], 1, shift=2)
     px = img[mask > 0].astype(np.float32)
     if len(px) == 0:
         return np.zeros(3, np.float32)
