@@ -249,3 +249,4 @@ def test_cli_json_carries_the_articulation_table(tmp_path):
     assert r.returncode == 0, r.stderr
     art = json.loads(r.stdout)["articulation"]
     assert "bilabial" in json.dumps(art) and "real" in json.dumps(art)
+    assert not art["skipped"] and list(art["clips"]) == [Path(clip).stem]  # the real row alone dubs nothing

@@ -487,6 +487,8 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
         else:
             _add(run, _real_row(clip, text, settings), on_row)
         advance(1)
+    if not tts:  # the real row alone: nothing is dubbed
+        return
     level = voice_speech.loudness_target(src.audio)  # the video's own speech: once per clip, as dub measures it
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
         # as `lipsync dub`: the output speaks the converted voice, the engine follows the TTS speech (the
