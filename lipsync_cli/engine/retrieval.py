@@ -181,8 +181,8 @@ def allowed_sets(
     shut_gap: float = CLOSED_GAP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rule per output frame (N,), candidate sets (R, T') bool): the mouths each frame may show, as a gap range
-    per viseme kind (and narrow mouths for rounded ones, ROUND_PCT; shut: up to shut_gap). Where no mouth falls in the range,
-    the N_CANDIDATES nearest to it."""
+    per viseme kind (and narrow mouths for rounded ones, ROUND_PCT; shut: up to shut_gap). Where no mouth falls in
+    the range, the N_CANDIDATES nearest to it."""
     narrow = width <= np.percentile(width[valid], ROUND_PCT)
     tops = approach_tops(tg.cap, wide)
     rows, keys = [], {}
