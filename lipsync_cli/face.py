@@ -52,6 +52,12 @@ JAW = np.array(
     dtype=np.int64,
 )
 
+# The mouth gap the articulation stick reads (issue 11) and the engine chooses in: inner-lip pairs (upper, lower) at
+# the centre, right and left, over the outer eye corners' distance (unlike iris points they do not move with gaze)
+GAP_PAIRS = np.array([[13, 14], [82, 87], [312, 317]], dtype=np.int64)
+EYE_OUTER = (33, 263)
+MOUTH_CORNERS = (61, 291)
+
 # Eyes. mediapipe's "right" eye is the subject's right, i.e. on the image left of a non-mirrored face.
 # eye_centers() uses the corner midpoints rather than the iris centres, which move with gaze.
 RIGHT_EYE_CORNERS = np.array([33, 133], dtype=np.int64)
@@ -738,3 +744,27 @@ def track_faces(
                     on_frame(t, frame, lm)
     n = max(n_frames or 0, last + 1)
     return smooth_track(raw[:n], smooth_sigma, n_faces[:n])
+
+
+def mouth_gap(lm: np.ndarray) -> np.ndarray:
+    """(..., 478, 2) landmarks in any similarity frame -> (...) inner-lip gap over the outer eye corners' distance:
+    about 0.01 shut, 0.05-0.15 on open vowels. NaN where there is no face."""
+    lm = np.asarray(lm)
+    gap = np.linalg.norm(_points(lm, GAP_PAIRS[:, 1]) - _points(lm, GAP_PAIRS[:, 0]), axis=-1).mean(-1)
+    return _over_eyes(gap, lm)
+
+
+def mouth_width(lm: np.ndarray) -> np.ndarray:
+    """(..., 478, 2) -> (...) distance between the lip corners over the outer eye corners': rounding narrows it."""
+    lm = np.asarray(lm)
+    return _over_eyes(np.linalg.norm(_points(lm, MOUTH_CORNERS[1]) - _points(lm, MOUTH_CORNERS[0]), axis=-1), lm)
+
+
+def _points(lm: np.ndarray, idx) -> np.ndarray:
+    return lm[..., idx, :].astype(np.float64)  # only the points used: no float64 copy of a whole video's meshes
+
+
+def _over_eyes(length: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    eyes = np.linalg.norm(_points(lm, EYE_OUTER[1]) - _points(lm, EYE_OUTER[0]), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(eyes > 0, length / eyes, np.nan)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync_cli import media
+from lipsync_cli import face, media
 from lipsync_cli.eval import articulation
 from lipsync_cli.phones import SIL, Phone, Word
 from tests.conftest import shared_file
@@ -22,24 +22,24 @@ def face_with_gap(gap_px: float, eyes_px: float = 100.0) -> np.ndarray:
     """A (478, 2) landmark array whose outer eye corners are eyes_px apart and inner-lip pairs gap_px apart."""
     lm = np.zeros((478, 2))
     lm[33], lm[263] = (0.0, 0.0), (eyes_px, 0.0)
-    for k, (up, lo) in enumerate(articulation.INNER_PAIRS):
+    for k, (up, lo) in enumerate(face.GAP_PAIRS):
         lm[up] = (40.0 + 10 * k, 100.0)
         lm[lo] = (40.0 + 10 * k, 100.0 + gap_px)
     return lm
 
 
 def test_mouth_gap_scale_and_batch():
-    assert articulation.mouth_gap(face_with_gap(5.0)) == pytest.approx(0.05)
-    assert articulation.mouth_gap(face_with_gap(10.0, eyes_px=200.0)) == pytest.approx(0.05)  # scale-free
+    assert face.mouth_gap(face_with_gap(5.0)) == pytest.approx(0.05)
+    assert face.mouth_gap(face_with_gap(10.0, eyes_px=200.0)) == pytest.approx(0.05)  # scale-free
     lm = np.stack([face_with_gap(1.0), np.full((478, 2), np.nan), face_with_gap(3.0)])
-    g = articulation.mouth_gap(lm[None])  # any leading shape
+    g = face.mouth_gap(lm[None])  # any leading shape
     assert g.shape == (1, 3)
     np.testing.assert_allclose(g[0, [0, 2]], [0.01, 0.03])
     assert np.isnan(g[0, 1])
     # the distance is euclidean: a sideways slip of the lower lip counts too
     lm = face_with_gap(3.0)
     lm[14, 0] += 4.0
-    assert articulation.mouth_gap(lm) > articulation.mouth_gap(face_with_gap(3.0))
+    assert face.mouth_gap(lm) > face.mouth_gap(face_with_gap(3.0))
 
 
 def _word(name: str, *phones: tuple[str, float, float]) -> Word:

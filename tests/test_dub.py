@@ -219,7 +219,7 @@ def test_a_face_that_never_shuts_its_mouth_still_closes_on_bilabials(tmp_path):
 
     src = shared_file("media/retalking_face2.mp4")
     frames = [f[:-4:2, :-4:2] for f in media.iter_frames(src, fps=25.0)]  # 422 px: a quick test
-    gap = articulation.mouth_gap(articulation.track(frames).landmarks)
+    gap = face.mouth_gap(articulation.track(frames).landmarks)
     keep = [f for f, g in zip(frames, gap, strict=True) if g > 0.03]
     assert len(keep) >= 50
     clip = tmp_path / "open.mp4"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from lipsync_cli import models
-from lipsync_cli.engine import retrieval, warp
+from lipsync_cli import face, models
+from lipsync_cli.engine import retrieval
 from lipsync_cli.engine.base import SourceFaces
 from lipsync_cli.models import lips, lips_infer
 
@@ -130,13 +130,12 @@ def test_retrieval_uses_the_model_and_keeps_the_maps_target_space(tiny_prep, mon
     assert np.isfinite(by_model.target).all()
     real = by_model.source_index[by_model.source_index < src.n_frames]
     assert src.pool[real].all()  # real mouths only from the reference (the rest: its mouths re-shaped)
-    assert (warp.eval_gap(by_map.points[:5]) <= retrieval.CLOSED_GAP).all()  # `close` frames show a shut mouth
+    assert (face.mouth_gap(by_map.points[:5]) <= retrieval.CLOSED_GAP).all()  # `close` frames show a shut mouth
     with pytest.raises(ValueError, match="lips"):
         retrieval.animate(src, speech, bg, lips="learned")
 
 
 def test_model_target_rests_closed_in_silence(tiny_prep):
-    from lipsync_cli import face
     from lipsync_cli.models import lipmap
 
     src, bg = _source(tiny_prep)

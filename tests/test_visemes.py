@@ -76,7 +76,7 @@ def _open_mouth(size: int = 128, gap_px: float = 10.0) -> tuple[np.ndarray, np.n
 def test_warp_shuts_a_mouth_and_leaves_everything_outside_the_ring_alone():
     img, pts = _open_mouth()
     shut, new = warp.reshape(img, pts, 0.0)
-    assert warp.eval_gap(new) < retrieval.CLOSED_GAP < warp.eval_gap(pts)
+    assert face.mouth_gap(new) < retrieval.CLOSED_GAP < face.mouth_gap(pts)
     cx, cy = 64, int(0.45 * 128)
     assert (shut[cy - 2 : cy + 3, cx - 10 : cx + 10, 0] > 60).all()  # the dark mouth is gone: lips meet
     assert np.array_equal(shut[:10], img[:10]) and np.array_equal(shut[:, :5], img[:, :5])  # nose, cheeks: exact
@@ -86,7 +86,7 @@ def test_warp_shuts_a_mouth_and_leaves_everything_outside_the_ring_alone():
 
     assert height(new) < 0.85 * height(pts)  # pressed together, not just moved (unpressed: 1.12 times as high)
     opened, wider = warp.reshape(img, pts, 1.8)
-    assert warp.eval_gap(wider) > 1.7 * warp.eval_gap(pts)
+    assert face.mouth_gap(wider) > 1.7 * face.mouth_gap(pts)
     assert (opened[cy - 5 : cy + 10, cx - 5 : cx + 5, 0] < 60).all()  # more dark mouth
 
 
@@ -96,7 +96,7 @@ def test_opening_a_mouth_moves_its_teeth_with_the_lips_and_shows_the_dark_inside
     img[cy - 6 : cy - 1, 48:80] = 235  # upper teeth, a dark parting, lower teeth
     img[cy + 1 : cy + 6, 48:80] = 225
     opened, wider = warp.reshape(img, pts, 2.0)
-    assert warp.eval_gap(wider) > 1.9 * warp.eval_gap(pts)
+    assert face.mouth_gap(wider) > 1.9 * face.mouth_gap(pts)
 
     def runs(col: np.ndarray) -> tuple[int, int, int]:  # upper teeth, dark inside, lower teeth (rows)
         bright, dark = col > 180, col < 60

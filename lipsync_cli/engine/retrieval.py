@@ -37,7 +37,7 @@ SYNTH_COST = 0.5  # a re-shaped mouth only where no real one of that pose does t
 # a re-shaped SHUT mouth costs more: re-tracked on the output, real shut mouths read shut far more often (GRID s33
 # 87-92% vs 46% of p/b/m, s4 96% vs 84%: the mesh reads a warped seam as parted), so one is used wherever there is any
 SYNTH_SHUT_COST = 5.0
-# inner-lip gaps in eval's units (engine/warp.eval_gap): eval counts a mouth as shut under 0.0103
+# inner-lip gaps in eval's units (face.mouth_gap): eval counts a mouth as shut under 0.0103
 CLOSED_GAP = 0.005  # a shut mouth, with a margin: re-tracked on the output it reads a little wider
 NEAR_SHUT_GAP = 0.008  # a video that never shuts tighter than CLOSED_GAP: its tightest mouths up to this count as shut
 REST_GAP = 0.025  # a mouth at rest in a pause
@@ -103,7 +103,7 @@ def choose(
     hard target (consonants), for when no lips target does."""
     T = source.n_frames
     pool = source.pool.copy()
-    gap = np.nan_to_num(warp.eval_gap(aligned), nan=1.0)
+    gap = np.nan_to_num(face.mouth_gap(aligned), nan=1.0)
     wide = max(float(np.percentile(gap[pool], WIDE_PCT)), MIN_WIDE)
     pose = _pose_features(aligned, source.size)
     # the closures no real shut mouth of that head pose can show: the least open mouth of that pose, shut (the
@@ -124,10 +124,10 @@ def choose(
     bank_pts = np.array([warp.reshaped(aligned[int(t)], k) for t, k in bank]).reshape(len(bank), *aligned.shape[1:])
     bank_shapes = (bank_pts[:, face.LIPS] / source.size).reshape(len(bank), 2 * len(face.LIPS))  # shape_vectors
     src_coef = lipmap.coefficients(lm, np.concatenate([np.nan_to_num(shapes), bank_shapes])) / lm.scale
-    gap = np.concatenate([gap, warp.eval_gap(bank_pts)])
+    gap = np.concatenate([gap, face.mouth_gap(bank_pts)])
     # the mouths' points are `aligned` then `bank_pts`, never joined into one more (T, 478, 2) array
     # a frame without a face keeps its NaN width (no rule selects it); zeros there made a 0 / 0 that numpy warned about
-    width = np.concatenate([warp.mouth_width(p) for p in (*np.array_split(aligned, 16), bank_pts)])
+    width = np.concatenate([face.mouth_width(p) for p in (*np.array_split(aligned, 16), bank_pts)])
     pose = np.concatenate([pose, pose[bank[:, 0].astype(np.int64)]])
     jaw = np.nan_to_num(aligned[:, JAW_SIDES] / source.size, nan=1e6)  # no face: fits none; re-shaped: its source's
     jaw = np.concatenate([jaw, jaw[bank[:, 0].astype(np.int64)]])

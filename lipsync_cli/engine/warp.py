@@ -171,18 +171,3 @@ def _warp(img: np.ndarray, dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     still = (np.abs(disp) < 1e-6).all(-1)
     out[y0:y1, x0:x1][still] = img[y0:y1, x0:x1][still]  # untouched pixels stay bit-exact
     return out
-
-
-def eval_gap(pts: np.ndarray) -> np.ndarray:
-    """Inner-lip gap as `lipsync eval` measures it: the mean of pairs (13,14), (82,87), (312,317) over the outer eye
-    corners' distance (33, 263). pts: (..., 478, 2) in any similarity frame."""
-    pairs = np.array([[13, 14], [82, 87], [312, 317]])
-    g = np.linalg.norm(pts[..., pairs[:, 1], :] - pts[..., pairs[:, 0], :], axis=-1).mean(-1)
-    return g / np.linalg.norm(pts[..., 263, :] - pts[..., 33, :], axis=-1)
-
-
-def mouth_width(pts: np.ndarray) -> np.ndarray:
-    """Distance between the lip corners (61, 291) over the outer eye corners' distance: rounding narrows it."""
-    return np.linalg.norm(pts[..., 291, :] - pts[..., 61, :], axis=-1) / np.linalg.norm(
-        pts[..., 263, :] - pts[..., 33, :], axis=-1
-    )

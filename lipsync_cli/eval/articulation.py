@@ -8,8 +8,9 @@ enters the score. Three numbers (issue 11):
   contrast  (mean gap over open-vowel phones + EPS) / (mean over p/b/m phones of their smallest gap +-1 frame + EPS)
   silence   share of frames inside pauses of >= PAUSE_S (EDGE frames trimmed at each end) with gap < SILENT_OPEN
 
-Mouth gap: the mean distance of the inner-lip pairs INNER_PAIRS over the distance between the outer eye corners
-(33, 263); about 0.01 shut, 0.05-0.15 on open vowels. Frames without a face are left out of every count.
+Mouth gap (`face.mouth_gap`): the mean distance of the inner-lip pairs face.GAP_PAIRS over the distance between the
+outer eye corners (33, 263); about 0.01 shut, 0.05-0.15 on open vowels. Frames without a face are left out of every
+count.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from lipsync_cli.audio import SR
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.phones import SIL, Phone, Word
 
-INNER_PAIRS = np.array([[13, 14], [82, 87], [312, 317]], dtype=np.int64)  # (upper, lower): centre, right, left
-EYE_OUTER = (33, 263)  # outer eye corners: the scale (unlike iris points they do not move with gaze)
 CLOSED = 0.0103  # gap below this: lips shut
 SILENT_OPEN = 0.0355  # gap below this in a pause: at rest (closed or barely parted), not held open
 EPS = 0.02  # contrast's offset: a mouth shut to 0.000 vs 0.005 is the same closure, not a 10x better one
@@ -37,15 +36,6 @@ BILABIALS = ("P", "B", "M")
 OPEN_VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY")
 FPS = 25.0
 LAG_MAX = 5  # frames searched either way by `lag`
-
-
-def mouth_gap(lm: np.ndarray) -> np.ndarray:
-    """(..., 478, 2) face-mesh landmarks -> (...) inner-lip gap over the outer-eye-corner distance (NaN: no face)."""
-    lm = np.asarray(lm, dtype=np.float64)
-    gap = np.linalg.norm(lm[..., INNER_PAIRS[:, 1], :] - lm[..., INNER_PAIRS[:, 0], :], axis=-1).mean(-1)
-    eyes = np.linalg.norm(lm[..., EYE_OUTER[1], :] - lm[..., EYE_OUTER[0], :], axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(eyes > 0, gap / eyes, np.nan)
 
 
 SMOOTH = 1.5  # landmark smoothing (frames, face.smooth_landmarks): mesh jitter out, a 2-frame closure kept
@@ -77,7 +67,7 @@ def retrack(
     t = track(frames, total, face_index, progress)
     if not len(t):
         raise LipsyncError(f"could not decode any frame from {video}")
-    return mouth_gap(t.landmarks), t.landmarks, fps
+    return face.mouth_gap(t.landmarks), t.landmarks, fps
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -244,7 +234,7 @@ def score_landmarks(
     landmarks: np.ndarray, audio16k: np.ndarray, text: str, fps: float = FPS, video: Path | None = None
 ) -> ArticulationResult:
     """The stick on landmarks already tracked as track() does: align `text` to the audio, score."""
-    gap = mouth_gap(landmarks)
+    gap = face.mouth_gap(landmarks)
     audio = np.asarray(audio16k, np.float32)
     words = align(audio, text)
     result = ArticulationResult(Path(video or ""), text, fps, gap, landmarks, words, audio)
