@@ -764,7 +764,13 @@ def _points(lm: np.ndarray, idx) -> np.ndarray:
     return lm[..., idx, :].astype(np.float64)  # only the points used: no float64 copy of a whole video's meshes
 
 
+def eye_span(lm: np.ndarray) -> np.ndarray:
+    """(..., 478, 2) -> (...) distance between the outer eye corners: the scale of the stick's measures."""
+    lm = np.asarray(lm)
+    return np.linalg.norm(_points(lm, EYE_OUTER[1]) - _points(lm, EYE_OUTER[0]), axis=-1)
+
+
 def _over_eyes(length: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    eyes = np.linalg.norm(_points(lm, EYE_OUTER[1]) - _points(lm, EYE_OUTER[0]), axis=-1)
+    eyes = eye_span(lm)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(eyes > 0, length / eyes, np.nan)

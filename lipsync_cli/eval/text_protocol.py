@@ -272,7 +272,7 @@ def warp(out_lm: np.ndarray, in_lm: np.ndarray, trim: int = 0, points: np.ndarra
     retrieval.JAW_TOL: 0.09, a visible notch; 0.06 after)."""
     n = max(len(out_lm) - trim, 0)
     a, b = out_lm[:n, points], in_lm[:n, points]
-    eyes = np.linalg.norm(in_lm[:n, face.EYE_OUTER[1]] - in_lm[:n, face.EYE_OUTER[0]], axis=-1)
+    eyes = face.eye_span(in_lm[:n])
     d = np.linalg.norm(a - b, axis=-1).max(-1) / eyes
     d = d[np.isfinite(d)]
     return float(d.max()) if len(d) else float("nan")
@@ -411,7 +411,7 @@ def _dub_row(
     scores["warp"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], trim)
     scores["jaw"] = warp(res.landmarks[:m], src.landmarks[plan[:m]], trim, retrieval.JAW_SIDES)
     behind = src.landmarks[plan[:m]]
-    eyes = np.linalg.norm(behind[:, face.EYE_OUTER[1]] - behind[:, face.EYE_OUTER[0]], axis=-1)
+    eyes = face.eye_span(behind)
     _source_mouths(clip, settings)
     scores["warp_px"] = pixel_warp(tap.patches[:m], [clip.patches[b] for b in plan[:m]], eyes)
     mouths = _strip_mouths(tap.mouths) if keep_mouths else None
