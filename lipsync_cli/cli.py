@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -186,11 +187,23 @@ def dub(
         shown = result.heard if len(result.heard) <= 200 else result.heard[:200] + " ..."
         progress.log(f'heard "{shown}" (the mouth follows these words; --transcript gives the right ones)')
     if a := result.articulation:
-        progress.log(
-            f"re-tracked output: p/b/m closed {a['bilabial']:.0%} of {a['n_bilabial']:.0f}, "
-            f"open-vowel/closure contrast {a['contrast']:.2f}, at rest in pauses {a['silence']:.0%} "
-            "(targets: >= 90%, >= 3.5, >= 90%)"
+        progress.log(f"re-tracked output: {_articulation_line(a)} (targets: >= 90%, >= 3.5, >= 90%)")
+
+
+def _articulation_line(a: dict) -> str:
+    """`--measure`'s three figures in words; one the words give nothing to measure (no p/b/m, no open vowel, no
+    pause) says so instead of printing nan."""
+
+    def shown(value: float, text: str, none: str) -> str:
+        return text.format(value) if math.isfinite(value) else none
+
+    return ", ".join(
+        (
+            shown(a["bilabial"], f"p/b/m closed {{:.0%}} of {a['n_bilabial']:.0f}", "no p/b/m in the words"),
+            shown(a["contrast"], "open-vowel/closure contrast {:.2f}", "no open-vowel/closure contrast to measure"),
+            shown(a["silence"], "at rest in pauses {:.0%}", "no pause to rest in"),
         )
+    )
 
 
 @app.command("voice")

@@ -166,3 +166,17 @@ def test_ctrl_c_exits_130_and_cleans_up(tmp_path):
     assert err.endswith("\ninterrupted\n") and "Traceback" not in err
     assert list(work.iterdir()) == [], "output (or its hidden temp file) left behind"
     assert not list(tmp.glob("lipsync-*")), "work folder left behind"  # (onnxruntime and torch leave their own)
+
+
+def test_measure_line_says_what_the_words_lack():
+    """`dub --measure` on words with no p/b/m or no pause says so, where it printed "nan%"."""
+    from lipsync_cli.cli import _articulation_line
+
+    full = {"bilabial": 0.9, "n_bilabial": 10, "contrast": 4.2, "silence": 1.0}
+    assert (
+        _articulation_line(full) == "p/b/m closed 90% of 10, open-vowel/closure contrast 4.20, at rest in pauses 100%"
+    )
+    bare = _articulation_line(
+        {"bilabial": float("nan"), "n_bilabial": 0, "contrast": float("nan"), "silence": float("nan")}
+    )
+    assert "nan" not in bare and "no p/b/m" in bare and "no pause" in bare
