@@ -67,9 +67,10 @@ class DubResult:
     heard: str | None = None  # the words recognised in --audio (no --transcript): what the mouth was timed by
 
     def to_json(self) -> dict:
-        """Plain JSON types (paths as text): what `lipsync dub --json` prints."""
+        """Plain JSON types (paths as text, a figure with nothing to measure null): what `lipsync dub --json`
+        prints."""
         d = asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return files.json_safe({k: str(v) if isinstance(v, Path) else v for k, v in d.items()})
 
 
 def default_output(video: Path) -> Path:

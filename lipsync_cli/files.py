@@ -9,6 +9,7 @@ target as it was and no temp file behind. Temp names carry the writer's pid, so 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -118,6 +119,20 @@ class atomic:  # noqa: N801 - used like open()
                 self.commit()
         finally:
             self.discard()
+
+
+def json_safe(v):
+    """`v` in plain JSON types: NaN/inf -> null (strict JSON has no NaN: jq and browsers refuse it), numpy arrays
+    and scalars -> python, tuples -> lists, keys -> text."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "tolist"):  # numpy: an array becomes a list, a scalar a python number
+        return json_safe(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def write_json(path: Path, obj, indent: int | None = 1) -> None:

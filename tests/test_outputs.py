@@ -93,6 +93,22 @@ def test_unwritable_folder_found_at_once(tmp_path):
             subprocess.run(["umount", str(ro)])
 
 
+def test_json_output_is_strict_json():
+    """A figure with nothing to measure (no pause in the words: silence is NaN) is null in --json output: strict JSON
+    has no NaN, and jq or a browser refuse a file that holds one."""
+    import json
+
+    from lipsync_cli.dubbing import DubResult
+
+    fields = {f: 0 for f in DubResult.__dataclass_fields__}
+    r = DubResult(
+        **fields | {"output": Path("o.mp4"), "articulation": {"silence": np.float64("nan"), "n": np.int64(3)}}
+    )
+    text = json.dumps(r.to_json(), allow_nan=False)  # raises on NaN
+    assert json.loads(text)["articulation"] == {"silence": None, "n": 3}
+    assert files.json_safe({1: (np.arange(2), float("inf"))}) == {"1": [[0, 1], None]}
+
+
 def test_sweep_removes_only_our_stale_names(tmp_path):
     dead = 2**22 + 12345  # above pid_max's default: no such process
     stale = tmp_path / f"lipsync-{dead}-0123abcd-x"

@@ -7,7 +7,6 @@ import base64
 import datetime
 import html
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from lipsync_cli import media
 from lipsync_cli.errors import require
 from lipsync_cli.eval import protocols
 from lipsync_cli.eval.metrics import NOT_COMPUTED
+from lipsync_cli.files import json_safe
 
 ARROW = {"low": "↓", "high": "↑", "one": "→1", "zero": "→0"}
 PROTOCOL_NOTES = {
@@ -261,21 +261,6 @@ def plot_clips(run: protocols.EvalRun, group: str, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def json_safe(v):
-    """JSON-safe: NaN/inf -> null, numpy -> python."""
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [json_safe(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return json_safe(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def to_json(run: protocols.EvalRun) -> dict:

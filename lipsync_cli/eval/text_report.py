@@ -15,7 +15,8 @@ from rich.table import Table
 
 from lipsync_cli import progress
 from lipsync_cli.eval import articulation, text_protocol
-from lipsync_cli.eval.report import img_tag, json_safe, pyplot, slug
+from lipsync_cli.eval.report import img_tag, pyplot, slug
+from lipsync_cli.files import json_safe
 
 ARROW = {"high": "↑", "low": "↓", "one": "→1", "": ""}
 STRIP_FRAMES = 20  # consecutive frames in a strip (0.8 s at 25 fps): long enough to see closures open and shut

@@ -37,7 +37,7 @@ from rich.table import Table
 
 from lipsync_cli import media, progress
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.files import VIDEO_EXT
+from lipsync_cli.files import VIDEO_EXT, json_safe
 from lipsync_cli.phones import recognise_words
 from lipsync_cli.settings import Settings
 from lipsync_cli.voice.speaker import SR, mel_frames, similarity, speaker_embedding, speech_only
@@ -415,14 +415,16 @@ def plot_f0(run: VoiceRun, path: Path, cols: int = 4) -> Path | None:
 
 
 def to_json(run: VoiceRun) -> dict:
-    return {
-        "method": run.method,
-        "sentences": run.sentences,
-        "bar": {"similarity_gain": BAR_SIMILARITY, "wer_points": BAR_WER},
-        "summary": {g: run.summary(g) for g in run.groups()},
-        "speakers": [asdict(s) for s in run.speakers],
-        "skipped": [{"speaker": n, "why": w} for n, w in run.skipped],
-    }
+    return json_safe(
+        {
+            "method": run.method,
+            "sentences": run.sentences,
+            "bar": {"similarity_gain": BAR_SIMILARITY, "wer_points": BAR_WER},
+            "summary": {g: run.summary(g) for g in run.groups()},
+            "speakers": [asdict(s) for s in run.speakers],
+            "skipped": [{"speaker": n, "why": w} for n, w in run.skipped],
+        }
+    )
 
 
 def write_voice_report(run: VoiceRun, out_dir: Path) -> Path:
