@@ -26,6 +26,17 @@ MASK_OUTLINE = np.array(
 # chin, hardly move as the mouth opens) stay the frame's own, so hair, collar or backdrop beside the jaw is never
 # borrowed from a frame where it lay elsewhere (hair strands cut into KatieHill's jaw, a collar tip on pcavs')
 INSET = np.array([1, 1, 0.75, 0.4, 0.15, 0, 0, 0, 0, 0, 0.15, 0.4, 0.75, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+# the top of the outline (the philtrum and the cheeks beside the nose) keeps the edge's feather off both faces'
+# nose bottoms and both upper lips under the mask: where the shown mouth's face sat lower, its nostrils came along
+# as a faint second pair under the frame's own (liveportrait_d11, 5 px apart in a 256 px crop)
+TOP = np.arange(len(MASK_OUTLINE)) >= 15
+NOSE_BOTTOM = np.array([98, 97, 2, 326, 327])  # alar base, columella, subnasale: the nose's lower edge, left to right
+UPPER_LIP = np.array([61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291])  # its outer edge, left to right
+# crop pixels (a face's own pixels, up to dubbing.MAX_CROP): nose bottoms this close count as one, as a ghost this
+# near the nostrils hides in their blur (and the re-tracked mouth reads the band above the upper lip: moving the
+# edge for every sub-pixel difference opened 4 of sakthivel_input3's 10 closures on the stick); this far apart get
+# the whole clearance, in proportion between
+NOSE_AGREE, NOSE_APART = 2.0, 4.0
 JAW_INSET = 0.06  # crop sides: the mask's growth and feather (GROW + 2 FEATHER) and a margin
 JAW_APART = 0.03  # crop sides: jaw lines this far apart get the whole inset, closer ones in proportion
 GROW = 1 / 40  # the mask reaches this far (crop sides) beyond the outline
@@ -70,16 +81,37 @@ def lower_face_mask(points: list[np.ndarray], size: int) -> np.ndarray:
     depth = INSET * JAW_INSET * np.clip(apart / JAW_APART, 0, 1) * size
     inner += pull / np.maximum(np.linalg.norm(pull, axis=1, keepdims=True), 1e-9) * depth[:, None]
     side = INSET > 0
+    grow = max(1, round(size * GROW))
+    sigma = max(1.0, size * FEATHER)
+    outlines[:, TOP] = _clear_of_noses(outlines[:, TOP], points, grow, 2 * sigma)
     hull = cv2.convexHull(np.round(np.concatenate([inner[side], *outlines[:, ~side]]) * 4).astype(np.int32))
     cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
-    grow = max(1, round(size * GROW))
     mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    sigma = max(1.0, size * FEATHER)
     # a turned head's jaw side can fall outside the crop: the mask must fade out inside it, or its cut at the crop's
     # edge shows as a bright line on the cheek (retalking_face1)
     m = int(np.ceil(3 * sigma)) + 1
     mask[:m], mask[-m:], mask[:, :m], mask[:, -m:] = 0, 0, 0, 0
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
+
+
+def _clear_of_noses(tops: np.ndarray, points: list[np.ndarray], grow: float, clear: float) -> np.ndarray:
+    """The outline's top points (K sets, P, 2), moved down where the mask's edge (`grow` above the highest of them
+    once dilated) would come within `clear` of the lowest of the sets' nose bottoms, never so far that it comes
+    within `clear` of the highest of their upper lips (where both cannot hold: halfway between). Only as far as the
+    noses disagree (NOSE_AGREE..NOSE_APART): where they agree, the shown nose bottom lands on the frame's own."""
+    x = tops[..., 0].mean(0)
+
+    def line(idx: np.ndarray) -> np.ndarray:  # (K, P): each set's edge through `idx`, at the top points' x
+        return np.stack([np.interp(x, *p[idx][np.argsort(p[idx, 0])].T) for p in points])
+
+    noses = line(NOSE_BOTTOM)
+    nose, lip = noses.max(0) + clear, line(UPPER_LIP).min(0) - clear
+    edge = tops[..., 1].min(0) - grow
+    cleared = np.where(nose <= lip, np.clip(edge, nose, lip), (nose + lip) / 2)
+    share = np.clip((np.ptp(noses, axis=0) - NOSE_AGREE) / (NOSE_APART - NOSE_AGREE), 0, 1)
+    out = tops.copy()
+    out[..., 1] = np.maximum(tops[..., 1], edge + share * (cleared - edge) + grow)
+    return out
 
 
 def colour_field(mouth: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray | None:

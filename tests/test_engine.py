@@ -157,6 +157,34 @@ def test_mask_covers_both_chins_but_beside_the_jaw_stays_on_the_frames_own_face(
     assert at(centre) > 0.99
 
 
+def test_mask_leaves_both_noses_out_when_they_disagree():
+    """A mouth shown from a frame where the face sat lower in the crop brought its nostrils along, as a dark second
+    pair under the frame's own (KatieHill, liveportrait_d11, until 2026-12-07). Where the noses disagree the mask's
+    top clears both, and still covers both upper lips; where they agree within NOSE_AGREE it is as it was."""
+    from lipsync_cli import face, media
+    from lipsync_cli.compositing import NOSE_AGREE
+    from tests.conftest import shared_file
+
+    frame = next(media.iter_frames(shared_file("media/retalking_face2.mp4"), start=30, count=1))
+    lm = face.track_faces([frame]).landmarks[0]
+    size = 256
+    pts = face.transform_points(lm, face.align_matrix(lm, size))
+    lower = pts + [0, 6]  # the shown face 6 px lower: its nose bottom where the frame's philtrum is
+    mask = lower_face_mask([lower, pts], size)
+
+    def at(p: np.ndarray) -> float:
+        return float(mask[int(round(p[1])), int(round(p[0]))])
+
+    for nose in (2, 97, 326):
+        assert at(lower[nose]) < 0.1 and at(pts[nose]) < 0.1
+    for lip in (0, 37, 267):
+        assert at(lower[lip]) > 0.98 and at(pts[lip]) > 0.98
+    mask = lower_face_mask([pts, pts], size)
+    alone = at(pts[2])  # one face: the mask's feather reaches its nose bottom
+    mask = lower_face_mask([pts + [0, NOSE_AGREE / 2], pts], size)  # noses that agree: as with one face
+    assert abs(at(pts[2]) - alone) < 0.03
+
+
 def test_colour_match_ignores_backdrop_on_the_rim():
     """Where the borrowed frame's jaw line sits elsewhere, its rim shows backdrop where the frame shows skin: that is
     no lighting change, and it tinted the whole chin (red backdrop: a cyan-grey chin)."""
