@@ -3,9 +3,9 @@ output frame.
 
 The mouth is blended in the aligned crop's coordinates with a feathered mask limited to the lower face (both the
 shown mouth's and the background's chin, so neither chin peeks out; beside the jaw, where another frame's hair or
-collar lies elsewhere, only the face the two share), after a smooth colour correction learned
-on the mask's rim (lighting drifts between the frames a mouth is borrowed from and the frame it lands in). Only the
-pixels under the mask change; the rest of the frame is left bit-exact.
+collar lies elsewhere, only the face the two share; at the top, below both noses), after a smooth colour
+correction learned on the mask's rim (lighting drifts between the frames a mouth is borrowed from and the frame it
+lands in). Only the pixels under the mask change; the rest of the frame is left bit-exact.
 """
 
 from __future__ import annotations
