@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from lipsync_cli import models
-from lipsync_cli.engine import SourceFaces, get_engine, neural
+from lipsync_cli.engine import SourceFaces, get_engine, neural, retrieval
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models import render
 from lipsync_cli.settings import Settings
@@ -159,6 +159,30 @@ def test_engine_paints_only_the_hole_and_skips_faceless_frames(tiny_prep, tmp_pa
     assert not np.array_equal(tuned.crops, track.crops)
     with pytest.raises(LipsyncError, match="no renderer checkpoint"):
         neural.animate(src, speech, bg, adapt_minutes=0, checkpoint=tmp_path / "absent")
+
+
+def test_engine_keeps_the_bank_of_re_shaped_mouths(tiny_prep, tmp_path, monkeypatch):
+    """The neural engine paints over retrieval's choice, re-shaped mouths included (a source index past the source's
+    frames, named by the bank); it dropped the bank, and the articulation eval's neural row crashed on the first
+    clip whose plan used one (until 2026-12-07)."""
+    from lipsync_cli.eval.text_protocol import _shown_frames
+
+    ckpt = models.save(render.build(TINY).eval(), {"model": "render", **TINY}, tmp_path / "render")
+    src, _ = _source(tiny_prep)
+    n = src.n_frames
+    bg = np.arange(n // 2, n)
+    chosen = retrieval.animate
+
+    def with_a_reshaped_mouth(*args, **kw):  # the tiny clip's plan needs none: show one on the first frame
+        track = chosen(*args, **kw)
+        track.bank = np.array([[int(track.source_index[0]), 1.5]])
+        track.source_index[0] = n
+        return track
+
+    monkeypatch.setattr(retrieval, "animate", with_a_reshaped_mouth)
+    track = neural.animate(src, src.audio[: len(bg) * 640], bg, adapt_minutes=0, checkpoint=ckpt)
+    assert track.source_index[0] == n and track.bank is not None
+    assert _shown_frames(track, n)[0] == track.bank[0, 0]
 
 
 def test_get_engine_binds_the_adaptation_budget():

@@ -128,4 +128,5 @@ def animate(
             for j, i in enumerate(idx):
                 crops[i] = paste(bg_crops[j], painted[j], hole)
             advance(len(idx))
-    return MouthTrack(source_index=track.source_index, points=track.points, crops=crops, target=track.target)
+    # the bank says which source frame each re-shaped mouth came from (the eval's sharpness reads it)
+    return MouthTrack(track.source_index, track.points, crops=crops, target=track.target, bank=track.bank)
