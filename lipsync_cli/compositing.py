@@ -31,7 +31,7 @@ INSET = np.array([1, 1, 0.75, 0.4, 0.15, 0, 0, 0, 0, 0, 0.15, 0.4, 0.75, 1, 1, 0
 # as a faint second pair under the frame's own (liveportrait_d11, 5 px apart in a 256 px crop)
 TOP = np.arange(len(MASK_OUTLINE)) >= 15
 NOSE_BOTTOM = np.array([98, 97, 2, 326, 327])  # alar base, columella, subnasale: the nose's lower edge, left to right
-UPPER_LIP = np.array([61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291])  # its outer edge, left to right
+UPPER_LIP = np.r_[face.LIPS_OUTER[10:], face.LIPS_OUTER[0]]  # the outer lip ring's upper half, corners included
 # crop pixels (a face's own pixels, up to dubbing.MAX_CROP): nose bottoms this close count as one, as a ghost this
 # near the nostrils hides in their blur (and the re-tracked mouth reads the band above the upper lip: moving the
 # edge for every sub-pixel difference opened 4 of sakthivel_input3's 10 closures on the stick); this far apart get
