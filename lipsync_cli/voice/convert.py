@@ -80,6 +80,9 @@ ALPHAS = np.round(np.arange(1.0, 1.251, 0.05), 2)
 # nothing (held-out GE2E 0.70 vs 0.72 at 1.0; recogniser WER 25 vs 15%); women's and children's scores rise by
 # 0.05-0.12 towards 1.2-1.25, and they keep their warp
 ALPHA_COST = 0.1
+PART_S = 20.0  # longer speech is converted (and analysed) in parts of about this many seconds: `parts`, `pitch`
+CUT_S = 3.0  # a part ends on the quietest unvoiced frame within this many seconds of PART_S
+BLOCK_MARGIN_S = 1.0  # `pitch` analyses each block with this much of its neighbours on either side
 EXCERPT_S = 4.0  # speech the warp and the shaping gain are fitted on; longer input reuses them
 SHAPE_COSINES = 32  # each shaping gain curve is a sum of this many cosines along the mel axis (40 mel bands)
 SHAPE_STEPS = 15  # Adam steps
@@ -119,10 +122,32 @@ def keep_heap() -> None:
 
 
 def analyse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """WORLD analysis at 5 ms: F0 (harvest: its voicing is cleaner than dio's on TTS) and log spectral envelope."""
+    """WORLD analysis at 5 ms: F0 (`pitch`) and log spectral envelope (`envelope`)."""
+    f0 = pitch(x)
+    return f0, envelope(x, f0)
+
+
+def pitch(x: np.ndarray) -> np.ndarray:
+    """F0 per 5 ms frame, 0 where unvoiced (harvest: its voicing is cleaner than dio's on TTS). Harvest holds
+    ~14 MB per second it analyses at once (3 minutes of speech: 2.6 GB), so speech longer than `PART_S`
+    is analysed in blocks of that length, each with `BLOCK_MARGIN_S` of its neighbours on either side (on 34 s of
+    TTS: every frame voiced as in one pass, F0 within 0.1 semitone)."""
     x = np.ascontiguousarray(x, np.float64)
-    f0, t = pw.harvest(x, SR, f0_floor=F0_FLOOR, f0_ceil=F0_CEIL, frame_period=FRAME_MS)
-    return f0, np.log(pw.cheaptrick(x, f0, t, SR, fft_size=FFT) + 1e-16)
+    block, margin = (int(s * SR) // HOP * HOP for s in (PART_S, BLOCK_MARGIN_S))
+    if len(x) <= block + 2 * margin:
+        return pw.harvest(x, SR, f0_floor=F0_FLOOR, f0_ceil=F0_CEIL, frame_period=FRAME_MS)[0]
+    n, parts = len(x) // HOP + 1, []
+    for a in range(0, len(x), block):
+        lo = max(0, a - margin)
+        f0 = pitch(x[lo : min(len(x), a + block + margin)])
+        parts.append(f0[(a - lo) // HOP :][: min(block // HOP, n - a // HOP)])
+    return np.concatenate(parts)
+
+
+def envelope(x: np.ndarray, f0: np.ndarray) -> np.ndarray:
+    """Log spectral envelope (CheapTrick) per 5 ms frame of `x`, whose F0 is `f0`."""
+    t = np.arange(len(f0)) * FRAME_MS / 1000
+    return np.log(pw.cheaptrick(np.ascontiguousarray(x, np.float64), f0, t, SR, fft_size=FFT) + 1e-16)
 
 
 def voice_profile(reference16k: np.ndarray) -> VoiceProfile:
@@ -173,10 +198,15 @@ def warp_frequency(L: np.ndarray, alpha: float) -> np.ndarray:
     return L[..., i0] * (1 - w) + L[..., i1] * w
 
 
-def equalise(L: np.ndarray, v: np.ndarray, profile: VoiceProfile, amount: float = 1.0) -> np.ndarray:
+def equalise(L: np.ndarray, v: np.ndarray, profile: VoiceProfile) -> np.ndarray:
     """Long-term spectral correction: the voiced average envelope becomes the speaker's (timbre, mic, room)."""
-    d = gaussian_filter1d(profile.envelope_mean - L[v].mean(0), 4.0)
-    return L + amount * (d - d.mean())  # shape only: loudness stays the source's
+    return L + correction(L[v].mean(0), profile)
+
+
+def correction(mean: np.ndarray, profile: VoiceProfile) -> np.ndarray:
+    """What `equalise` adds to each frame of speech whose voiced average log envelope is `mean`."""
+    d = gaussian_filter1d(profile.envelope_mean - mean, 4.0)
+    return d - d.mean()  # shape only: loudness stays the source's
 
 
 def pulse_marks(x: np.ndarray, f0: np.ndarray, voiced: np.ndarray) -> np.ndarray:
@@ -301,7 +331,19 @@ def estimate_alpha(
 
 
 def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> np.ndarray:
-    """(frames, 513) log-power gain that brings the GE2E embedding of `x` closest to the speaker's.
+    """(frames, 513) log-power gain that brings the GE2E embedding of `x` closest to the speaker's
+    (`shaping_curves`, mixed per frame by `voicing`)."""
+    return mix(shaping_curves(x, profile, voicing), voicing)
+
+
+def mix(curves: np.ndarray, voicing: np.ndarray) -> np.ndarray:
+    """(frames, 513) gain: the voiced curve where `voicing` is 1, the other where it is 0."""
+    return voicing[:, None] * curves[0] + (1 - voicing[:, None]) * curves[1]
+
+
+def shaping_curves(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> np.ndarray:
+    """(2, 513) log-power gain curves, for voiced frames and the rest, that bring the GE2E embedding of (the
+    first EXCERPT_S of) `x` closest to the speaker's.
 
     `voicing` (one 0..1 value per 5 ms frame of `x`) mixes two gain curves, one for voiced frames, one for the
     rest (fricatives, breath, pauses): the voice source and the room show differently in each.
@@ -317,7 +359,7 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
     """
     x = np.asarray(x, np.float32)[_excerpt(len(x))]
     if len(x) < SR:
-        return np.zeros((len(voicing), FFT // 2 + 1))
+        return np.zeros((2, FFT // 2 + 1))
     fit = Shaping(x, profile, voicing)
     w = np.zeros((2, SHAPE_COSINES), np.float32)
     m, v2 = np.zeros_like(w), np.zeros_like(w)
@@ -325,8 +367,7 @@ def shaping_gain(x: np.ndarray, profile: VoiceProfile, voicing: np.ndarray) -> n
         for step in range(1, SHAPE_STEPS + 1):
             _adam_step(w, fit.loss_and_grad(w)[1], m, v2, step)
     lim = SHAPE_MAX_DB * np.log(10) / 10
-    g = np.clip(w.astype(np.float64) @ _cosines(np.linspace(0, SR / 2, FFT // 2 + 1)).T, -lim, lim)
-    return voicing[:, None] * g[0] + (1 - voicing[:, None]) * g[1]
+    return np.clip(w.astype(np.float64) @ _cosines(np.linspace(0, SR / 2, FFT // 2 + 1)).T, -lim, lim)
 
 
 class Shaping:
@@ -399,29 +440,72 @@ def convert(
     """`tts16k` spoken in the profiled voice: float32, exactly as long as the input.
 
     method "shape" (default: pitch, formant warp + EQ, then the GE2E-fitted shaping gain), "warp" (pitch,
-    formant warp + EQ; `alpha` None = estimated) or "f0" (pitch only).
+    formant warp + EQ; `alpha` None = estimated) or "f0" (pitch only). The warp and the shaping gain are fitted
+    on the opening EXCERPT_S; speech longer than `PART_S` is then converted part by part (`parts`), so memory
+    stays flat however long it is.
     """
     if method not in METHODS:
         raise LipsyncError(f"unknown voice conversion method {method!r}; use one of {', '.join(METHODS)}")
     x = np.asarray(tts16k, np.float32).ravel()
     if len(x) < 4 * HOP or not np.any(x):
         return x.copy()
-    f0, L = analyse(x)
-    v = f0 > 0
-    shifted = psola(x, f0, map_f0(f0, profile))
+    f0 = pitch(x)
+    v, f0_new = f0 > 0, map_f0(f0, profile)
+    voicing = uniform_filter1d(v.astype(float), 5)  # 25 ms cross-fades between the two gain curves
+    spans = parts(x, v)
+
+    def samples(span: slice) -> slice:
+        return slice(span.start * HOP, span.stop * HOP if span.stop < len(f0) else len(x))
+
+    def part(span: slice) -> tuple[np.ndarray, np.ndarray]:
+        """A part's log envelope and pitch-shifted samples."""
+        xs = x[samples(span)]
+        return envelope(xs, f0[span]), psola(xs, f0[span], f0_new[span])
+
     floor = voice_floor(profile)
-    L_new = L
+    first = part(spans[0])
+    eq = None  # the long-term correction: the speaker's average envelope for the TTS's, after the warp
     if method != "f0" and v.sum() >= 10:
-        alpha = estimate_alpha(shifted, L, v, profile, floor) if alpha is None else alpha
-        L_new = equalise(warp_frequency(L, alpha), v, profile)
-    y = apply_envelope(shifted, L, L_new, floor)
+        alpha = estimate_alpha(first[1], first[0], v[spans[0]], profile, floor) if alpha is None else alpha
+        if len(spans) == 1:
+            eq = correction(warp_frequency(first[0], alpha)[v].mean(0), profile)
+        else:  # the voiced average over every part, each part's envelope taken again (CheapTrick is cheap)
+            total = sum(warp_frequency(envelope(x[samples(s)], f0[s]), alpha)[v[s]].sum(0) for s in spans)
+            eq = correction(total / v.sum(), profile)
+
+    def target(L: np.ndarray) -> np.ndarray:
+        return L if eq is None else warp_frequency(L, alpha) + eq
+
+    curves = None
     if method == "shape":
-        voicing = uniform_filter1d(v.astype(float), 5)  # 25 ms cross-fades between the two gain curves
-        y = apply_envelope(shifted, L, L_new + shaping_gain(y, profile, voicing), floor)
+        curves = shaping_curves(apply_envelope(first[1], first[0], target(first[0]), floor), profile, voicing)
+    y = np.empty_like(x)
+    for span in spans:
+        L, shifted = first if span is spans[0] else part(span)
+        L_new = target(L) if curves is None else target(L) + mix(curves, voicing[span])
+        y[samples(span)] = apply_envelope(shifted, L, L_new, floor)
     rms_in, rms_out = np.sqrt(np.mean(x**2)), np.sqrt(np.mean(y**2)) + 1e-9
     y *= rms_in / rms_out  # same loudness as the TTS; the dub matches it to the video later
     peak = np.abs(y).max()
     return (y * (0.99 / peak) if peak > 0.99 else y).astype(np.float32)
+
+
+def parts(x: np.ndarray, voiced: np.ndarray) -> list[slice]:
+    """The 5 ms frames of `x` in parts of about PART_S, each cut on the quietest unvoiced frame within CUT_S of
+    the mark (one part when `x` is no longer than that): converted one at a time, a part's envelopes and
+    PSOLA buffers are all the memory conversion needs. Cut where nothing is voiced, the parts join where
+    PSOLA passes the speech through unchanged and the filter works on near silence."""
+    n, size, search = len(voiced), int(PART_S * 1000 / FRAME_MS), int(CUT_S * 1000 / FRAME_MS)
+    if n <= size + search:
+        return [slice(0, n)]
+    x = np.asarray(x, np.float64)
+    energy = np.add.reduceat(x * x, np.arange(0, len(x), HOP))[:n]
+    cuts = [0]
+    while n - cuts[-1] > size + search:
+        lo = cuts[-1] + size - search
+        quiet = energy[lo : lo + 2 * search] + np.where(voiced[lo : lo + 2 * search], np.inf, 0.0)
+        cuts.append(lo + int(np.argmin(quiet if np.isfinite(quiet).any() else energy[lo : lo + 2 * search])))
+    return [slice(a, b) for a, b in zip(cuts, [*cuts[1:], n], strict=True)]
 
 
 def clone_voice(tts16k: np.ndarray, reference16k: np.ndarray, method: str = DEFAULT_METHOD, **kw) -> np.ndarray:
