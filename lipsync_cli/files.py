@@ -24,7 +24,11 @@ SPEECH_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac")  # speech files w
 
 
 TEMP_TAG = "lipsync"  # every temp name we create carries f"{TEMP_TAG}-{pid}-": how sweep_stale knows its own
-_STALE = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}")
+# the whole name, as temp_name makes it: a hidden ".NAME.lipsync-PID-HEX.tmp[.ext]" / "....video.mp4" file beside
+# an output, or a "lipsync-PID-HEX-xxxxxxxx" temp folder (TemporaryDirectory's prefix); a user's "talk
+# lipsync-20241207-20241207.mp4" is none of these
+_STALE_FILE = re.compile(rf"\..+\.{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}(?:\.tmp(?:\.\w+)?|\.video\.mp4)")
+_STALE_DIR = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}-\w+")
 
 
 def temp_name(stem: str = "", suffix: str = "") -> str:
@@ -53,16 +57,14 @@ def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
         return 0
     now = time.time()
     for e in entries:
-        m = _STALE.search(e.name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
         try:
+            folder = e.is_dir(follow_symlinks=False)
+            m = (_STALE_DIR if folder else _STALE_FILE).fullmatch(e.name)
+            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue
             if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
                 continue
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
-            else:
-                os.unlink(e.path)
+            shutil.rmtree(e.path, ignore_errors=True) if folder else os.unlink(e.path)
             removed += 1
         except OSError:
             pass

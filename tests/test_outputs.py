@@ -122,11 +122,16 @@ def test_sweep_removes_only_our_stale_names(tmp_path):
     alive.mkdir()
     other = tmp_path / f"notours-{dead}-0123abcd"
     other.mkdir()
+    users = [tmp_path / n for n in ("holiday lipsync-20241207-20241207.mp4", f"lipsync-{dead}-0123abcd.mp4")]
+    users += [tmp_path / f".o.mp4.lipsync-{dead}-89abcdef.tmp.mp4.bak", tmp_path / f"lipsync-{dead}-0123abcd-x.mp4"]
+    for u in users:  # a user's files whose names only contain something like ours
+        u.write_bytes(b"mine")
     old = time.time() - 3600
-    for p in (stale, stale_file, alive, other):
+    for p in (stale, stale_file, alive, other, *users):
         os.utime(p, (old, old))
     assert files.sweep_stale(tmp_path) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, alive.name, other.name])
+    kept = [fresh.name, alive.name, other.name, *(u.name for u in users)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 @pytest.mark.slow
