@@ -335,13 +335,29 @@ def mouth_must_close(
     return close
 
 
+TRANSCRIPT_FILES = (".txt", ".md", ".srt", ".vtt", ".lab", ".text")  # a --transcript ending so names a file
+
+
+def transcript_path(transcript: str | None) -> Path | None:
+    """The file --transcript names, or None when it holds the words themselves. A single word ending in a text
+    file's suffix is a file name, so a missing file is an error rather than the words "words.txt"."""
+    if transcript is None or len(transcript) >= 4096:
+        return None
+    path = Path(transcript)
+    if path.is_file():
+        return path
+    if not transcript.strip() or " " in transcript.strip() or path.suffix.lower() not in TRANSCRIPT_FILES:
+        return None
+    raise LipsyncError(f"--transcript {path}: {'not a file' if path.exists() else 'file not found'}")
+
+
 def read_transcript(transcript: str | None) -> str | None:
     """--transcript: the words themselves, or a text file holding them."""
     if transcript is None:
         return None
-    path = Path(transcript)
+    path = transcript_path(transcript)
     try:
-        if len(transcript) < 4096 and path.is_file():
+        if path is not None:
             transcript = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise LipsyncError(f"--transcript {path}: {e.strerror}") from None
@@ -466,7 +482,8 @@ def dub(
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_output(video)
-    media.check_output(output, video, force)
+    transcript_file = transcript_path(transcript)
+    media.check_output(output, video, force, inputs=(audio, settings.voice_ref, transcript_file))
     check_words(text, audio)
     if transcript is not None and audio is None:
         raise LipsyncError("--transcript tells the words of an --audio file; with text to speak it is not needed")

@@ -357,10 +357,14 @@ def _muxer(fmt: str) -> dict:
     return {"format": fmt, **({"movflags": "+faststart"} if fmt in ("mp4", "mov") else {})}
 
 
-def check_output(output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT) -> None:
-    """Refuse before any work is done: overwriting without --force, writing over the input, unwritable folder."""
-    if output.resolve() == video.resolve():
-        raise LipsyncError(f"refusing to write the output over the input {video}")
+def check_output(
+    output: Path, video: Path, force: bool, suffixes: tuple[str, ...] = VIDEO_OUT, inputs: tuple = ()
+) -> None:
+    """Refuse before any work is done: overwriting without --force, writing over the input (`video` or any of the
+    other `inputs`: --audio, --voice-ref, a --transcript file; None skipped), unwritable folder."""
+    for p in (video, *inputs):
+        if p is not None and output.resolve() == Path(p).resolve():
+            raise LipsyncError(f"refusing to write the output over the input {p}")
     if output.suffix.lower() not in suffixes:
         kind = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else suffixes[0]
         raise LipsyncError(f"output must be a {kind} file, got {output.name}")

@@ -62,6 +62,33 @@ def test_output_folder_is_an_error_before_any_work(tmp_path, speech):
     assert not list(tmp_path.glob(".*"))
 
 
+def test_no_input_is_ever_the_output(tmp_path):
+    """--force never lets the output replace an input: the video, the --audio file, the --voice-ref recording or a
+    --transcript file (only the video was checked: `dub v.mp4 --audio a.mp4 -o a.mp4 --force` replaced a.mp4).
+    A --transcript that names a missing text file is an error, not the words "words.txt"."""
+    from lipsync_cli.dubbing import dub
+    from lipsync_cli.settings import Settings
+    from lipsync_cli.voice.speech import speak
+
+    video, audio, ref, words = (tmp_path / n for n in ("v.mp4", "a.mp4", "ref.wav", "words.txt"))
+    for f in (video, audio, ref, words):
+        f.write_bytes(b"input")
+    cases = [
+        (dict(text=None, audio=audio, output=audio), Settings()),
+        (dict(text="Hi.", audio=None, output=ref), Settings(voice_ref=ref)),
+        (dict(text=None, audio=audio, output=tmp_path / "w.mp4", transcript=str(tmp_path / "w.mp4")), Settings()),
+    ]
+    for kw, settings in cases:
+        (tmp_path / "w.mp4").write_bytes(b"input")
+        with pytest.raises(LipsyncError, match="over the input"):
+            dub(video, settings=settings, force=True, **kw)
+    with pytest.raises(LipsyncError, match="over the input"):
+        speak(video, "Hi.", ref.with_suffix(".wav"), Settings(voice_ref=ref), force=True)
+    with pytest.raises(LipsyncError, match="file not found"):
+        dub(video, None, audio, tmp_path / "o.mp4", Settings(), transcript=str(tmp_path / "missing.txt"))
+    assert all(f.read_bytes() == b"input" for f in (video, audio, ref, words, tmp_path / "w.mp4"))
+
+
 def test_publish_without_force_never_overwrites(tmp_path):
     out = tmp_path / "o.wav"
     a, b = files.atomic(out, ".wav", force=False), files.atomic(out, ".wav", force=False)

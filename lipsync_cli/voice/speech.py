@@ -253,7 +253,7 @@ def speak(video: Path, text: str, output: Path | None, settings: Settings, force
     if not video.exists():
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_speech_output(video)
-    media.check_output(output, video, force, suffixes=(".wav",))
+    media.check_output(output, video, force, suffixes=(".wav",), inputs=(settings.voice_ref,))
     check_words(text, None)
     check_voice(None, settings)
     own = soundtrack(video, settings)
