@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from lipsync_cli import progress
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.settings import Settings, check_names
@@ -85,7 +87,7 @@ def run_batch(path: Path, settings: Settings, force: bool = False, as_json: bool
     code = 0
     with Dubber.from_settings(settings) as dubber:
         for n, job in enumerate(jobs, start=1):
-            progress.log(f"[bold]job {n}/{len(jobs)}[/] {job.video}")
+            progress.log(f"[bold]job {n}/{len(jobs)}[/] {escape(str(job.video))}")
             record: dict[str, Any] = {"job": job.line, "video": None if job.video is None else str(job.video)}
             try:
                 if job.problem:

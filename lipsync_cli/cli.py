@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 
 from lipsync_cli import __version__, progress
 from lipsync_cli.errors import LipsyncError
@@ -180,12 +181,12 @@ def dub(
         _print_json(result.to_json())
         return
     progress.log(
-        f"[green]wrote[/] {result.output}  ({result.frames} frames, {result.duration:.2f} s, "
+        f"[green]wrote[/] {escape(str(result.output))}  ({result.frames} frames, {result.duration:.2f} s, "
         f"face in {result.faces_found:.0%} of input frames, {result.timings['total']:.1f} s)"
     )
     if result.heard is not None:
         shown = result.heard if len(result.heard) <= 200 else result.heard[:200] + " ..."
-        progress.log(f'heard "{shown}" (the mouth follows these words; --transcript gives the right ones)')
+        progress.log(f'heard "{escape(shown)}" (the mouth follows these words; --transcript gives the right ones)')
     if a := result.articulation:
         progress.log(f"re-tracked output: {_articulation_line(a)} (targets: >= 90%, >= 3.5, >= 90%)")
 
@@ -230,7 +231,8 @@ def voice_(
     if as_json:
         _print_json(result.to_json())
         return
-    progress.log(f"[green]wrote[/] {result.output}  ({result.samples / 16000:.2f} s, voice: {result.voice})")
+    shown = escape(str(result.output))
+    progress.log(f"[green]wrote[/] {shown}  ({result.samples / 16000:.2f} s, voice: {result.voice})")
 
 
 @data_app.command("fetch")
@@ -282,8 +284,8 @@ def data_list(ctx: typer.Context) -> None:
     rows = corpus_summary(s.data_dir / "raw")
     if not rows:
         progress.console.print(
-            f"no corpora in {s.data_dir / 'raw'}: fetch GRID with `lipsync data fetch --speakers 1`, or cut your own "
-            "videos into one with `lipsync data import PATH --name NAME`",
+            f"no corpora in {escape(str(s.data_dir / 'raw'))}: fetch GRID with `lipsync data fetch --speakers 1`, "
+            "or cut your own videos into one with `lipsync data import PATH --name NAME`",
             highlight=False,
         )
         return
@@ -393,7 +395,7 @@ def eval_(
         else:
             trep.print_text_report(trun)
         if report is not None:
-            progress.log(f"[green]wrote[/] {trep.write_text_report(trun, report)}")
+            progress.log(f"[green]wrote[/] {escape(str(trep.write_text_report(trun, report)))}")
         names = [n for n in names if n != "articulation"]
         if not names:
             if as_json:
@@ -412,7 +414,7 @@ def eval_(
         else:
             ev.print_voice_report(vrun)
         if report is not None:
-            progress.log(f"[green]wrote[/] {ev.write_voice_report(vrun, report)}")
+            progress.log(f"[green]wrote[/] {escape(str(ev.write_voice_report(vrun, report)))}")
         if not metrics:
             if as_json:
                 _print_json(found)
@@ -427,7 +429,7 @@ def eval_(
     else:
         rep.print_report(run)
     if report is not None:
-        progress.log(f"[green]wrote[/] {rep.write_report(run, report, hook)}")
+        progress.log(f"[green]wrote[/] {escape(str(rep.write_report(run, report, hook)))}")
     if as_json:
         _print_json(found)
     if not run.clips:  # video metrics asked for and no clip measured: a failure, not an empty success
@@ -491,7 +493,7 @@ def train_(
     manifest = manifest or s.data_dir / "prep" / str(s.prep_size) / "manifest.json"
     result = training.start(model, manifest, opts, procs)
     if result is not None:
-        progress.log(f"[green]done[/] {result.describe()}")
+        progress.log(f"[green]done[/] {escape(result.describe())}")
     if training.launched():
         training.exit_worker()
 

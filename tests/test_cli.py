@@ -37,6 +37,18 @@ def test_version_and_usage_exit_codes(tmp_path):
     assert r.returncode == 0 and "retrieval|neural|seed" in r.stdout and "[default: retrieval]" in r.stdout
 
 
+def test_paths_print_as_they_are(tmp_path):
+    """Paths and words are printed verbatim, never read as rich markup: a job named "v[/x].mp4" stopped a whole
+    batch with MarkupError (exit 3) and "[final] talk.mp4" printed as " talk.mp4"."""
+    names = ["v[/x].mp4", "[final] talk.mp4", "[red]z.mp4"]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"video": n, "text": "Hi."}) + "\n" for n in names))
+    r = cli("dub", "--batch", jobs, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr  # every job a user error (no such file), none a bug
+    for n, name in enumerate(names, start=1):
+        assert f"job {n}/3 {tmp_path / name}" in r.stderr, r.stderr
+
+
 def test_user_error_bug_and_quiet_anywhere(tmp_path):
     r = cli("dub", tmp_path / "missing.mp4", "hi", "-q", cwd=tmp_path)  # -q after the subcommand
     assert r.returncode == 1 and r.stderr == f"error: no such file: {tmp_path / 'missing.mp4'}\n"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from rich.markup import escape
 
 from lipsync_cli import compositing, dubbing, face, media, progress
 from lipsync_cli.audio import SR, rms_envelope, voice_activity
@@ -744,5 +745,5 @@ def evaluate(
                 except (LipsyncError, ValueError) as e:
                     run.skipped.append((group, name, str(e)))
     for group, name, why in run.skipped:
-        progress.log(f"[yellow]skipped[/] {group} {name}: {why}")
+        progress.log(f"[yellow]skipped[/] {escape(f'{group} {name}: {why}')}")
     return run

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from rich.box import SIMPLE_HEAD
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipsync_cli import media
@@ -109,7 +110,7 @@ def print_report(run: protocols.EvalRun, console: Console | None = None) -> None
     for name, why in NOT_COMPUTED.items():
         console.print(f"[dim]note: {name} not computed: {why}[/]")
     for group, clip, why in run.skipped:
-        console.print(f"[yellow]skipped[/] {group} {clip}: {why}")
+        console.print(f"[yellow]skipped[/] {escape(f'{group} {clip}: {why}')}")
 
 
 # ----------------------------------------------------------------------------- side-by-side videos

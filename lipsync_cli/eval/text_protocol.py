@@ -29,6 +29,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from rich.markup import escape
 
 from lipsync_cli import compositing, dubbing, face, media, progress
 from lipsync_cli.audio import SR, match_loudness
@@ -470,7 +471,7 @@ def evaluate_text(
                 continue
             run.info[path.stem] = {**clip.info, "seconds": round(time.perf_counter() - t_clip, 1)}
     for what, why in run.skipped:
-        progress.log(f"[yellow]skipped[/] {what}: {why}")
+        progress.log(f"[yellow]skipped[/] {escape(f'{what}: {why}')}")
     return run
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipsync_cli import progress
@@ -42,7 +43,7 @@ def print_text_report(run: text_protocol.TextRun, console: Console | None = None
                 table.add_row(row, *[_fmt(means[row].get(k, np.nan), f) for k, _l, _b, f in text_protocol.COLUMNS])
         console.print(table)
     for what, why in run.skipped:
-        console.print(f"[yellow]skipped[/] {what}: {why}")
+        console.print(f"[yellow]skipped[/] {escape(f'{what}: {why}')}")
 
 
 # ----------------------------------------------------------------------------- figures

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.box import SIMPLE_HEAD
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipsync_cli import media, progress
@@ -293,7 +294,7 @@ def evaluate_voice(
             run.examples[sp.name] = (raw[0], conv[0], sp.held_out)
             advance(1)
     for name, why in run.skipped:
-        progress.log(f"[yellow]skipped[/] voice {name}: {why}")
+        progress.log(f"[yellow]skipped[/] voice {escape(f'{name}: {why}')}")
     return run
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
@@ -234,7 +235,7 @@ def _resume(run: _Run) -> None:
         progress.log("[yellow]note[/]: resuming with a different batch/processes/data: data order is not exact")
     if d.rank < len(doc["rng"]):
         state.set_rng_state(doc["rng"][d.rank], run.gen, d.device)
-    progress.log(f"resumed {run.name} at step {run.step}")
+    progress.log(f"resumed {escape(run.name)} at step {run.step}")
 
 
 def _wrap(run: _Run) -> nn.Module:
@@ -269,7 +270,9 @@ def _loop(run: _Run, batches: Iterator, val_loader: DataLoader | None) -> None:
     run.model.train()
     last = _stop_now(run)
     if last:
-        progress.log(f"{run.name}: nothing to do at step {run.step} (the step or time limit is already reached)")
+        progress.log(
+            f"{escape(run.name)}: nothing to do at step {run.step} (the step or time limit is already reached)"
+        )
     with prog:
         while not last:
             grad_norm = _step(run, batches, window)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from rich.markup import escape
 
 from lipsync_cli import media, progress
 from lipsync_cli.audio import SR, match_loudness, resample, speech_loudness_db, voice_activity
@@ -173,7 +174,8 @@ def speaker_voice(settings: Settings, own: np.ndarray | None, where: str) -> Spe
         why = f"cannot speak in the person's voice: no usable speech in {where} ({e})"
     if settings.voice_fallback:
         progress.console.print(  # a warning, not chatter: shown even with --quiet
-            f"[yellow]warning[/]: {why}; speaking in the plain TTS voice instead (--voice-fallback)", highlight=False
+            f"[yellow]warning[/]: {escape(why)}; speaking in the plain TTS voice instead (--voice-fallback)",
+            highlight=False,
         )
         return None
     raise LipsyncError(f"{why}; pass --voice-ref FILE (a recording of the person), --voice tts or --voice-fallback")
