@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import shutil
 import tempfile
 import time
@@ -351,6 +352,12 @@ def transcript_path(transcript: str | None) -> Path | None:
     raise LipsyncError(f"--transcript {path}: {'not a file' if path.exists() else 'file not found'}")
 
 
+def output_frames(seconds: float, rate: float) -> int:
+    """Frames at `rate` that show all of `seconds` of speech: the last partial frame too (rounding cut the end
+    of the speech: up to half a frame, 0.25 s at 2 fps)."""
+    return max(1, math.ceil(seconds * rate - 1e-6))
+
+
 def read_transcript(transcript: str | None) -> str | None:
     """--transcript: the words themselves, or a text file holding them."""
     if transcript is None:
@@ -521,7 +528,7 @@ def dub(
         timings["speech"] = time.perf_counter() - t0
 
         plan = compositing.timing_plan(
-            info.n_frames(rate), max(1, int(round(len(speech.analysis) / SR * rate))), settings.sync_mode
+            info.n_frames(rate), output_frames(len(speech.analysis) / SR, rate), settings.sync_mode
         )
         if len(plan) / rate < len(speech.analysis) / SR - 0.5 / rate:  # `cut`: the output ends with the video
             speech.cut(len(plan) / rate)
@@ -588,6 +595,7 @@ def dub(
                 crf=settings.crf,
                 ffmpeg=settings.ffmpeg,
                 publish=None if clone else publish,
+                frames=len(plan),
             ) as writer,
             progress.task("rendering", len(plan)) as adv,
             contextlib.closing(render_frames(video, info, source, plan, track, settings)) as frames,
@@ -602,7 +610,7 @@ def dub(
             timings["voice wait"] = time.perf_counter() - t  # how far the voice process finished after the render
             out = speech.out if converted is None else resample(converted, SR, speech.out_sr)
             media.write_wav(wav, match_loudness(out, speech.out_sr, target_db), speech.out_sr)
-            media.mux(silent, wav, publish, ffmpeg=settings.ffmpeg)
+            media.mux(silent, wav, publish, len(plan) / rate, ffmpeg=settings.ffmpeg)
             timings["voice"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     spoke = "audio" if audio is not None else cloned_from if clone else voice.source if voice is not None else "tts"

@@ -391,7 +391,8 @@ X264_OPTIONS = {"tune": "film", "deblock": "-2:-2"}
 class VideoWriter:
     """H.264/yuv420p (+ AAC) mp4 from RGB frames, as `with VideoWriter(path, w, h, audio=wav) as vw: vw.write(f)`.
 
-    The output lasts exactly as long as the frames written: the audio is padded with silence or cut to match.
+    The output lasts exactly as long as the frames written: the audio is padded with silence or cut to match
+    (cut at an AAC packet, up to 23 ms short, unless `frames` tells in advance how many will be written).
     Odd sizes are padded by one pixel (edge replicated) because yuv420p needs even ones. ffmpeg writes a hidden
     temp file beside `path` which replaces it only when the block exits cleanly; on any error nothing is left.
     `preset` is x264's speed/size trade: veryfast encodes ~3x faster than medium at a similar size for this
@@ -409,6 +410,7 @@ class VideoWriter:
         ffmpeg: str | None = None,
         preset: str = "veryfast",
         publish: atomic | None = None,
+        frames: int | None = None,
     ):
         if width <= 0 or height <= 0 or fps <= 0:
             raise ValueError(f"bad video size/rate: {width}x{height} at {fps} fps")
@@ -429,7 +431,7 @@ class VideoWriter:
         self._file = publish if publish is not None else atomic(self.path, suffix)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer, closed in close/abort
         try:
-            cmd = self._command(exe, fmt, audio, crf, preset)
+            cmd = self._command(exe, fmt, audio, crf, preset, None if frames is None else frames / self.fps)
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err)
         except BaseException as e:
             self._err.close()
@@ -480,7 +482,9 @@ class VideoWriter:
         self.abort()
         raise LipsyncError(f"ffmpeg failed writing {self.path}: {msg}") from e
 
-    def _command(self, exe: str, fmt: str, audio: Path | None, crf: int, preset: str) -> list[str]:
+    def _command(
+        self, exe: str, fmt: str, audio: Path | None, crf: int, preset: str, seconds: float | None
+    ) -> list[str]:
         src = ffmpeg_python.input(
             "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{self.width}x{self.height}", framerate=_rate(self.fps)
         )
@@ -497,9 +501,9 @@ class VideoWriter:
         )
         streams = [video]
         kw: dict = dict(_muxer(fmt), vcodec="libx264", crf=crf, preset=preset, pix_fmt="yuv420p", **X264_OPTIONS)
-        if audio is not None:  # endless silence after the audio, cut where the video ends
-            streams.append(ffmpeg_python.input(str(audio.absolute()))["a:0"].filter("apad"))
-            kw.update(AAC, shortest=None)
+        if audio is not None:
+            streams.append(_sound(audio, seconds))
+            kw.update(AAC, **({"shortest": None} if seconds is None else {}))
         out = ffmpeg_python.output(*streams, str(self._file.tmp.absolute()), **kw)
         return out.compile(cmd=[exe, *_QUIET, "-y"])
 
@@ -567,14 +571,22 @@ class VideoWriter:
         self._err.close()
 
 
-def mux(video: Path, audio: Path, publish: atomic, ffmpeg: str | None = None) -> None:
-    """`video`'s picture (stream copy) with `audio` as AAC, as long as the picture, into `publish`'s temp file,
-    then published."""
+def _sound(audio: Path, seconds: float | None):
+    """`audio`'s first stream with endless silence after it: cut to `seconds` exactly when given (else the
+    muxer's -shortest cuts it where the video ends, at an AAC packet: up to 23 ms of the speech lost)."""
+    snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"]
+    if seconds is None:
+        return snd.filter("apad")
+    return snd.filter("apad", whole_dur=f"{seconds:.6f}").filter("atrim", end=f"{seconds:.6f}")
+
+
+def mux(video: Path, audio: Path, publish: atomic, seconds: float, ffmpeg: str | None = None) -> None:
+    """`video`'s picture (stream copy, `seconds` long) with `audio` as AAC, padded or cut to as long, into
+    `publish`'s temp file, then published."""
     src = ffmpeg_python.input(str(Path(video).absolute()))["v:0"]
-    snd = ffmpeg_python.input(str(Path(audio).absolute()))["a:0"].filter("apad")
     fmt = CONTAINERS.get(publish.path.suffix.lower(), "mp4")
     out = ffmpeg_python.output(
-        src, snd, str(publish.tmp.absolute()), **_muxer(fmt), vcodec="copy", **AAC, shortest=None
+        src, _sound(audio, seconds), str(publish.tmp.absolute()), **_muxer(fmt), vcodec="copy", **AAC
     )
     proc = subprocess.run(
         out.compile(cmd=[ffmpeg_exe(ffmpeg), *_QUIET, "-y"]), stdin=subprocess.DEVNULL, capture_output=True
