@@ -337,14 +337,17 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
         a = a[:, None]
     if a.ndim != 2:
         raise ValueError(f"audio must be (n,) or (n, channels), got shape {a.shape}")
-    with atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
-        w.setnchannels(a.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(int(sr))
-        for s in range(0, len(a), 1 << 20):
-            w.writeframes(
-                np.round(np.clip(np.nan_to_num(a[s : s + (1 << 20)]), -1.0, 1.0) * 32767).astype("<i2").tobytes()
-            )
+    try:
+        with atomic(Path(path), ".wav") as tmp, wave.open(str(tmp), "wb") as w:
+            w.setnchannels(a.shape[1])
+            w.setsampwidth(2)
+            w.setframerate(int(sr))
+            for s in range(0, len(a), 1 << 20):
+                w.writeframes(
+                    np.round(np.clip(np.nan_to_num(a[s : s + (1 << 20)]), -1.0, 1.0) * 32767).astype("<i2").tobytes()
+                )
+    except OSError as e:  # a full disk, a quota: the temp file is gone already (atomic)
+        raise LipsyncError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # output suffix -> ffmpeg muxer

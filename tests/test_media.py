@@ -359,6 +359,19 @@ def test_read_audio_formats(clip, name, sr):
     assert 0.05 < np.abs(audio).max() <= 1.0
 
 
+def test_write_wav_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    """No space left (`lipsync voice -o` on a full disk): one LipsyncError naming the file, no temp file left."""
+    import wave
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wave.Wave_write, "writeframes", full)
+    with pytest.raises(LipsyncError, match=r"cannot write .*x\.wav: No space left on device"):
+        media.write_wav(tmp_path / "x.wav", np.zeros(1000), 16000)
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_wav_round_trip(tmp_path):
     t = np.arange(16000) / 16000
     tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
