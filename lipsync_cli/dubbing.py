@@ -287,6 +287,12 @@ def analyse_video(
         raise LipsyncError(f"could not decode any frame from {video}")
     found = track.found
     if crops is None or not found.any():
+        most = int(track.n_faces.max(initial=0))
+        if settings.face_index >= max(most, 1):  # --face counts from 0, largest first
+            raise LipsyncError(
+                f"no face {settings.face_index} in {video}: it shows at most {most} face{'s' * (most != 1)} at once "
+                f"(--face counts from 0, largest first)"
+            )
         raise LipsyncError(f"no face found in {video}")
 
     smoothed, matrices = track.landmarks, track.align(size)
@@ -350,6 +356,23 @@ def transcript_path(transcript: str | None) -> Path | None:
     if not transcript.strip() or " " in transcript.strip() or path.suffix.lower() not in TRANSCRIPT_FILES:
         return None
     raise LipsyncError(f"--transcript {path}: {'not a file' if path.exists() else 'file not found'}")
+
+
+FACE_SHOWN_WARN = 0.5  # below this share of the output's frames with the face, the dub says so
+
+
+def warn_unseen(shown: np.ndarray, found: np.ndarray, fps: float) -> None:
+    """Say so when the frames the output shows (`shown`: has a face) mostly have no face: they are left as they
+    are, which is right, but not what anyone dubbing a talking head expects. `found`: every analysed frame's."""
+    if shown.mean() >= FACE_SHOWN_WARN:
+        return
+    where = f"; it first shows at {np.argmax(found) / fps:.1f} s of the video" if not shown.any() else ""
+    progress.console.print(  # a warning, not chatter: shown even with --quiet
+        f"[yellow]warning[/]: the face shows in {shown.mean():.0%} of the frames the output uses{where}; "
+        "frames without it are left as they are",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def output_frames(seconds: float, rate: float) -> int:
@@ -561,6 +584,7 @@ def dub(
         most, own = crop_policy(settings.engine)
         source = analyse_video(video, info, settings, ranges, pool, crops_dir, tracker, most, own_pixels=own)
         plan_w = np.minimum(plan_w, source.n_frames - 1)
+        warn_unseen(source.found[plan_w], source.found, fps)
         timings["analyse"] = time.perf_counter() - t
 
         t = time.perf_counter()

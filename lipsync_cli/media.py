@@ -193,7 +193,7 @@ def _av_reason(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e)
 
 
-def _has_audio(path: Path) -> bool | None:
+def has_audio(path: Path) -> bool | None:
     """True/False when PyAV can open the file, None when it cannot (then ffmpeg gets to say why)."""
     try:
         with av.open(str(path)) as c:
@@ -317,7 +317,7 @@ def read_audio(path: str | Path, sr: int = 16000, ffmpeg: str | None = None) -> 
     p = Path(path)
     if not p.is_file():
         raise LipsyncError(f"cannot read audio from {p}: {'not a file' if p.exists() else 'file not found'}")
-    if _has_audio(p) is False:
+    if has_audio(p) is False:
         raise LipsyncError(f"{p} has no audio stream")
     src = ffmpeg_python.input(str(p.absolute()))["a:0"]
     audio = src.filter("aresample", sr, first_pts=0)  # pad a late start with silence (see the module docstring)
@@ -424,7 +424,7 @@ class VideoWriter:
             audio = Path(audio)
             if not audio.is_file():
                 raise LipsyncError(f"cannot read audio from {audio}: file not found")
-            if _has_audio(audio) is False:
+            if has_audio(audio) is False:
                 raise LipsyncError(f"{audio} has no audio stream")
 
         suffix = self.path.suffix.lower() or ".mp4"

@@ -13,6 +13,7 @@ import pytest
 
 from lipsync_cli import face, media
 from lipsync_cli.audio import rms_envelope
+from lipsync_cli.errors import LipsyncError
 from lipsync_cli.voice import tts
 from tests.conftest import run_cli, shared_file, torch_blocked_env
 
@@ -143,6 +144,43 @@ def test_no_face_is_a_clear_error(tmp_path):
     assert r.stderr.strip().startswith("error:") and "no face" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".*o.mp4*"))
+
+
+def test_face_index_beyond_the_faces_says_how_many_there_are(tmp_path):
+    """--face 5 on a video with two faces: not "no face found" but how many it shows (--face counts from 0)."""
+    src, clip = shared_file("media/pcavs_00086.mp4"), tmp_path / "two.mp4"
+    subprocess.run(
+        [media.ffmpeg_exe(), "-v", "error", "-y", "-t", "1", "-i", src, "-filter_complex",
+         "[0:v]scale=256:256,setsar=1,split[a][b];[a][b]hstack", "-an", clip],
+        check=True,
+    )  # fmt: skip
+    r = run_cli("dub", clip, "Hello there.", "--voice", "tts", "--face", "5", "-o", tmp_path / "o.mp4")
+    assert r.returncode == 1 and "no face 5" in r.stderr and "at most 2 faces" in r.stderr, r.stderr
+
+
+def test_an_output_of_faceless_frames_is_said(capsys):
+    """The frames the output shows hold no face (it appears later in the video): a warning says where it is."""
+    from lipsync_cli.dubbing import warn_unseen
+
+    found = np.arange(100) >= 65
+    warn_unseen(found[:25], found, 25.0)
+    assert "the face shows in 0% of the frames the output uses; it first shows at 2.6 s" in capsys.readouterr().err
+    warn_unseen(found[60:], found, 25.0)
+    assert capsys.readouterr().err == ""
+
+
+def test_voice_messages_fit_the_command(tmp_path):
+    """`lipsync voice` takes no --audio, so its empty-text error does not suggest one; a file nothing can read is
+    said to be unreadable, not to have "no audio track"."""
+    from lipsync_cli.settings import Settings
+    from lipsync_cli.voice.speech import speak
+
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("hello")
+    with pytest.raises(LipsyncError, match=r"^no text to speak: give the new words$"):
+        speak(notes, " ", None, Settings())
+    with pytest.raises(LipsyncError, match="cannot read audio"):
+        speak(notes, "Hi.", None, Settings())
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

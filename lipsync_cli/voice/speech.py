@@ -38,12 +38,13 @@ if TYPE_CHECKING:
     from lipsync_cli.voice.convert import VoiceProfile
 
 
-def check_words(text: str | None, audio: Path | None) -> None:
-    """Exactly one of the new words or an audio file, and no more speech than a dub takes (MAX_SPEECH_S)."""
+def check_words(text: str | None, audio: Path | None, audio_ok: bool = True) -> None:
+    """Exactly one of the new words or an audio file (`audio_ok`: the command takes one), and no more speech than a
+    dub takes (MAX_SPEECH_S)."""
     if audio is not None and text:
         raise LipsyncError("give either text or --audio, not both")
     if audio is None and (text is None or not text.strip()):
-        raise LipsyncError("no text to speak: give the new words, or --audio FILE")
+        raise LipsyncError("no text to speak: give the new words" + (", or --audio FILE" if audio_ok else ""))
     if text is not None and len(text) > MAX_TEXT_CHARS:
         raise LipsyncError(
             f"the text is {len(text):,} characters long (~{len(text) / TTS_CHARS_PER_S / 3600:.1f} hours of speech); "
@@ -196,10 +197,13 @@ def apply_voice(speech: np.ndarray, voice: SpeakerVoice | None) -> np.ndarray:
 
 
 def soundtrack(video: Path, settings: Settings) -> np.ndarray | None:
-    """The input's own audio at 16 kHz, or None when it has none."""
+    """The input's own audio at 16 kHz, or None when it has no audio stream (a file nothing can read is an
+    error: `lipsync voice notes.txt` said "it has no audio track")."""
     try:
         return media.read_audio(video, SR, ffmpeg=settings.ffmpeg)
     except LipsyncError:
+        if media.has_audio(video) is None:
+            raise
         return None
 
 
@@ -256,7 +260,7 @@ def speak(video: Path, text: str, output: Path | None, settings: Settings, force
         raise LipsyncError(f"no such file: {video}")
     output = Path(output) if output else default_speech_output(video)
     media.check_output(output, video, force, suffixes=(".wav",), inputs=(settings.voice_ref,))
-    check_words(text, None)
+    check_words(text, None, audio_ok=False)
     check_voice(None, settings)
     own = soundtrack(video, settings)
     voice = speaker_voice(settings, own, video.name)
