@@ -8,6 +8,7 @@ Both stop cleanly when their consumer stops early or fails: nothing is left runn
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import multiprocessing as mp
 import queue
 import signal
@@ -30,7 +31,10 @@ class Prefetch(Generic[T]):
     def __init__(self, make: Callable[[], Iterator[T]], size: int = 8):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make,), name="prefetch", daemon=True)
+        # in the caller's context: --quiet and the progress listener are context variables, which a new thread
+        # would otherwise start without (a decoder's note printed under --quiet)
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(self._run, make), name="prefetch", daemon=True)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:

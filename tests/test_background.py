@@ -1,5 +1,5 @@
 """background.Job with input fed after it starts: the send never waits for the job, a job that ends without
-reading is no hang, and its errors reach the parent."""
+reading is no hang, and its errors reach the parent; background.Prefetch runs in its caller's context."""
 
 from __future__ import annotations
 
@@ -53,3 +53,15 @@ def test_a_script_without_a_main_guard_runs_its_job_once(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "top 3.0\n"
+
+
+def test_prefetch_runs_in_the_callers_context():
+    """--quiet is a context variable: the decoder thread sees it (an MPEG-TS decode's note printed under -q)."""
+    from lipsync_cli import progress
+    from lipsync_cli.background import Prefetch
+
+    progress.set_quiet(True)
+    try:
+        assert list(Prefetch(lambda: (progress.is_quiet() for _ in range(3)))) == [True] * 3
+    finally:
+        progress.set_quiet(False)
