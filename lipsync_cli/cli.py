@@ -74,8 +74,6 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if config is not None and not config.exists():
-        raise LipsyncError(f"config file not found: {config}")
     ctx.meta["config_file"] = config if config is not None else config_path()
     settings = load_settings(config)
     ctx.obj = settings.with_overrides(quiet=True) if quiet else settings

@@ -76,6 +76,44 @@ def test_config_typos_and_field_errors(tmp_path):
     assert r.returncode == 0 and "lipsync data fetch" in r.stderr
 
 
+def main_here(capsys, *args) -> tuple[int, str]:
+    """`cli.main(ARGS)` in this process (no interpreter start-up: fast): its exit code and stderr."""
+    from lipsync_cli import cli as cli_module
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli_module.main([*map(str, args)])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main installs its own handler
+    return done.value.code, capsys.readouterr().err
+
+
+def one_error(err: str) -> bool:
+    return err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_files_and_values_exit_1(tmp_path, monkeypatch, capsys):
+    """A config file that cannot be read, a config path that is not a file, from the flag or LIPSYNC_CONFIG, and
+    an out-of-range fps: one error line and exit 1 (they were exit 3, or silently the defaults)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe\x00")
+    for path in (tmp_path / "bad.toml", tmp_path, tmp_path / "none.toml"):
+        code, err = main_here(capsys, "--config", path, "config", "show")
+        assert code == 1 and one_error(err) and str(path) in err, err
+        monkeypatch.setenv("LIPSYNC_CONFIG", str(path))
+        code, err = main_here(capsys, "config", "show")
+        assert code == 1 and one_error(err) and str(path) in err, err
+        monkeypatch.delenv("LIPSYNC_CONFIG")
+    for fps in ("-5", "0", "nan", "inf", "1e9"):
+        monkeypatch.setenv("LIPSYNC_FPS", fps)
+        code, err = main_here(capsys, "config", "show", "--json")
+        assert code == 1 and one_error(err) and "invalid setting fps" in err, err
+    monkeypatch.delenv("LIPSYNC_FPS")
+    assert main_here(capsys, "config", "show", "--json")[0] == 0  # no ./lipsync.toml: fine, it is optional
+
+
 def test_api_settings_are_explicit(tmp_path, monkeypatch):
     import lipsync_cli as lipsync
 
