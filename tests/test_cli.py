@@ -114,6 +114,14 @@ def test_bad_config_files_and_values_exit_1(tmp_path, monkeypatch, capsys):
     assert main_here(capsys, "config", "show", "--json")[0] == 0  # no ./lipsync.toml: fine, it is optional
 
 
+def test_batch_file_that_is_not_text_exits_1(tmp_path, capsys):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00")  # a video, given by mistake
+    (tmp_path / "jobs.jsonl").write_bytes(b'{"video": "\xff.mp4", "text": "hi"}\n')  # not UTF-8
+    for path in (tmp_path / "clip.mp4", tmp_path / "jobs.jsonl"):
+        code, err = main_here(capsys, "-q", "dub", "--batch", path)
+        assert code == 1 and one_error(err) and f"--batch {path}: not a text file" in err, err
+
+
 def test_api_settings_are_explicit(tmp_path, monkeypatch):
     import lipsync_cli as lipsync
 
