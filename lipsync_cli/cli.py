@@ -357,7 +357,9 @@ def eval_(
     grid: Annotated[Path | None, typer.Option(help="GRID speaker folder (video/, align/). Default: found.")] = None,
     limit: Annotated[
         int | None,
-        typer.Option(help="Clips per protocol and corpus at most (0: all; default 8; voice, articulation: all)."),
+        typer.Option(
+            min=0, help="Clips per protocol and corpus at most (0: all; default 8; voice, articulation: all)."
+        ),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
     rows: Annotated[
@@ -376,6 +378,8 @@ def eval_(
     from lipsync_cli.eval import report as rep
 
     s = _settings(ctx, engine=engine, adapt_minutes=adapt_minutes)
+    if report is not None:
+        _check_report(report)
     names = [n.strip().lower() for n in metric.split(",") if n.strip()]
     if protocol.strip().lower() == "text" and "articulation" not in names:
         names = ["articulation"]
@@ -431,6 +435,15 @@ def eval_(
     if not run.clips:  # video metrics asked for and no clip measured: a failure, not an empty success
         reasons = "; ".join(f"{group} {clip}: {why}" for group, clip, why in run.skipped[:3])
         raise LipsyncError(f"no clip could be evaluated ({reasons or 'no clips found'})")
+
+
+def _check_report(report: Path) -> None:
+    """--report is a folder to create or fill: a file in its place (or its path's) fails now, not after the work."""
+    for p in (report, *report.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise LipsyncError(f"--report {report}: {p} is a file, not a folder")
+            return
 
 
 @app.command("train")

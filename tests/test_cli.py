@@ -122,6 +122,22 @@ def test_batch_file_that_is_not_text_exits_1(tmp_path, capsys):
         assert code == 1 and one_error(err) and f"--batch {path}: not a text file" in err, err
 
 
+def test_eval_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """A bad --rows key or value, a --report that is a file and a negative --limit fail at once (they were exit 3
+    after the first clip's work, or a silently shorter run)."""
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for rows, said in (("retrieval:crf=abc", "takes no key 'crf'; valid: lips"), ("retrieval:nokey=1", "'nokey'"),
+                       ("neural:adapt_steps=abc", "adapt_steps='abc'")):  # fmt: skip
+        code, err = main_here(capsys, "-q", "eval", "--metric", "articulation", "--rows", rows)
+        assert code == 1 and one_error(err) and said in err, err
+    (tmp_path / "afile").write_text("")
+    for report in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        code, err = main_here(capsys, "-q", "eval", "--metric", "voice", "--report", report)
+        assert code == 1 and one_error(err) and "afile is a file, not a folder" in err, err
+    assert main_here(capsys, "-q", "eval", "--limit", "-1")[0] == 2
+
+
 def test_api_settings_are_explicit(tmp_path, monkeypatch):
     import lipsync_cli as lipsync
 
