@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -585,13 +586,14 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # a bug: still one line, with a way to see more
-        if os.environ.get("LIPSYNC_DEBUG"):
-            raise
+    except Exception as e:  # a bug: still one line and exit 3, with the traceback on request
+        debug = bool(os.environ.get("LIPSYNC_DEBUG"))
+        if debug:
+            traceback.print_exc()
         print(
             f"error: unexpected {type(e).__name__}: {e}\n"
             f"This is a bug in lipsync {__version__}: please report it with the command you ran "
-            "and the traceback that LIPSYNC_DEBUG=1 prints.",
+            f"and {'the traceback above' if debug else 'the traceback that LIPSYNC_DEBUG=1 prints'}.",
             file=sys.stderr,
         )
         sys.exit(EXIT_BUG)

@@ -122,6 +122,20 @@ def test_batch_file_that_is_not_text_exits_1(tmp_path, capsys):
         assert code == 1 and one_error(err) and f"--batch {path}: not a text file" in err, err
 
 
+def test_debug_keeps_exit_3_and_the_error_line(monkeypatch, capsys):
+    """LIPSYNC_DEBUG=1 adds the traceback; the exit code and the `error: unexpected` line stay."""
+    from lipsync_cli import dubbing
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(dubbing, "dub", boom)
+    monkeypatch.setenv("LIPSYNC_DEBUG", "1")
+    code, err = main_here(capsys, "dub", "a.mp4", "hi")
+    assert code == 3 and "Traceback" in err and "ZeroDivisionError" in err
+    assert "\nerror: unexpected ZeroDivisionError: division by zero\n" in err and "please report" in err
+
+
 def test_eval_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
     """A bad --rows key or value, a --report that is a file and a negative --limit fail at once (they were exit 3
     after the first clip's work, or a silently shorter run)."""
