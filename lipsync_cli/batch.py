@@ -51,13 +51,30 @@ def _job(line: int, raw: Any, root: Path) -> Job:
     return job
 
 
+def _read_text(path: Path) -> str:
+    """The jobs file's text; a video or other binary file given by mistake is an error naming it, not a bug."""
+    wrong = LipsyncError(f"--batch {path}: not a text file (a .jsonl or .csv of jobs, in UTF-8)")
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+            if b"\0" in head:  # text never holds NUL bytes, a video does: stop before reading all of it
+                raise wrong
+            data = head + f.read()
+    except OSError as e:
+        raise LipsyncError(f"--batch {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise wrong from None
+
+
 def read_jobs(path: Path) -> list[Job]:
     """The jobs in a .jsonl/.json-lines or .csv file; a line that does not parse becomes a job with a problem."""
     path = Path(path)
     if not path.is_file():
         raise LipsyncError(f"--batch {path}: {'not a file' if path.exists() else 'file not found'}")
     root = path.parent
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     jobs: list[Job] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -75,8 +76,6 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if config is not None and not config.exists():
-        raise LipsyncError(f"config file not found: {config}")
     ctx.meta["config_file"] = config if config is not None else config_path()
     settings = load_settings(config)
     ctx.obj = settings.with_overrides(quiet=True) if quiet else settings
@@ -361,7 +360,9 @@ def eval_(
     grid: Annotated[Path | None, typer.Option(help="GRID speaker folder (video/, align/). Default: found.")] = None,
     limit: Annotated[
         int | None,
-        typer.Option(help="Clips per protocol and corpus at most (0: all; default 8; voice, articulation: all)."),
+        typer.Option(
+            min=0, help="Clips per protocol and corpus at most (0: all; default 8; voice, articulation: all)."
+        ),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write metrics.json, plots, videos and index.html here.")] = None,
     rows: Annotated[
@@ -380,6 +381,8 @@ def eval_(
     from lipsync_cli.eval import report as rep
 
     s = _settings(ctx, engine=engine, adapt_minutes=adapt_minutes)
+    if report is not None:
+        _check_report(report)
     names = [n.strip().lower() for n in metric.split(",") if n.strip()]
     if protocol.strip().lower() == "text" and "articulation" not in names:
         names = ["articulation"]
@@ -435,6 +438,15 @@ def eval_(
     if not run.clips:  # video metrics asked for and no clip measured: a failure, not an empty success
         reasons = "; ".join(f"{group} {clip}: {why}" for group, clip, why in run.skipped[:3])
         raise LipsyncError(f"no clip could be evaluated ({reasons or 'no clips found'})")
+
+
+def _check_report(report: Path) -> None:
+    """--report is a folder to create or fill: a file in its place (or its path's) fails now, not after the work."""
+    for p in (report, *report.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise LipsyncError(f"--report {report}: {p} is a file, not a folder")
+            return
 
 
 @app.command("train")
@@ -576,13 +588,14 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # a bug: still one line, with a way to see more
-        if os.environ.get("LIPSYNC_DEBUG"):
-            raise
+    except Exception as e:  # a bug: still one line and exit 3, with the traceback on request
+        debug = bool(os.environ.get("LIPSYNC_DEBUG"))
+        if debug:
+            traceback.print_exc()
         print(
             f"error: unexpected {type(e).__name__}: {e}\n"
             f"This is a bug in lipsync {__version__}: please report it with the command you ran "
-            "and the traceback that LIPSYNC_DEBUG=1 prints.",
+            f"and {'the traceback above' if debug else 'the traceback that LIPSYNC_DEBUG=1 prints'}.",
             file=sys.stderr,
         )
         sys.exit(EXIT_BUG)

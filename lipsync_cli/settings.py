@@ -34,7 +34,25 @@ Precision = Literal["auto", "32", "bf16", "16"]
 
 def config_path() -> Path:
     """The config file in force: `$LIPSYNC_CONFIG`, else `./lipsync.toml`."""
-    return Path(os.environ.get("LIPSYNC_CONFIG", "lipsync.toml"))
+    return Path(os.environ.get("LIPSYNC_CONFIG") or "lipsync.toml")  # set but empty: unset, as shells mean it
+
+
+def check_config_file(path: Path, required: bool, origin: str = "") -> None:
+    """A config file named by --config or LIPSYNC_CONFIG must exist and be a regular file (pydantic-settings would
+    silently skip a folder, and reading a FIFO would hang); the implicit ./lipsync.toml may be absent."""
+    where = f" (from {origin})" if origin else ""
+    if path.is_file() or (not required and not path.exists()):
+        return
+    if not path.exists():
+        raise LipsyncError(f"config file not found: {path}{where}")
+    kind = "a folder" if path.is_dir() else "not a regular file"
+    raise LipsyncError(f"config file is {kind}: {path}{where}")
+
+
+def unreadable(path: Path, e: Exception) -> LipsyncError:
+    """An I/O or encoding failure reading a config file, as one line naming it."""
+    why = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e)
+    return LipsyncError(f"cannot read config file {path}: {why}")
 
 
 def check_names(names: list[str], where: str) -> None:
@@ -50,12 +68,13 @@ def check_names(names: list[str], where: str) -> None:
 def read_config(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, checked for unknown names and TOML syntax."""
     path = Path(path)
+    check_config_file(path, required=True)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LipsyncError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise LipsyncError(f"cannot read config file {path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise unreadable(path, e) from None
     check_names(list(data), str(path))
     return data
 
@@ -115,11 +134,19 @@ class Settings(BaseSettings):
     )
     ffmpeg: str | None = Field(None, description="Path to an ffmpeg binary; default: the one imageio-ffmpeg ships.")
     quiet: bool = Field(False, description="No progress bars or chatter.")
-    seed: int = Field(0, description="Random seed for training, evaluation and the neural engine's adaptation.")
+    seed: int = Field(0, ge=0, description="Random seed for training, evaluation and the neural engine's adaptation.")
 
     # dub
-    fps: float = Field(25.0, description="Frame rate the face models work at (the output keeps the input's own).")
-    face_index: int = Field(0, description="Which face to track: 0 = largest, 1 = second largest, ...")
+    # fps: every frame count, window and sample step is derived from it; past ~120 the speech features (100 per
+    # second) have nothing new to give and the frames of a clip stop fitting in memory
+    fps: float = Field(
+        25.0,
+        ge=1,
+        le=120,
+        allow_inf_nan=False,
+        description="Frame rate the face models work at (the output keeps the input's own).",
+    )
+    face_index: int = Field(0, ge=0, description="Which face to track: 0 = largest, 1 = second largest, ...")
     sync_mode: SyncMode = Field(
         "bounce", description="Speech longer than the video: bounce (play it back and forth), loop, or cut the speech."
     )
@@ -154,7 +181,14 @@ class Settings(BaseSettings):
     )
     tts_model_dir: Path | None = Field(None, description="XTTS v2 model folder (config.json, model.pth, vocab.json).")
     crf: int = Field(18, ge=0, le=51, description="x264 quality of the output (lower is better).")
-    smooth: float = Field(1.5, ge=0, description="Temporal smoothing of landmarks, in frames (Gaussian sigma).")
+    # sigma in frames: a second's worth (25) already flattens speech; beyond it the kernel only costs memory
+    smooth: float = Field(
+        1.5,
+        ge=0,
+        le=25,
+        allow_inf_nan=False,
+        description="Temporal smoothing of landmarks, in frames (Gaussian sigma).",
+    )
 
     # data
     grid_source: Literal["zenodo", "sheffield"] = Field("zenodo", description="Where GRID is fetched from.")
@@ -169,7 +203,7 @@ class Settings(BaseSettings):
     )
     download_workers: int = Field(3, ge=1, le=16, description="Parallel downloads.")
     download_retries: int = Field(5, ge=0, description="Retries per download on connection errors and 5xx.")
-    download_timeout: float = Field(30.0, gt=0, description="Seconds without data before a retry.")
+    download_timeout: float = Field(30.0, gt=0, allow_inf_nan=False, description="Seconds without data before a retry.")
     prep_size: int = Field(128, ge=32, le=512, description="Side of the aligned lower-face crops prep stores.")
     prep_workers: int = Field(2, ge=1, le=64, description="Processes prep runs in parallel (one per core).")
 
@@ -184,7 +218,9 @@ class Settings(BaseSettings):
     train_workers: int | None = Field(
         None, ge=0, le=64, description="DataLoader workers per process (unset: 4 on a GPU, 0 on CPU)."
     )
-    train_grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    train_grad_clip: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Clip the global gradient norm to this (0: off)."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -237,6 +273,8 @@ def load_settings(config: Path | None = None) -> Settings:
     below the CLI is handed a Settings (or the values it needs) and never reads them again. Unknown names and bad
     values are a LipsyncError naming them."""
     where = Path(config) if config is not None else config_path()
+    from_env = config is None and bool(os.environ.get("LIPSYNC_CONFIG"))
+    check_config_file(where, required=config is not None or from_env, origin="LIPSYNC_CONFIG" if from_env else "")
     try:
         if config is None:
             return Settings()
@@ -247,5 +285,7 @@ def load_settings(config: Path | None = None) -> Settings:
         return _explicit(FromFile().model_dump(), str(where))
     except tomllib.TOMLDecodeError as e:
         raise LipsyncError(f"cannot read config file {where}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise unreadable(where, e) from None
     except ValidationError as e:
         raise LipsyncError(validation_message(e, f"{where} or the LIPSYNC_* environment")) from None

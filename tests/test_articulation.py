@@ -126,10 +126,20 @@ def test_rows_and_transcripts():
     assert text_protocol.parse_rows(None) == ["lips model", "map", "phone targets", "real"]
     assert text_protocol.ROWS["phone targets"] == ("retrieval", {"lips": "phones"})
     assert text_protocol.parse_rows("map, real,map") == ["map", "real"]
-    assert text_protocol.parse_rows("retrieval:lips=map;x=3") == ["retrieval:lips=map;x=3"]
-    assert text_protocol.ROWS["retrieval:lips=map;x=3"] == ("retrieval", {"lips": "map", "x": 3})
-    for bad in ("nope", "warp9:lips=map", ""):
-        with pytest.raises(LipsyncError):
+    assert text_protocol.parse_rows("retrieval:lips=map") == ["retrieval:lips=map"]
+    assert text_protocol.ROWS["retrieval:lips=map"] == ("retrieval", {"lips": "map"})
+    row = "neural: lips=phones; adapt_minutes=0.5;adapt_steps=3"
+    assert text_protocol.parse_rows(row) == [row]
+    assert text_protocol.ROWS[row] == ("neural", {"lips": "phones", "adapt_minutes": 0.5, "adapt_steps": 3})
+    for bad, said in (
+        ("nope", "unknown row"), ("warp9:lips=map", "unknown engine"), ("", "no rows"),
+        # keys animate() does not take, or takes from the protocol itself, and bad values: named before any work
+        ("retrieval:lips=map;x=3", "takes no key 'x'; valid: lips"), ("retrieval:crf=20", "no key 'crf'"),
+        ("retrieval:sr=8000", "no key 'sr'"), ("seed:lips=map", "valid: checkpoint"),
+        ("retrieval:lips=bogus", "'model', 'map' or 'phones'"), ("neural:adapt_steps=-1", "greater than or equal"),
+        ("neural:adapt_minutes=nan", "adapt_minutes='nan'"), ("neural:batch=0", "batch='0'"),
+    ):  # fmt: skip
+        with pytest.raises(LipsyncError, match=said):
             text_protocol.parse_rows(bad)
     assert text_protocol.transcript(Path("x/video/bbaf2n.mpg")) == GRID_TEXT
     assert text_protocol.transcript(Path("retalking_face1.mp4")).startswith("my biggest")

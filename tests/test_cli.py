@@ -88,6 +88,82 @@ def test_config_typos_and_field_errors(tmp_path):
     assert r.returncode == 0 and "lipsync data fetch" in r.stderr
 
 
+def main_here(capsys, *args) -> tuple[int, str]:
+    """`cli.main(ARGS)` in this process (no interpreter start-up: fast): its exit code and stderr."""
+    from lipsync_cli import cli as cli_module
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli_module.main([*map(str, args)])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main installs its own handler
+    return done.value.code, capsys.readouterr().err
+
+
+def one_error(err: str) -> bool:
+    return err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_files_and_values_exit_1(tmp_path, monkeypatch, capsys):
+    """A config file that cannot be read, a config path that is not a file, from the flag or LIPSYNC_CONFIG, and
+    an out-of-range fps: one error line and exit 1 (they were exit 3, or silently the defaults)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe\x00")
+    for path in (tmp_path / "bad.toml", tmp_path, tmp_path / "none.toml"):
+        code, err = main_here(capsys, "--config", path, "config", "show")
+        assert code == 1 and one_error(err) and str(path) in err, err
+        monkeypatch.setenv("LIPSYNC_CONFIG", str(path))
+        code, err = main_here(capsys, "config", "show")
+        assert code == 1 and one_error(err) and str(path) in err, err
+        monkeypatch.delenv("LIPSYNC_CONFIG")
+    for fps in ("-5", "0", "nan", "inf", "1e9"):
+        monkeypatch.setenv("LIPSYNC_FPS", fps)
+        code, err = main_here(capsys, "config", "show", "--json")
+        assert code == 1 and one_error(err) and "invalid setting fps" in err, err
+    monkeypatch.delenv("LIPSYNC_FPS")
+    assert main_here(capsys, "config", "show", "--json")[0] == 0  # no ./lipsync.toml: fine, it is optional
+
+
+def test_batch_file_that_is_not_text_exits_1(tmp_path, capsys):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00")  # a video, given by mistake
+    (tmp_path / "jobs.jsonl").write_bytes(b'{"video": "\xff.mp4", "text": "hi"}\n')  # not UTF-8
+    for path in (tmp_path / "clip.mp4", tmp_path / "jobs.jsonl"):
+        code, err = main_here(capsys, "-q", "dub", "--batch", path)
+        assert code == 1 and one_error(err) and f"--batch {path}: not a text file" in err, err
+
+
+def test_debug_keeps_exit_3_and_the_error_line(monkeypatch, capsys):
+    """LIPSYNC_DEBUG=1 adds the traceback; the exit code and the `error: unexpected` line stay."""
+    from lipsync_cli import dubbing
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(dubbing, "dub", boom)
+    monkeypatch.setenv("LIPSYNC_DEBUG", "1")
+    code, err = main_here(capsys, "dub", "a.mp4", "hi")
+    assert code == 3 and "Traceback" in err and "ZeroDivisionError" in err
+    assert "\nerror: unexpected ZeroDivisionError: division by zero\n" in err and "please report" in err
+
+
+def test_eval_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """A bad --rows key or value, a --report that is a file and a negative --limit fail at once (they were exit 3
+    after the first clip's work, or a silently shorter run)."""
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for rows, said in (("retrieval:crf=abc", "takes no key 'crf'; valid: lips"), ("retrieval:nokey=1", "'nokey'"),
+                       ("neural:adapt_steps=abc", "adapt_steps='abc'")):  # fmt: skip
+        code, err = main_here(capsys, "-q", "eval", "--metric", "articulation", "--rows", rows)
+        assert code == 1 and one_error(err) and said in err, err
+    (tmp_path / "afile").write_text("")
+    for report in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        code, err = main_here(capsys, "-q", "eval", "--metric", "voice", "--report", report)
+        assert code == 1 and one_error(err) and "afile is a file, not a folder" in err, err
+    assert main_here(capsys, "-q", "eval", "--limit", "-1")[0] == 2
+
+
 def test_api_settings_are_explicit(tmp_path, monkeypatch):
     import lipsync_cli as lipsync
 

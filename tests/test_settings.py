@@ -105,3 +105,55 @@ def test_settings_passed_to_dub_win_over_file_and_environment(tmp_path, monkeypa
     result = dub(video, None, wav, tmp_path / "out.mp4", Settings(lips="map"), force=True)
     assert chosen == ["map"]
     assert result.output.is_file() and result.frames == 25
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("fps", "-5"), ("fps", "0"), ("fps", "nan"), ("fps", "inf"), ("fps", "1e9"), ("smooth", "inf"),
+     ("download_timeout", "inf"), ("train_grad_clip", "nan"), ("face_index", "-1"), ("seed", "-1")],
+)  # fmt: skip
+def test_numeric_settings_out_of_range_are_user_errors(name, value, tmp_path, monkeypatch):
+    """A nonsensical number names the setting (exit 1) instead of crashing the dub that uses it (exit 3)."""
+    from lipsync_cli.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    monkeypatch.setenv(f"LIPSYNC_{name.upper()}", value)
+    with pytest.raises(LipsyncError, match=f"invalid setting {name} "):
+        load_settings()
+    with pytest.raises(LipsyncError, match=f"invalid setting {name}:"):
+        Settings.load(**{name: float(value)})
+
+
+def test_fps_within_bounds_is_kept():
+    assert [Settings.load(fps=f).fps for f in (1, 29.97, 120)] == [1.0, 29.97, 120.0]
+
+
+def test_config_named_by_flag_or_environment_must_be_a_readable_file(tmp_path, monkeypatch):
+    """--config and LIPSYNC_CONFIG fail alike on a missing path, a folder, a FIFO or non-UTF-8 bytes (they were
+    silently skipped or a UnicodeDecodeError); an absent ./lipsync.toml is fine, it is optional."""
+    import os
+
+    from lipsync_cli.settings import load_settings, read_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
+    assert load_settings().crf == 18
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe\x00")
+    os.mkfifo(tmp_path / "fifo")
+    cases = {
+        tmp_path / "bad.toml": r"cannot read config file .*bad\.toml: not UTF-8 text",
+        tmp_path / "none.toml": r"config file not found: .*none\.toml",
+        tmp_path: r"config file is a folder: ",
+        tmp_path / "fifo": r"config file is not a regular file: .*fifo",
+    }
+    for path, message in cases.items():
+        with pytest.raises(LipsyncError, match=message):
+            load_settings(path)
+        monkeypatch.setenv("LIPSYNC_CONFIG", str(path))
+        with pytest.raises(LipsyncError, match=message):
+            load_settings()
+        monkeypatch.delenv("LIPSYNC_CONFIG")
+        if path.name != "fifo":  # the API's config= (not the FIFO: were its check lost, the read would hang)
+            with pytest.raises(LipsyncError, match=message):
+                read_config(path)

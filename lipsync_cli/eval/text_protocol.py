@@ -20,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field, TypeAdapter, ValidationError
 from rich.markup import escape
 
 from lipsync_cli import compositing, dubbing, face, media, progress
@@ -56,6 +59,15 @@ ROWS: dict[str, tuple[str, dict]] = {
     "map": ("retrieval", {"lips": "map"}),
     "phone targets": ("retrieval", {"lips": "phones"}),  # the viseme targets alone, nothing between them
     "neural": ("neural", {"lips": "model", "adapt_minutes": 0.0, "adapt_steps": NEURAL_STEPS}),
+}
+# what an ENGINE:KEY=VALUE row may set (the engines' other keywords, such as the speech and its rate, are the
+# protocol's own) and the values each takes, bounded as the settings of the same name are
+ROW_KEYS: dict[str, TypeAdapter] = {
+    "lips": TypeAdapter(Literal["model", "map", "phones"]),
+    "adapt_minutes": TypeAdapter(Annotated[float, Field(ge=0, le=120)]),
+    "adapt_steps": TypeAdapter(Annotated[int, Field(ge=0)]),
+    "checkpoint": TypeAdapter(str),
+    "batch": TypeAdapter(Annotated[int, Field(ge=1)]),
 }
 DEFAULT_ROWS = ("lips model", "map", "phone targets", REAL)
 MEASURE_AT_FACE = 1.25  # a face this much larger than the crop has its mouths measured at its own resolution
@@ -100,28 +112,31 @@ def parse_rows(spec: str | Iterable[str] | None) -> list[str]:
             if ":" not in name:
                 raise LipsyncError(f"unknown row {name!r}; choose from {', '.join([*ROWS, REAL])} or ENGINE:KEY=VALUE")
             engine, _, opts = name.partition(":")
-            kw = {}
-            for kv in filter(None, opts.split(";")):
-                k, _, v = kv.partition("=")
-                kw[k.strip()] = _value(v.strip())
-            try:
-                get_engine(engine.strip())  # unknown engines fail before any work
-            except ValueError as e:
-                raise LipsyncError(f"row {name!r}: {e}") from None
-            ROWS[name] = (engine.strip(), kw)
+            ROWS[name] = (engine.strip(), _row_keywords(name, engine.strip(), opts))
         out += [name] if name not in out else []
     if not out:
         raise LipsyncError("no rows to evaluate")
     return out
 
 
-def _value(v: str):
-    for cast in (int, float):
+def _row_keywords(name: str, engine: str, opts: str) -> dict[str, Any]:
+    """'key=value;key=value' checked against what the engine takes, before any work (a bad key or value would
+    otherwise fail at the first dub, minutes in)."""
+    try:
+        takes = inspect.signature(get_engine(engine)).parameters
+    except ValueError as e:  # an unknown engine
+        raise LipsyncError(f"row {name!r}: {e}") from None
+    valid = [k for k in ROW_KEYS if k in takes]
+    kw = {}
+    for kv in filter(None, (kv.strip() for kv in opts.split(";"))):
+        k, _, v = (part.strip() for part in kv.partition("="))
+        if k not in valid:
+            raise LipsyncError(f"row {name!r}: engine {engine} takes no key {k!r}; valid: {', '.join(valid) or 'none'}")
         try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+            kw[k] = ROW_KEYS[k].validate_python(v)
+        except ValidationError as e:
+            raise LipsyncError(f"row {name!r}: {k}={v!r}: {e.errors()[0]['msg']}") from None
+    return kw
 
 
 @functools.cache
