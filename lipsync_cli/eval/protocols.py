@@ -399,7 +399,7 @@ def cross_case(path: Path, speech: np.ndarray, speech_name: str, text: str | Non
     src, frames = analyse(path, settings)
     fps = src.fps
     sp = match_video_loudness(speech, src.audio)
-    n_out = max(1, int(round(len(sp) / SR * fps)))
+    n_out = dubbing.output_frames(len(sp) / SR, fps)
     plan = compositing.timing_plan(src.n_frames, n_out, settings.sync_mode)
     sp = _fit_audio(sp, len(plan), fps)
     info = {"speech": speech_name, "input_frames": src.n_frames, "output_frames": len(plan)}

@@ -509,7 +509,7 @@ def _clip_rows(run, clip, rows, sentences, tts, settings, keep, on_row, advance)
     for k, (text, (tts_speech, spoken)) in enumerate(zip(sentences, tts, strict=True)):
         # as `lipsync dub`: the output speaks the converted voice, the engine follows the TTS speech (the
         # conversion keeps its timing; dub runs them side by side), both as loud as the video's own speech
-        n_out = max(1, int(round(len(tts_speech) / SR * fps)))
+        n_out = dubbing.output_frames(len(tts_speech) / SR, fps)
         plan = np.minimum(compositing.timing_plan(src.n_frames, n_out, settings.sync_mode), src.n_frames - 1)
         cut = int(round(len(plan) / fps * SR))
         speech = match_loudness(voice_speech.apply_voice(tts_speech, clip.voice), SR, level)[:cut]
