@@ -8,6 +8,7 @@ files live in a temporary folder removed when the server stops (and when a job f
 
 from __future__ import annotations
 
+import errno
 import queue
 import re
 import shutil
@@ -56,6 +57,20 @@ class Job:
         }  # fmt: skip
 
 
+def _as_uploaded(message: str, folder: Path) -> str:
+    """`message` with the job's files named as they were uploaded, not by where the server keeps them."""
+    return re.sub(re.escape(str(folder)) + r"/(?:video/|audio/)?", "", message)
+
+
+def _save(upload: UploadFile, folder: Path, fallback: str) -> Path:
+    """An upload copied into `folder` under its own (safe) name."""
+    folder.mkdir()
+    path = folder / _safe_name(upload.filename, fallback)
+    with path.open("wb") as f:
+        shutil.copyfileobj(upload.file, f)
+    return path
+
+
 def _safe_name(name: str | None, fallback: str) -> str:
     """An uploaded file's own name (so errors read as the CLI's would), stripped to safe characters."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "").name).strip("._")
@@ -100,7 +115,7 @@ class Jobs:
             job.result = {k: v for k, v in r.to_json().items() if k not in ("output", "video")}
             job.state = "done"
         except LipsyncError as e:
-            job.error, job.state = f"error: {str(e).replace(str(job.folder) + '/', '')}", "error"
+            job.error, job.state = f"error: {_as_uploaded(str(e), job.folder)}", "error"
         except Exception as e:  # a bug: the same words as the CLI's exit 3
             job.error = f"error: unexpected {type(e).__name__}: {e} (a bug in lipsync {__version__}: please report it)"
             job.state = "error"
@@ -184,14 +199,8 @@ def make_app(settings: Settings) -> FastAPI:
         job_id = uuid.uuid4().hex[:12]
         folder = root / job_id
         folder.mkdir()
-        video_path = folder / _safe_name(video.filename, "video.mp4")
-        with video_path.open("wb") as f:
-            shutil.copyfileobj(video.file, f)
-        audio_path = None
-        if audio is not None:
-            audio_path = folder / ("speech-" + _safe_name(audio.filename, "speech.wav"))
-            with audio_path.open("wb") as f:
-                shutil.copyfileobj(audio.file, f)
+        video_path = _save(video, folder / "video", "video.mp4")  # each in its own folder: any two names may
+        audio_path = None if audio is None else _save(audio, folder / "audio", "speech.wav")  # be the same
         job = Job(job_id, folder, video_path, words, audio_path, chosen)
         jobs.submit(job)
         return JSONResponse(job.public(jobs.position(job)))
@@ -237,8 +246,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7860) -> None
     with socket.socket() as probe:  # a clear error before any model loads
         try:
             probe.bind((host, port))
-        except OSError as e:
-            raise LipsyncError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port") from None
+        except OSError as e:  # taken or privileged: another port; anything else: the host is not one of ours
+            fix = "pass another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
+            raise LipsyncError(f"cannot listen on {host}:{port} ({e.strerror or e}): {fix}") from None
     app = make_app(settings)
     url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
     progress.console.print(f"lipsync app: open [bold]{url}[/] (Ctrl-C to stop); loading the models", highlight=False)

@@ -545,7 +545,7 @@ def app_(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: reachable from other hosts).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 7860,
 ) -> None:
     """A local web page: upload a video, type the words or upload speech, watch and download the dub."""
     from lipsync_cli.errors import require

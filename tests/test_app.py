@@ -101,3 +101,29 @@ def test_app_dubs_in_a_real_browser(server, tmp_path):
             page.wait_for_timeout(500)
             page.screenshot(path=shot, full_page=True)
         browser.close()
+
+
+def test_two_uploads_never_share_a_file(tmp_path):
+    """A video uploaded as "speech-x.wav" beside speech "x.wav" landed in one file (the speech took the name
+    "speech-" + its own); each now has its own folder, and messages name them as uploaded."""
+    import io
+
+    from fastapi import UploadFile
+
+    from lipsync_cli.app import _as_uploaded, _save
+
+    video = _save(UploadFile(io.BytesIO(b"video"), filename="speech-x.wav"), tmp_path / "video", "video.mp4")
+    audio = _save(UploadFile(io.BytesIO(b"audio"), filename="x.wav"), tmp_path / "audio", "speech.wav")
+    assert video != audio and video.read_bytes() == b"video" and audio.read_bytes() == b"audio"
+    assert _as_uploaded(f"{video} has no video stream", tmp_path) == "speech-x.wav has no video stream"
+
+
+def test_bad_port_or_host_is_said_before_any_model_loads(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", "app", "--port", "70000"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "65535" in r.stderr, r.stderr  # a usage error, not an OverflowError (exit 3)
+    r = subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", "app", "--host", "256.1.1.1"], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot listen") and "check --host" in r.stderr, r.stderr
