@@ -71,6 +71,11 @@ def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
     return removed
 
 
+def exists_error(path: Path) -> LipsyncError:
+    """The one message for an output that is there already (the CLI's flag and the Python API's keyword)."""
+    return LipsyncError(f"{path} exists; use --force (force=True in Python) to overwrite it")
+
+
 class atomic:  # noqa: N801 - used like open()
     """`with atomic(path) as tmp:` write tmp (hidden, same folder); it becomes `path` only on success, and a failure
     leaves no temp file. Long-lived writers call commit() / discard() themselves.
@@ -102,12 +107,12 @@ class atomic:  # noqa: N801 - used like open()
         try:
             os.link(self.tmp, self.path)
         except FileExistsError:
-            raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+            raise exists_error(self.path) from None
         except OSError:  # no hard links on this file system: claim the name exclusively, then fill it
             try:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             except FileExistsError:
-                raise LipsyncError(f"{self.path} exists; use --force to overwrite it") from None
+                raise exists_error(self.path) from None
             os.replace(self.tmp, self.path)
             return
         self.tmp.unlink(missing_ok=True)

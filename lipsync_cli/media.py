@@ -43,7 +43,7 @@ import numpy as np
 from rich.markup import escape
 
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.files import atomic
+from lipsync_cli.files import atomic, exists_error
 from lipsync_cli.progress import log
 
 HDR_TRANSFERS = {16: "smpte2084", 18: "arib-std-b67"}  # ffmpeg's AVColorTransferCharacteristic codes: PQ, HLG
@@ -374,7 +374,7 @@ def check_output(
     if output.is_dir():
         raise LipsyncError(f"{output} is a folder; give the output a file name")
     if output.exists() and not force:  # early, to save the work; the publish itself is what makes it safe
-        raise LipsyncError(f"{output} exists; use --force to overwrite it")
+        raise exists_error(output)
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise LipsyncError(f"output folder {folder} does not exist")

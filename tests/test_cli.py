@@ -268,3 +268,18 @@ def test_measure_line_says_what_the_words_lack():
         {"bilabial": float("nan"), "n_bilabial": 0, "contrast": float("nan"), "silence": float("nan")}
     )
     assert "nan" not in bare and "no p/b/m" in bare and "no pause" in bare
+
+
+def test_api_says_what_is_wrong_with_its_arguments(tmp_path):
+    """The Python API with words that are not text: one LipsyncError saying so (was AttributeError: 'int' object
+    has no attribute 'strip'); an existing output names the keyword as well as the flag."""
+    import lipsync_cli as lipsync
+
+    video, out = tmp_path / "v.mp4", tmp_path / "o.mp4"
+    video.write_bytes(b"x")
+    out.write_bytes(b"x")
+    for words in (123, b"Hello", ["Hello"]):
+        with pytest.raises(lipsync.LipsyncError, match=r"must be text \(str\)"):
+            lipsync.dub(video, words, output=tmp_path / "new.mp4")
+    with pytest.raises(lipsync.LipsyncError, match=r"force=True"):
+        lipsync.dub(video, "Hello.", output=out)

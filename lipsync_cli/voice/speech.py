@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 def check_words(text: str | None, audio: Path | None, audio_ok: bool = True) -> None:
     """Exactly one of the new words or an audio file (`audio_ok`: the command takes one), and no more speech than a
     dub takes (MAX_SPEECH_S)."""
+    if text is not None and not isinstance(text, str):  # the Python API: dub("talk.mp4", 123)
+        raise LipsyncError(f"the words to speak must be text (str), got {type(text).__name__}")
     if audio is not None and text:
         raise LipsyncError("give either text or --audio, not both")
     if audio is None and (text is None or not text.strip()):
