@@ -221,6 +221,17 @@ def test_parse_speakers():
             parse_speakers(bad)
 
 
+@pytest.mark.parametrize(
+    "huge",
+    ["10000000000", "1-100000000000", "s3-s99999999999", "9" * 5000, "2,1" + "0" * 40],
+    ids=["count", "range", "s-range", "5000-digits", "list"],
+)
+def test_parse_speakers_checks_bounds_before_building_ranges(huge):
+    """A huge count or range is refused at once (it used to build the whole range: MemoryError, or the OOM killer)."""
+    with pytest.raises(LipsyncError, match="34"):
+        parse_speakers(huge)
+
+
 def test_read_align_crlf(tmp_path):
     p = tmp_path / "bbaf2n.align"
     p.write_bytes(b"0 23750 sil\r\n23750 29500 bin\r\n29500 74500 sil\r\n\r\n")

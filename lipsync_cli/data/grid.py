@@ -76,33 +76,50 @@ class FetchSummary:
 
 
 def parse_speakers(spec: str | int | Sequence[int]) -> list[int]:
-    """Speaker numbers: "5" -> 1..5 (the first five), "1,3,7" -> those, "2-4" -> 2..4, "1-3,7", "all"."""
+    """Speaker numbers: "5" -> 1..5 (the first five), "1,3,7" -> those, "2-4" -> 2..4, "1-3,7", "all".
+
+    Bounds are checked on the numbers before any range is built: "1-100000000000" must be an error, not a set of
+    a hundred billion ints."""
     if isinstance(spec, int):
         spec = str(spec)
     if not isinstance(spec, str):
         out = {int(s) for s in spec}
-    else:
-        text = spec.strip().lower().replace(" ", "")
-        if text == "all":
-            return list(range(1, N_SPEAKERS + 1))
-        if text.isdigit():
-            out = set(range(1, int(text) + 1))
-            if not out:
-                raise LipsyncError(f"--speakers 0 selects nobody; {USAGE}")
-        else:
-            out = set()
-            for item in filter(None, text.split(",")):
-                m = re.fullmatch(r"s?(\d+)(?:-s?(\d+))?", item)
-                if not m:
-                    raise LipsyncError(f"--speakers: cannot read {item!r}; {USAGE}")
-                lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-                if hi < lo:
-                    raise LipsyncError(f"--speakers: empty range {item!r}")
-                out.update(range(lo, hi + 1))
-    bad = sorted(s for s in out if not 1 <= s <= N_SPEAKERS)
+        bad = sorted(s for s in out if not 1 <= s <= N_SPEAKERS)
+        if bad or not out:
+            raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {bad or 'none'}")
+        return sorted(out)
+    text = spec.strip().lower().replace(" ", "")
+    if text == "all":
+        return list(range(1, N_SPEAKERS + 1))
+    if re.fullmatch(r"[0-9]+", text):
+        n = _speaker_number(text)
+        if n == 0:
+            raise LipsyncError(f"--speakers 0 selects nobody; {USAGE}")
+        if n > N_SPEAKERS:
+            raise LipsyncError(f"--speakers {text}: GRID has {N_SPEAKERS} speakers; {USAGE}, or 'all'")
+        return list(range(1, n + 1))
+    out, bad = set(), []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"s?([0-9]+)(?:-s?([0-9]+))?", item)
+        if not m:
+            raise LipsyncError(f"--speakers: cannot read {item!r}; {USAGE}")
+        lo, hi = _speaker_number(m.group(1)), _speaker_number(m.group(2) or m.group(1))
+        if hi < lo:
+            raise LipsyncError(f"--speakers: empty range {item!r}")
+        if lo < 1 or hi > N_SPEAKERS:
+            bad.append(item)
+            continue
+        out.update(range(lo, hi + 1))
     if bad or not out:
-        raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {bad or 'none'}")
+        raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {', '.join(bad) or 'none'}")
     return sorted(out)
+
+
+def _speaker_number(digits: str) -> int:
+    """int(digits), capped just past any speaker: Python refuses to parse over 4300 digits (ValueError), and a
+    number that long is out of bounds anyway."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 6 else 10**6
 
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
