@@ -487,6 +487,38 @@ def test_unreachable_checksums_fall_back_to_sizes(server, tmp_path):
     assert summary.fetched == [1] and all(d.md5 is None for d in summary.plan)
 
 
+@pytest.mark.parametrize("cached", [[], "x", None, {"record": {"files": [1]}}, {"record": {"files": {"entries": [1]}}}])
+def test_malformed_cached_record_is_fetched_again(server, tmp_path, cached):
+    zenodo_layout(server)
+    root = tmp_path / "grid"
+    root.mkdir()
+    if isinstance(cached, dict):
+        cached = {"url": server.url + API, **cached}
+    (root / ".zenodo-record.json").write_text(json.dumps(cached))
+    summary = fetch(server, root, "1")
+    assert summary.fetched == [1] and all(d.md5 for d in summary.plan)  # md5s from the API, fetched again
+    assert len(server.gets(API)) == 1
+    assert json.loads((root / ".zenodo-record.json").read_text())["record"]["files"]  # rewritten whole
+
+
+def test_foreign_done_marker_means_nothing_done(tmp_path):
+    (tmp_path / "s1" / "video").mkdir(parents=True)
+    for parts in (5, [[1]], "video", None):
+        (tmp_path / "s1" / ".done").write_text(json.dumps({"parts": parts}))
+        assert done_parts(tmp_path, 1) == set()
+
+
+@pytest.mark.parametrize(
+    "answer", [{"files": {"entries": [1]}}, {"files": [1]}, {"files": [{"key": "s1.zip"}]}, [], "x", {"files": 3}]
+)
+def test_malformed_api_answer_checks_sizes_only(server, tmp_path, answer):
+    zenodo_layout(server)
+    server.files[API] = json.dumps(answer).encode()
+    summary = fetch(server, tmp_path / "grid", "1")
+    assert summary.fetched == [1] and all(d.md5 is None for d in summary.plan)
+    assert not (tmp_path / "grid" / ".zenodo-record.json").exists()
+
+
 def test_corpus_summary_meta_and_hidden(tmp_path):
     raw = tmp_path / "raw"
     for s, n in (("s1", 2), ("s10", 1), ("s2", 4)):

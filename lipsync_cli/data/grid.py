@@ -26,6 +26,7 @@ from urllib.request import Request, urlopen
 
 from rich.console import Console
 from rich.filesize import decimal
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -200,20 +201,23 @@ def urls_for(
 
 
 def zenodo_files(api_url: str, cache: Path | None = None, timeout: float = 10.0) -> dict[str, tuple]:
-    """{file name: (size, md5)} from a Zenodo record's API JSON, cached on disk; {} when unreachable."""
+    """{file name: (size, md5)} from a Zenodo record's API JSON, cached on disk; {} when unreachable or malformed.
+
+    A cache that does not parse as a record is as good as none (the record is fetched again and rewritten); an
+    API answer that does not is treated like an unreachable API: sizes only, with a warning."""
     if cache is not None and cache.exists():
         try:
             saved = json.loads(cache.read_text())
-            if saved.get("url") == api_url:
-                return _zenodo_parse(saved["record"])
-        except (ValueError, KeyError, TypeError):
+            if isinstance(saved, dict) and saved.get("url") == api_url:
+                return _zenodo_parse(saved.get("record"))
+        except (OSError, ValueError):
             pass
     try:
         with urlopen(Request(api_url, headers={"User-Agent": USER_AGENT}), timeout=timeout) as r:
             record = json.loads(r.read())
         files = _zenodo_parse(record)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log(f"[yellow]could not read checksums from {api_url} ({e}); checking sizes only[/]")
+    except (OSError, ValueError) as e:
+        log(f"[yellow]could not read checksums from {escape(api_url)} ({escape(str(e))}); checking sizes only[/]")
         return {}
     if cache is not None and files:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -221,14 +225,25 @@ def zenodo_files(api_url: str, cache: Path | None = None, timeout: float = 10.0)
     return files
 
 
-def _zenodo_parse(record: dict) -> dict[str, tuple[int, str]]:
-    files = record["files"]
-    if isinstance(files, dict):  # the newer /files endpoint nests them under "entries"
-        files = list(files.get("entries", {}).values())
-    out = {}
-    for f in files:
-        algo, _, digest = str(f.get("checksum", "")).partition(":")
-        out[f["key"]] = (int(f["size"]), digest.lower() if algo == "md5" else None)
+def _zenodo_parse(record: object) -> dict[str, tuple[int, str | None]]:
+    """{key: (size, md5 or None)} of a record's files; ValueError for anything not shaped like Zenodo's JSON (a
+    proxy, a truncated cache or a future API can hand back any JSON at all)."""
+    try:
+        files = record["files"]
+        if isinstance(files, dict):  # the newer /files endpoint nests them under "entries" (a dict by key)
+            files = files.get("entries", {})
+            files = list(files.values()) if isinstance(files, dict) else files
+        if not isinstance(files, list):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+        out = {}
+        for f in files:
+            algo, _, digest = str(f.get("checksum", "")).partition(":")
+            size = int(f["size"])
+            if size < 0:
+                raise ValueError(f"negative size {size}")
+            out[str(f["key"])] = (size, digest.lower() if algo == "md5" else None)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a Zenodo record ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -240,6 +255,8 @@ def done_parts(root: Path, speaker: int) -> set[str]:
     try:
         parts = json.loads((root / f"s{speaker}" / DONE).read_text())["parts"]
     except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(parts, dict):  # a marker we did not write: nothing is known to be done
         return set()
     return {p for p in parts if (root / f"s{speaker}" / p).is_dir()}
 
