@@ -430,6 +430,34 @@ def test_safe_extract_rejects_escapes(tmp_path, archive):
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name, "out"]
 
 
+def test_member_both_file_and_folder_is_a_clear_error(server, tmp_path):
+    """s1/a.mpg and s1/a.mpg/b.mpg cannot both be extracted: a LipsyncError, and no archive, temp or empty
+    .downloads folder is left (it was a FileExistsError, exit 3)."""
+    zenodo_layout(server, api=False)
+    server.files[f"{RECORD}/s1.zip"] = zip_bytes({"s1/a.mpg": b"x", "s1/a.mpg/b.mpg": b"y"})
+    root = tmp_path / "grid"
+    with pytest.raises(LipsyncError, match=r"s1\.zip: cannot extract 's1/a\.mpg"):
+        fetch(server, root, "1", api_url=None)
+    assert names(root) == ["s1"] and names(root / "s1") == [".done", "align"]  # alignments.zip went in fine
+    src = tmp_path / "t.tar"
+    src.write_bytes(tar_bytes({"d/a": b"x", "d/a/b": b"y"}))
+    with pytest.raises(LipsyncError, match="t.tar: cannot extract"):
+        safe_extract(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("in_the_way", ["data", "data/grid/s1/video", "data/grid/.downloads", "data/grid/s1"])
+def test_a_file_where_a_folder_goes_is_named_before_downloading(server, tmp_path, in_the_way):
+    zenodo_layout(server)
+    root = tmp_path / "data" / "grid"
+    blocker = tmp_path / in_the_way
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("x")
+    with pytest.raises(LipsyncError, match=f"{re.escape(str(blocker))} is in the way"):
+        fetch(server, root, "1")
+    assert not server.log  # found before any request
+    assert blocker.read_text() == "x"
+
+
 def test_safe_extract_allows_links_inside(tmp_path):
     src = tmp_path / "ok.tar"
     src.write_bytes(tar_bytes({"d/a.txt": b"hi"}, {"d/link": (tarfile.SYMTYPE, "a.txt")}))

@@ -308,6 +308,13 @@ def fetch_grid(
         need = tuple(s for s in d.speakers if d.kind in missing[s])
         if need:
             summary.plan.append(replace(d, speakers=need))
+    dl_dir = root / ".downloads"
+    if summary.plan and not dry_run:  # before any download: a file in the way would stop the run at its end
+        _check_folders(root, summary.plan)
+        try:
+            dl_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LipsyncError(f"cannot create {dl_dir}: {e.strerror or e}") from None
     if summary.plan and source == "zenodo" and api_url:
         cache = None if dry_run else root / ".zenodo-record.json"
         meta = zenodo_files(api_url, cache, timeout=min(timeout, 10.0))
@@ -320,8 +327,6 @@ def fetch_grid(
         say(f"GRID {_names(speakers)}: already complete in {root}")
         return summary
 
-    dl_dir = root / ".downloads"
-    dl_dir.mkdir(parents=True, exist_ok=True)
     cancel = threading.Event()
     bars = _Bars(summary.plan, dl_dir, quiet)
     errors: list[str] = []
@@ -373,6 +378,18 @@ def fetch_grid(
         raise LipsyncError(errors[0] + more)
     say(f"GRID {_names(speakers)} ready in {root} ({decimal(summary.bytes)} downloaded)")
     return summary
+
+
+def _check_folders(root: Path, plan: list[Download]) -> None:
+    """Every folder the fetch writes into is a folder, or can become one: a file (or a dangling link) on the way,
+    such as `sN/video` or the data folder itself, is a LipsyncError naming it."""
+    wanted = {root / ".downloads"} | {root / f"s{s}" / d.kind for d in plan for s in d.speakers}
+    for folder in sorted(wanted):
+        for p in (folder, *folder.parents):
+            if p.is_dir():
+                break
+            if p.exists() or p.is_symlink():
+                raise LipsyncError(f"{p} is in the way: a folder is needed there (GRID goes into {root})")
 
 
 def _install(archive: Path, d: Download, root: Path, source: str) -> dict[int, int]:
