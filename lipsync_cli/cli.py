@@ -280,7 +280,10 @@ def data_list(ctx: typer.Context) -> None:
     from lipsync_cli.data.corpus import corpus_summary, corpus_table
 
     s = _settings(ctx)
-    rows = corpus_summary(s.data_dir / "raw")
+    notes: list[str] = []
+    rows = corpus_summary(s.data_dir / "raw", notes)
+    for note in dict.fromkeys(notes):  # a corpus's meta.json is read once per speaker: say it once
+        progress.log(f"[yellow]note[/]: {escape(note)}")
     if not rows:
         progress.console.print(
             f"no corpora in {escape(str(s.data_dir / 'raw'))}: fetch GRID with `lipsync data fetch --speakers 1`, "

@@ -560,3 +560,38 @@ def test_corpus_summary_meta_and_hidden(tmp_path):
     assert [(r.speaker, r.clips) for r in rows] == [("s1", 2), ("s2", 4), ("s10", 1)]
     assert rows[1].hours == pytest.approx(0.01) and rows[0].bytes == 20
     assert corpus_summary(tmp_path / "nowhere") == []
+
+
+def test_corpus_summary_skips_what_it_cannot_read(tmp_path):
+    """A dangling link is not a clip and a meta.json's "abc" seconds are unknown hours: notes, not a crash
+    (FileNotFoundError, ValueError: exit 3 from `data list`)."""
+    raw = tmp_path / "raw"
+    (raw / "grid" / "s1" / "video").mkdir(parents=True)
+    (raw / "grid" / "s1" / "video" / "a.mpg").write_bytes(b"x" * 10)
+    (raw / "grid" / "s1" / "video" / "broken.mpg").symlink_to(tmp_path / "gone.mpg")
+    (raw / "me" / "me" / "video").mkdir(parents=True)
+    (raw / "me" / "me" / "video" / "c.mp4").write_bytes(b"x" * 5)
+    for bad in ({"seconds": "abc"}, {"seconds": [1]}, {"clip_seconds": "2"}, {"seconds": -1}):
+        (raw / "me" / "me" / "meta.json").write_text(json.dumps(bad))
+        notes: list[str] = []
+        rows = corpus_summary(raw, notes)
+        assert [(r.corpus, r.clips) for r in rows] == [("grid", 1), ("me", 1)] and rows[0].bytes == 10
+        assert rows[0].hours == pytest.approx(3.0 / 3600) and rows[1].hours is None
+        assert any("broken.mpg" in n for n in notes) and any("meta.json" in n for n in notes)
+
+
+def test_data_list_cli_notes_bad_entries(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lipsync_cli.cli import app
+
+    video = tmp_path / "data" / "raw" / "grid" / "s1" / "video"
+    video.mkdir(parents=True)
+    (video / "broken.mpg").symlink_to(tmp_path / "gone.mpg")
+    (video / "a.mpg").write_bytes(b"x")
+    (video.parent / "meta.json").write_text('{"seconds": "abc"}')
+    monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["data", "list"])
+    assert r.exit_code == 0, r.output
+    assert "broken.mpg" in r.stderr and "abc" in r.stderr and "grid" in r.stdout
