@@ -20,6 +20,7 @@ from lipsync_cli.settings import (
     Engine,
     Hear,
     Precision,
+    PrepSize,
     Settings,
     SyncMode,
     Tts,
@@ -315,7 +316,7 @@ def data_import(
 def prep_(
     ctx: typer.Context,
     workers: Annotated[int | None, typer.Option(help="Parallel processes (default: settings.prep_workers).")] = None,
-    size: Annotated[int | None, typer.Option(help="Aligned crop side in pixels: 96, 128 or 256.")] = None,
+    size: Annotated[PrepSize | None, typer.Option(help=_d("Aligned crop side in pixels.", "prep_size"))] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first K clips (in corpus/speaker/id order).")] = None,
     source: Annotated[
         list[Path] | None, typer.Option(help="Extra corpus root <root>/<speaker>/video/ (repeatable).")

@@ -219,13 +219,31 @@ def test_cli_prep_and_import(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(
-        app, ["-q", "prep", "--source", str(corpus), "--limit", "1", "--workers", "1", "--size", "64"]
+        app, ["-q", "prep", "--source", str(corpus), "--limit", "1", "--workers", "1", "--size", "96"]
     )
     assert r.exit_code == 0, r.output
     assert "1 prepped" in r.output
-    assert (tmp_path / "data" / "prep" / "64" / "grid" / "s1" / f"{IDS[0]}.safetensors").is_file()
+    assert (tmp_path / "data" / "prep" / "96" / "grid" / "s1" / f"{IDS[0]}.safetensors").is_file()
     r = CliRunner().invoke(app, ["-q", "data", "import", str(tmp_path / "nothing"), "--name", "x"])
     assert r.exit_code != 0
+
+
+@pytest.mark.parametrize("size", [33, 64, 97, 512])
+def test_prep_size_is_one_the_models_use(size, tmp_path, monkeypatch):
+    """96, 128 or 256 only (33 and 97 used to be taken): a usage error on the line, a clear error from the settings
+    or the API."""
+    from lipsync_cli.cli import app
+    from lipsync_cli.errors import LipsyncError
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["prep", "--size", str(size)])
+    assert r.exit_code == 2 and "96" in r.output
+    monkeypatch.setenv("LIPSYNC_PREP_SIZE", str(size))
+    r = CliRunner().invoke(app, ["prep"])
+    assert isinstance(r.exception, LipsyncError) and "prep_size" in str(r.exception)
+    with pytest.raises(LipsyncError, match="96, 128, 256"):
+        prep(None, tmp_path / "out", [], size=size)
+    assert not (tmp_path / "out").exists()
 
 
 def test_grid_sentence_from_its_id():

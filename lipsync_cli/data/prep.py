@@ -46,6 +46,7 @@ from lipsync_cli.data.grid import read_align, sentence
 from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import VIDEO_EXT, atomic, write_json
+from lipsync_cli.settings import PREP_SIZES
 
 SILENCE_WORDS = frozenset({"sil", "sp"})
 FRAME_BUDGET = 512 << 20  # decoded frames kept for the crop pass up to this many bytes; longer clips decode twice
@@ -416,6 +417,8 @@ def prep(
     Done clips (shard exists and parses) are skipped; a clip that fails is recorded with its reason and the rest
     go on. `workers` processes share the clips (1: in this process).
     """
+    if size not in PREP_SIZES:
+        raise LipsyncError(f"prep size {size}: use one of {', '.join(map(str, PREP_SIZES))}")
     t_start = time.perf_counter()
     clips = find_clips(raw_root, sources)
     if not clips:
