@@ -310,6 +310,10 @@ def data_import(
     s = _settings(ctx)
     summary = import_videos(path, s.data_dir / "raw", name, speaker, crf=s.crf, ffmpeg=s.ffmpeg)
     Console().print(summary_table(summary))
+    if summary.all_failed:
+        n = len(summary.failed)
+        why = "the source could not be read" if n == 1 else f"none of the {n} sources could be read"
+        raise LipsyncError(f"nothing imported: {why} (see the table above)")
 
 
 @app.command("prep")

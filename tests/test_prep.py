@@ -213,6 +213,40 @@ def test_import_drops_faceless_segments(tmp_path):
     assert not list((tmp_path / "raw").rglob("*.mp4"))
 
 
+def test_cli_import_of_nothing_readable_fails(tmp_path, monkeypatch):
+    """Sources that all fail (no video, no audio, a text file) are a user error after the table (it exited 0)."""
+    from lipsync_cli.cli import app
+    from lipsync_cli.errors import LipsyncError
+
+    monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))
+    ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=64x64:r=25:d=1", "-c:v", "libx264", str(bad / "noaudio.mp4"))
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, words in ((bad, "none of the 2 sources"), (tmp_path / "notes.txt", "the source could not")):
+        r = CliRunner().invoke(app, ["-q", "data", "import", str(path), "--name", "me"])
+        assert isinstance(r.exception, LipsyncError) and words in str(r.exception), r.output
+        assert "failed" in r.stdout  # the per-source table still comes first
+    assert "no audio stream" in CliRunner().invoke(app, ["-q", "data", "import", str(bad), "--name", "me"]).stdout
+
+
+@pytest.mark.parametrize("blocker", ["data", "data/raw/me/me/video"])
+def test_cli_import_into_an_unwritable_place_fails_first(tmp_path, monkeypatch, blocker):
+    """A data dir that is a file (or <speaker>/video a file) is one clear error before any tracking, not a
+    '[Errno 20]' failure per source after tracking each one, and exit 0."""
+    from lipsync_cli.cli import app
+    from lipsync_cli.errors import LipsyncError
+
+    monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / blocker).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocker).write_text("x")
+    r = CliRunner().invoke(app, ["data", "import", str(GRID / "video" / f"{IDS[0]}.mpg"), "--name", "me"])
+    assert isinstance(r.exception, LipsyncError), r.output
+    assert f"{tmp_path / blocker} is not a folder" in str(r.exception) and "tracking" not in r.output
+
+
 def test_cli_prep_and_import(corpus, tmp_path, monkeypatch):
     from lipsync_cli.cli import app
 

@@ -15,6 +15,7 @@ A source's audio is held in memory while it is cut (48 kHz float32: ~0.7 GB per 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -57,6 +58,11 @@ class ImportSummary:
     @property
     def seconds(self) -> float:
         return sum(s.end - s.start for s in self.kept)
+
+    @property
+    def all_failed(self) -> bool:
+        """No source could be read at all: the run imported nothing (the CLI exits 1 after the table)."""
+        return bool(self.failed) and not (self.kept or self.dropped or self.skipped)
 
 
 def find_videos(path: Path, exclude: Path | None = None) -> list[Path]:
@@ -263,6 +269,7 @@ def import_videos(
     sources = find_videos(path, exclude=Path(raw_root) / name)
     if not sources:
         raise LipsyncError(f"no video files under {path}")
+    _check_writable(out_dir)
     summary = ImportSummary(out_dir=out_dir)
     done = _imported_hashes(out_dir)
     tracker = None
@@ -279,7 +286,7 @@ def import_videos(
                     max_s=max_s, min_face=min_face, crf=crf, ffmpeg=ffmpeg,
                 )  # fmt: skip
             except (LipsyncError, OSError) as e:
-                summary.failed.append((video, str(e)))
+                summary.failed.append((video, _reason(e)))
                 continue
             done.add(digest)
             summary.kept += [s for s in segments if s.id]
@@ -290,6 +297,25 @@ def import_videos(
     if summary.kept:
         _write_meta(out_dir.parent)
     return summary
+
+
+def _check_writable(folder: Path) -> None:
+    """`folder` exists or can be made, and can be written: found before any face tracking, not as the same
+    failure after every source's (a data dir that is a file, `<speaker>/video` a file, a read-only disk)."""
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise LipsyncError(f"cannot write to {folder}: {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise LipsyncError(f"cannot write to {folder}: {p} is not writable")
+
+
+def _reason(e: Exception) -> str:
+    """A failure's words for the table: an OSError's message and file, without its [Errno N]."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
 
 
 def _write_meta(speaker_dir: Path) -> None:
