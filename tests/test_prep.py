@@ -200,6 +200,32 @@ def test_import_splits_at_pauses_with_provenance(recording, tmp_path):
     assert not again.kept and again.skipped == [(recording, "already imported")]
 
 
+def test_interrupted_import_leaves_no_video_without_provenance(recording, tmp_path, monkeypatch):
+    """Ctrl-C after the first segment's video: every video on disk has its JSON (prep took an orphan without
+    provenance, so the eval hold-out missed it), and a rerun imports the source whole."""
+    from lipsync_cli.data import importer
+
+    real = importer._write_segments
+
+    def first_then_interrupt(video, info, x, keep, out_dir, *args):
+        real(video, info, x, keep[:1], out_dir, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importer, "_write_segments", first_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        import_videos(recording, tmp_path / "raw", "me")
+    video_dir = tmp_path / "raw" / "me" / "me" / "video"
+    videos = sorted(video_dir.glob("*.mp4"))
+    assert len(videos) == 1 and all(v.with_suffix(".json").is_file() for v in videos)
+    assert all(c.provenance is not None for c in find_clips(tmp_path / "raw"))
+
+    monkeypatch.setattr(importer, "_write_segments", real)
+    again = import_videos(recording, tmp_path / "raw", "me")
+    assert len(again.kept) >= 2 and not again.skipped  # not taken for done
+    assert sorted(p.stem for p in video_dir.glob("*.mp4")) == sorted(p.stem for p in video_dir.glob("*.json"))
+    assert import_videos(recording, tmp_path / "raw", "me").skipped == [(recording, "already imported")]
+
+
 def test_import_drops_faceless_segments(tmp_path):
     path = tmp_path / "noface.mp4"
     audio = [GRID / "video" / f"{i}.mpg" for i in EXTRA]

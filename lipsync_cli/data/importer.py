@@ -7,8 +7,10 @@ training clips whose edges never fall inside a word. A segment is kept only when
 of its frames and no second face competes with it; everything else is dropped with a reason. Two streaming passes
 per source: face tracking on every frame and voice activity on the audio, then the kept segments are re-encoded
 (25 fps H.264 + AAC, media.VideoWriter) with a provenance JSON beside each (source file, sha256, start/end seconds,
-face fraction). Inputs are only read; outputs are written atomically (video first, then its JSON), and a source
-whose sha256 already appears in a JSON there is skipped, so an interrupted import can simply be run again.
+face fraction). Inputs are only read; outputs are written atomically, every segment's JSON before any of the
+source's videos, so no video is ever there without its provenance (prep and the eval hold-out read it). A source is
+imported once each JSON naming its sha256 has its video: it is then skipped, and an interrupted import (JSONs
+without videos) is simply done again when rerun.
 A source's audio is held in memory while it is cut (48 kHz float32: ~0.7 GB per hour of recording).
 """
 
@@ -143,14 +145,20 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-")[:40] or "clip"
 
 
-def _imported_hashes(video_dir: Path) -> set[str]:
-    hashes = set()
+def _segment_jsons(video_dir: Path) -> dict[str, list[Path]]:
+    """The segment JSONs in `video_dir`, by their source's sha256."""
+    by_source: dict[str, list[Path]] = {}
     for p in video_dir.glob("*.json") if video_dir.is_dir() else []:
         try:
-            hashes.add(json.loads(p.read_text())["sha256"])
+            by_source.setdefault(json.loads(p.read_text())["sha256"], []).append(p)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return hashes
+    return by_source
+
+
+def _complete(jsons: list[Path]) -> bool:
+    """Whether a source's import finished: the videos come after all of its JSONs, so each JSON has its video."""
+    return all(p.with_suffix(".mp4").is_file() for p in jsons)
 
 
 def import_source(
@@ -204,8 +212,7 @@ def import_source(
         segments.append(seg)
     keep = [s for s in segments if s.id]
     if keep:
-        _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
-        for seg in keep:  # the JSON marks a segment done, so it comes after its video
+        for seg in keep:  # all JSONs before any video: a video is never without its provenance (see _complete)
             i0, i1 = round(seg.start * FPS), round(seg.end * FPS)
             write_json(out_dir / f"{seg.id}.json", {
                 "source": str(video.resolve()), "sha256": digest, "start": seg.start, "end": seg.end,
@@ -213,6 +220,11 @@ def import_source(
                 "corpus": corpus, "speaker": speaker, "source_fps": info.fps,
                 "source_size": [info.width, info.height], "imported": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })  # fmt: skip
+        _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
+        for seg in keep:  # the frames ran out before a segment's end (a probe's count is an estimate): drop it
+            if not (out_dir / f"{seg.id}.mp4").is_file():
+                (out_dir / f"{seg.id}.json").unlink(missing_ok=True)
+                seg.id, seg.reason = None, "the video ended before the segment"
     return segments
 
 
@@ -271,7 +283,8 @@ def import_videos(
         raise LipsyncError(f"no video files under {path}")
     _check_writable(out_dir)
     summary = ImportSummary(out_dir=out_dir)
-    done = _imported_hashes(out_dir)
+    earlier = _segment_jsons(out_dir)
+    done = {digest for digest, jsons in earlier.items() if _complete(jsons)}
     tracker = None
     try:
         for video in sources:
@@ -280,6 +293,9 @@ def import_videos(
                 if digest in done:
                     summary.skipped.append((video, "already imported"))
                     continue
+                for p in earlier.get(digest, []):  # an interrupted import's JSONs without videos: this run redoes it
+                    if not p.with_suffix(".mp4").is_file():
+                        p.unlink()
                 tracker = tracker or face.FaceTracker()
                 segments = import_source(
                     video, out_dir, tracker, corpus=name, speaker=speaker, digest=digest, min_s=min_s,
@@ -322,6 +338,8 @@ def _write_meta(speaker_dir: Path) -> None:
     """`meta.json` with the speaker's total seconds, which `lipsync data list` shows as hours."""
     total = 0.0
     for p in (speaker_dir / "video").glob("*.json"):
+        if not p.with_suffix(".mp4").is_file():  # its video not written yet
+            continue
         try:
             seg = json.loads(p.read_text())
             total += float(seg["end"]) - float(seg["start"])
