@@ -4,8 +4,12 @@ the splits, and the Dataset's windows."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,16 @@ from lipsync_cli.audio import frames_to_video, speech_loudness_db
 from lipsync_cli.data.dataset import WindowDataset
 from lipsync_cli.data.grid import read_align, sentence
 from lipsync_cli.data.importer import import_videos, speech_segments
-from lipsync_cli.data.prep import Clip, find_clips, grid_words, prep, sha256, split_clips, word_frames
+from lipsync_cli.data.prep import (
+    Clip,
+    find_clips,
+    grid_words,
+    prep,
+    sha256,
+    shard_info,
+    split_clips,
+    word_frames,
+)
 
 GRID = SHARED / "corpus" / "grid" / "s1"
 IDS = ["bbaf2n", "bbaf3s", "bbal7s"]
@@ -304,6 +317,66 @@ def test_prep_size_is_one_the_models_use(size, tmp_path, monkeypatch):
     with pytest.raises(LipsyncError, match="96, 128, 256"):
         prep(None, tmp_path / "out", [], size=size)
     assert not (tmp_path / "out").exists()
+
+
+def _live_in_group(pgid: int) -> list[str]:
+    """Command lines of the processes of process group `pgid` that are not zombies (Linux /proc)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:200])
+        except OSError:
+            continue
+    return live
+
+
+def test_ctrl_c_stops_parallel_prep_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) on `prep --workers 2`: exit 130 within seconds, workers gone, no
+    temp file, every shard on disk whole, and a rerun resumes (it went on until every clip was done: 27 s for 100)."""
+    data = tmp_path / "data"
+    out = data / "prep" / str(SIZE)
+    env = {**os.environ, "LIPSYNC_DATA_DIR": str(data), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "lipsync_cli.cli", "-q", "prep", "--workers", "2", "--size", str(SIZE)]
+    proc = subprocess.Popen(
+        [*cmd, "--source", str(GRID.parent), "--limit", "60"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, even under `&`
+    )  # fmt: skip
+    for _ in range(600):  # interrupt once the workers are under way
+        if list(out.glob("*/*/*.safetensors")) or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 130 and err.endswith("interrupted\n") and "Traceback" not in err, err
+    assert took < 5.0, f"{took:.1f} s from Ctrl-C to exit"
+    for _ in range(50):  # the multiprocessing resource tracker and a killed worker's ffmpeg take a moment to go
+        if not _live_in_group(proc.pid):
+            break
+        time.sleep(0.1)
+    assert not _live_in_group(proc.pid), "a worker (or its ffmpeg) outlived the run"
+    shards = sorted(out.glob("*/*/*.safetensors"))
+    assert 1 <= len(shards) < 60 and all(shard_info(p) is not None for p in shards)
+    assert not [p for p in out.rglob(".*")], "temp file left behind"
+    again = prep(None, out, [GRID.parent], size=SIZE, workers=1, limit=len(shards) + 1)
+    assert (again.skipped, again.prepped, again.failures) == (len(shards), 1, [])
+
+
+def test_remove_temps_of_only_the_given_pids(tmp_path):
+    from lipsync_cli.files import remove_temps_of
+
+    mine = tmp_path / f".a.safetensors.lipsync-{os.getpid()}-0123abcd.tmp"
+    other = tmp_path / ".b.safetensors.lipsync-1-0123abcd.tmp"
+    keep = tmp_path / "c.safetensors"
+    for p in (mine, other, keep):
+        p.write_bytes(b"x")
+    assert remove_temps_of(tmp_path, {os.getpid()}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, keep.name])
 
 
 def test_grid_sentence_from_its_id():
