@@ -20,6 +20,7 @@ from lipsync_cli.settings import (
     Engine,
     Hear,
     Precision,
+    PrepSize,
     Settings,
     SyncMode,
     Tts,
@@ -280,7 +281,10 @@ def data_list(ctx: typer.Context) -> None:
     from lipsync_cli.data.corpus import corpus_summary, corpus_table
 
     s = _settings(ctx)
-    rows = corpus_summary(s.data_dir / "raw")
+    notes: list[str] = []
+    rows = corpus_summary(s.data_dir / "raw", notes)
+    for note in dict.fromkeys(notes):  # a corpus's meta.json is read once per speaker: say it once
+        progress.log(f"[yellow]note[/]: {escape(note)}")
     if not rows:
         progress.console.print(
             f"no corpora in {escape(str(s.data_dir / 'raw'))}: fetch GRID with `lipsync data fetch --speakers 1`, "
@@ -306,13 +310,17 @@ def data_import(
     s = _settings(ctx)
     summary = import_videos(path, s.data_dir / "raw", name, speaker, crf=s.crf, ffmpeg=s.ffmpeg)
     Console().print(summary_table(summary))
+    if summary.all_failed:
+        n = len(summary.failed)
+        why = "the source could not be read" if n == 1 else f"none of the {n} sources could be read"
+        raise LipsyncError(f"nothing imported: {why} (see the table above)")
 
 
 @app.command("prep")
 def prep_(
     ctx: typer.Context,
     workers: Annotated[int | None, typer.Option(help="Parallel processes (default: settings.prep_workers).")] = None,
-    size: Annotated[int | None, typer.Option(help="Aligned crop side in pixels: 96, 128 or 256.")] = None,
+    size: Annotated[PrepSize | None, typer.Option(help=_d("Aligned crop side in pixels.", "prep_size"))] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first K clips (in corpus/speaker/id order).")] = None,
     source: Annotated[
         list[Path] | None, typer.Option(help="Extra corpus root <root>/<speaker>/video/ (repeatable).")

@@ -76,6 +76,25 @@ def exists_error(path: Path) -> LipsyncError:
     return LipsyncError(f"{path} exists; use --force (force=True in Python) to overwrite it")
 
 
+def remove_temps_of(folder: str | Path, pids: set[int]) -> int:
+    """Delete the temp files (temp_name) that the processes `pids` left in `folder`: children this process has just
+    killed, so no age or liveness rule is needed. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _STALE_FILE.fullmatch(e.name)
+        if m is not None and int(m.group(1)) in pids:
+            try:
+                os.unlink(e.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 class atomic:  # noqa: N801 - used like open()
     """`with atomic(path) as tmp:` write tmp (hidden, same folder); it becomes `path` only on success, and a failure
     leaves no temp file. Long-lived writers call commit() / discard() themselves.

@@ -221,6 +221,17 @@ def test_parse_speakers():
             parse_speakers(bad)
 
 
+@pytest.mark.parametrize(
+    "huge",
+    ["10000000000", "1-100000000000", "s3-s99999999999", "9" * 5000, "2,1" + "0" * 40],
+    ids=["count", "range", "s-range", "5000-digits", "list"],
+)
+def test_parse_speakers_checks_bounds_before_building_ranges(huge):
+    """A huge count or range is refused at once (it used to build the whole range: MemoryError, or the OOM killer)."""
+    with pytest.raises(LipsyncError, match="34"):
+        parse_speakers(huge)
+
+
 def test_read_align_crlf(tmp_path):
     p = tmp_path / "bbaf2n.align"
     p.write_bytes(b"0 23750 sil\r\n23750 29500 bin\r\n29500 74500 sil\r\n\r\n")
@@ -419,6 +430,34 @@ def test_safe_extract_rejects_escapes(tmp_path, archive):
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name, "out"]
 
 
+def test_member_both_file_and_folder_is_a_clear_error(server, tmp_path):
+    """s1/a.mpg and s1/a.mpg/b.mpg cannot both be extracted: a LipsyncError, and no archive, temp or empty
+    .downloads folder is left (it was a FileExistsError, exit 3)."""
+    zenodo_layout(server, api=False)
+    server.files[f"{RECORD}/s1.zip"] = zip_bytes({"s1/a.mpg": b"x", "s1/a.mpg/b.mpg": b"y"})
+    root = tmp_path / "grid"
+    with pytest.raises(LipsyncError, match=r"s1\.zip: cannot extract 's1/a\.mpg"):
+        fetch(server, root, "1", api_url=None)
+    assert names(root) == ["s1"] and names(root / "s1") == [".done", "align"]  # alignments.zip went in fine
+    src = tmp_path / "t.tar"
+    src.write_bytes(tar_bytes({"d/a": b"x", "d/a/b": b"y"}))
+    with pytest.raises(LipsyncError, match="t.tar: cannot extract"):
+        safe_extract(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("in_the_way", ["data", "data/grid/s1/video", "data/grid/.downloads", "data/grid/s1"])
+def test_a_file_where_a_folder_goes_is_named_before_downloading(server, tmp_path, in_the_way):
+    zenodo_layout(server)
+    root = tmp_path / "data" / "grid"
+    blocker = tmp_path / in_the_way
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("x")
+    with pytest.raises(LipsyncError, match=f"{re.escape(str(blocker))} is in the way"):
+        fetch(server, root, "1")
+    assert not server.log  # found before any request
+    assert blocker.read_text() == "x"
+
+
 def test_safe_extract_allows_links_inside(tmp_path):
     src = tmp_path / "ok.tar"
     src.write_bytes(tar_bytes({"d/a.txt": b"hi"}, {"d/link": (tarfile.SYMTYPE, "a.txt")}))
@@ -476,6 +515,38 @@ def test_unreachable_checksums_fall_back_to_sizes(server, tmp_path):
     assert summary.fetched == [1] and all(d.md5 is None for d in summary.plan)
 
 
+@pytest.mark.parametrize("cached", [[], "x", None, {"record": {"files": [1]}}, {"record": {"files": {"entries": [1]}}}])
+def test_malformed_cached_record_is_fetched_again(server, tmp_path, cached):
+    zenodo_layout(server)
+    root = tmp_path / "grid"
+    root.mkdir()
+    if isinstance(cached, dict):
+        cached = {"url": server.url + API, **cached}
+    (root / ".zenodo-record.json").write_text(json.dumps(cached))
+    summary = fetch(server, root, "1")
+    assert summary.fetched == [1] and all(d.md5 for d in summary.plan)  # md5s from the API, fetched again
+    assert len(server.gets(API)) == 1
+    assert json.loads((root / ".zenodo-record.json").read_text())["record"]["files"]  # rewritten whole
+
+
+def test_foreign_done_marker_means_nothing_done(tmp_path):
+    (tmp_path / "s1" / "video").mkdir(parents=True)
+    for parts in (5, [[1]], "video", None):
+        (tmp_path / "s1" / ".done").write_text(json.dumps({"parts": parts}))
+        assert done_parts(tmp_path, 1) == set()
+
+
+@pytest.mark.parametrize(
+    "answer", [{"files": {"entries": [1]}}, {"files": [1]}, {"files": [{"key": "s1.zip"}]}, [], "x", {"files": 3}]
+)
+def test_malformed_api_answer_checks_sizes_only(server, tmp_path, answer):
+    zenodo_layout(server)
+    server.files[API] = json.dumps(answer).encode()
+    summary = fetch(server, tmp_path / "grid", "1")
+    assert summary.fetched == [1] and all(d.md5 is None for d in summary.plan)
+    assert not (tmp_path / "grid" / ".zenodo-record.json").exists()
+
+
 def test_corpus_summary_meta_and_hidden(tmp_path):
     raw = tmp_path / "raw"
     for s, n in (("s1", 2), ("s10", 1), ("s2", 4)):
@@ -489,3 +560,38 @@ def test_corpus_summary_meta_and_hidden(tmp_path):
     assert [(r.speaker, r.clips) for r in rows] == [("s1", 2), ("s2", 4), ("s10", 1)]
     assert rows[1].hours == pytest.approx(0.01) and rows[0].bytes == 20
     assert corpus_summary(tmp_path / "nowhere") == []
+
+
+def test_corpus_summary_skips_what_it_cannot_read(tmp_path):
+    """A dangling link is not a clip and a meta.json's "abc" seconds are unknown hours: notes, not a crash
+    (FileNotFoundError, ValueError: exit 3 from `data list`)."""
+    raw = tmp_path / "raw"
+    (raw / "grid" / "s1" / "video").mkdir(parents=True)
+    (raw / "grid" / "s1" / "video" / "a.mpg").write_bytes(b"x" * 10)
+    (raw / "grid" / "s1" / "video" / "broken.mpg").symlink_to(tmp_path / "gone.mpg")
+    (raw / "me" / "me" / "video").mkdir(parents=True)
+    (raw / "me" / "me" / "video" / "c.mp4").write_bytes(b"x" * 5)
+    for bad in ({"seconds": "abc"}, {"seconds": [1]}, {"clip_seconds": "2"}, {"seconds": -1}):
+        (raw / "me" / "me" / "meta.json").write_text(json.dumps(bad))
+        notes: list[str] = []
+        rows = corpus_summary(raw, notes)
+        assert [(r.corpus, r.clips) for r in rows] == [("grid", 1), ("me", 1)] and rows[0].bytes == 10
+        assert rows[0].hours == pytest.approx(3.0 / 3600) and rows[1].hours is None
+        assert any("broken.mpg" in n for n in notes) and any("meta.json" in n for n in notes)
+
+
+def test_data_list_cli_notes_bad_entries(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lipsync_cli.cli import app
+
+    video = tmp_path / "data" / "raw" / "grid" / "s1" / "video"
+    video.mkdir(parents=True)
+    (video / "broken.mpg").symlink_to(tmp_path / "gone.mpg")
+    (video / "a.mpg").write_bytes(b"x")
+    (video.parent / "meta.json").write_text('{"seconds": "abc"}')
+    monkeypatch.setenv("LIPSYNC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["data", "list"])
+    assert r.exit_code == 0, r.output
+    assert "broken.mpg" in r.stderr and "abc" in r.stderr and "grid" in r.stdout

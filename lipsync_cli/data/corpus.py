@@ -8,6 +8,7 @@ folder or the corpus's), else from GRID's fixed 3.0 s sentences, else stay unkno
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -44,27 +45,37 @@ class CorpusRow(NamedTuple):
     bytes: int
 
 
-def corpus_summary(root: Path) -> list[CorpusRow]:
+def corpus_summary(root: Path, notes: list[str] | None = None) -> list[CorpusRow]:
     """Rows (corpus, speaker, clips, hours, bytes) for each `root/<corpus>/<speaker>/` holding files.
 
     Clips are distinct file stems of the videos (else the audio, else `.align` files) under a speaker's
-    folder; hidden entries (`.done`, `.downloads/`, half-unpacked `.unpack-*`) are ignored.
+    folder; hidden entries (`.done`, `.downloads/`, half-unpacked `.unpack-*`) are ignored. What cannot be read (a
+    dangling link, a meta.json whose seconds are no number) is left out, with a line in `notes` saying so.
     """
     root = Path(root)
     rows: list[CorpusRow] = []
+    notes = [] if notes is None else notes
     if not root.is_dir():
         return rows
     for corpus in _visible_dirs(root):
         corpus_meta = _meta(corpus)
         for speaker in _visible_dirs(corpus):
-            clips, size = _scan(speaker)
+            clips, size, unreadable = _scan(speaker)
+            if unreadable:
+                more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+                notes.append(f"{unreadable[0]}: cannot read it (a dangling link?), not counted{more}")
             if not size:
                 continue
             meta = _meta(speaker)
-            default = corpus_meta.get("clip_seconds", CLIP_SECONDS.get(corpus.name))
-            per_clip = meta.get("clip_seconds", default)
-            seconds = meta.get("seconds", None if per_clip is None else per_clip * clips)
-            hours = None if seconds is None else float(seconds) / 3600
+            default = _seconds(corpus_meta, "clip_seconds", corpus / "meta.json", notes)
+            if default is None:
+                default = CLIP_SECONDS.get(corpus.name)
+            per_clip = _seconds(meta, "clip_seconds", speaker / "meta.json", notes)
+            per_clip = default if per_clip is None else per_clip
+            seconds = _seconds(meta, "seconds", speaker / "meta.json", notes)
+            if seconds is None and per_clip is not None:
+                seconds = per_clip * clips
+            hours = None if seconds is None else seconds / 3600
             rows.append(CorpusRow(corpus.name, speaker.name, clips, hours, size))
     return rows
 
@@ -96,18 +107,34 @@ def _meta(folder: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _scan(folder: Path) -> tuple[int, int]:
-    """(clips, bytes) of the visible files under `folder`."""
+def _seconds(meta: dict, key: str, path: Path, notes: list[str]) -> float | None:
+    """meta[key] as seconds, or None when absent or not a finite number >= 0 (then a note names the file)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    notes.append(f"{path}: {key} {value!r} is not a number of seconds: hours unknown")
+    return None
+
+
+def _scan(folder: Path) -> tuple[int, int, list[str]]:
+    """(clips, bytes, unreadable paths) of the visible files under `folder`."""
     stems: dict[str, set[str]] = {"video": set(), "audio": set(), "align": set()}
     size = 0
+    unreadable = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith("."):
                 continue
+            try:
+                size += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:  # a dangling link, or a file gone since the listing: no clip
+                unreadable.append(os.path.join(dirpath, name))
+                continue
             stem, ext = os.path.splitext(name)
             if kind := KIND.get(ext.lower()):
                 stems[kind].add(stem)
-            size += os.stat(os.path.join(dirpath, name)).st_size
     clips = len(stems["video"]) or len(stems["audio"]) or len(stems["align"])
-    return clips, size
+    return clips, size, unreadable

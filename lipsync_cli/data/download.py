@@ -223,7 +223,19 @@ def safe_extract(archive: Path, dest: Path, select: Callable[[str], bool] | None
             return _extract_tar(archive, root, select)
     except (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error) as e:
         raise LipsyncError(f"{archive.name}: damaged archive ({e})") from None
+    except OSError as e:  # two members of one name as file and folder (s1/a.mpg, s1/a.mpg/b.mpg), a full disk
+        raise LipsyncError(f"{archive.name}: cannot extract {_member_name(e, root)}: {e.strerror or e}") from None
     raise LipsyncError(f"{archive.name}: neither a zip nor a tar archive (damaged, or an error page?)")
+
+
+def _member_name(e: OSError, root: Path) -> str:
+    """The file an extraction error is about, as a member name when it lies under `root`."""
+    if e.filename is None:
+        return "it"
+    try:
+        return repr(Path(e.filename).relative_to(root).as_posix())
+    except ValueError:
+        return repr(str(e.filename))
 
 
 def _reject(archive: Path, name: str, why: str) -> LipsyncError:

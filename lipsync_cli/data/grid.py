@@ -26,6 +26,7 @@ from urllib.request import Request, urlopen
 
 from rich.console import Console
 from rich.filesize import decimal
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -76,33 +77,50 @@ class FetchSummary:
 
 
 def parse_speakers(spec: str | int | Sequence[int]) -> list[int]:
-    """Speaker numbers: "5" -> 1..5 (the first five), "1,3,7" -> those, "2-4" -> 2..4, "1-3,7", "all"."""
+    """Speaker numbers: "5" -> 1..5 (the first five), "1,3,7" -> those, "2-4" -> 2..4, "1-3,7", "all".
+
+    Bounds are checked on the numbers before any range is built: "1-100000000000" must be an error, not a set of
+    a hundred billion ints."""
     if isinstance(spec, int):
         spec = str(spec)
     if not isinstance(spec, str):
         out = {int(s) for s in spec}
-    else:
-        text = spec.strip().lower().replace(" ", "")
-        if text == "all":
-            return list(range(1, N_SPEAKERS + 1))
-        if text.isdigit():
-            out = set(range(1, int(text) + 1))
-            if not out:
-                raise LipsyncError(f"--speakers 0 selects nobody; {USAGE}")
-        else:
-            out = set()
-            for item in filter(None, text.split(",")):
-                m = re.fullmatch(r"s?(\d+)(?:-s?(\d+))?", item)
-                if not m:
-                    raise LipsyncError(f"--speakers: cannot read {item!r}; {USAGE}")
-                lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-                if hi < lo:
-                    raise LipsyncError(f"--speakers: empty range {item!r}")
-                out.update(range(lo, hi + 1))
-    bad = sorted(s for s in out if not 1 <= s <= N_SPEAKERS)
+        bad = sorted(s for s in out if not 1 <= s <= N_SPEAKERS)
+        if bad or not out:
+            raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {bad or 'none'}")
+        return sorted(out)
+    text = spec.strip().lower().replace(" ", "")
+    if text == "all":
+        return list(range(1, N_SPEAKERS + 1))
+    if re.fullmatch(r"[0-9]+", text):
+        n = _speaker_number(text)
+        if n == 0:
+            raise LipsyncError(f"--speakers 0 selects nobody; {USAGE}")
+        if n > N_SPEAKERS:
+            raise LipsyncError(f"--speakers {text}: GRID has {N_SPEAKERS} speakers; {USAGE}, or 'all'")
+        return list(range(1, n + 1))
+    out, bad = set(), []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"s?([0-9]+)(?:-s?([0-9]+))?", item)
+        if not m:
+            raise LipsyncError(f"--speakers: cannot read {item!r}; {USAGE}")
+        lo, hi = _speaker_number(m.group(1)), _speaker_number(m.group(2) or m.group(1))
+        if hi < lo:
+            raise LipsyncError(f"--speakers: empty range {item!r}")
+        if lo < 1 or hi > N_SPEAKERS:
+            bad.append(item)
+            continue
+        out.update(range(lo, hi + 1))
     if bad or not out:
-        raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {bad or 'none'}")
+        raise LipsyncError(f"GRID speakers are 1..{N_SPEAKERS}; got {', '.join(bad) or 'none'}")
     return sorted(out)
+
+
+def _speaker_number(digits: str) -> int:
+    """int(digits), capped just past any speaker: Python refuses to parse over 4300 digits (ValueError), and a
+    number that long is out of bounds anyway."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 6 else 10**6
 
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -183,20 +201,23 @@ def urls_for(
 
 
 def zenodo_files(api_url: str, cache: Path | None = None, timeout: float = 10.0) -> dict[str, tuple]:
-    """{file name: (size, md5)} from a Zenodo record's API JSON, cached on disk; {} when unreachable."""
+    """{file name: (size, md5)} from a Zenodo record's API JSON, cached on disk; {} when unreachable or malformed.
+
+    A cache that does not parse as a record is as good as none (the record is fetched again and rewritten); an
+    API answer that does not is treated like an unreachable API: sizes only, with a warning."""
     if cache is not None and cache.exists():
         try:
             saved = json.loads(cache.read_text())
-            if saved.get("url") == api_url:
-                return _zenodo_parse(saved["record"])
-        except (ValueError, KeyError, TypeError):
+            if isinstance(saved, dict) and saved.get("url") == api_url:
+                return _zenodo_parse(saved.get("record"))
+        except (OSError, ValueError):
             pass
     try:
         with urlopen(Request(api_url, headers={"User-Agent": USER_AGENT}), timeout=timeout) as r:
             record = json.loads(r.read())
         files = _zenodo_parse(record)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log(f"[yellow]could not read checksums from {api_url} ({e}); checking sizes only[/]")
+    except (OSError, ValueError) as e:
+        log(f"[yellow]could not read checksums from {escape(api_url)} ({escape(str(e))}); checking sizes only[/]")
         return {}
     if cache is not None and files:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -204,14 +225,25 @@ def zenodo_files(api_url: str, cache: Path | None = None, timeout: float = 10.0)
     return files
 
 
-def _zenodo_parse(record: dict) -> dict[str, tuple[int, str]]:
-    files = record["files"]
-    if isinstance(files, dict):  # the newer /files endpoint nests them under "entries"
-        files = list(files.get("entries", {}).values())
-    out = {}
-    for f in files:
-        algo, _, digest = str(f.get("checksum", "")).partition(":")
-        out[f["key"]] = (int(f["size"]), digest.lower() if algo == "md5" else None)
+def _zenodo_parse(record: object) -> dict[str, tuple[int, str | None]]:
+    """{key: (size, md5 or None)} of a record's files; ValueError for anything not shaped like Zenodo's JSON (a
+    proxy, a truncated cache or a future API can hand back any JSON at all)."""
+    try:
+        files = record["files"]
+        if isinstance(files, dict):  # the newer /files endpoint nests them under "entries" (a dict by key)
+            files = files.get("entries", {})
+            files = list(files.values()) if isinstance(files, dict) else files
+        if not isinstance(files, list):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+        out = {}
+        for f in files:
+            algo, _, digest = str(f.get("checksum", "")).partition(":")
+            size = int(f["size"])
+            if size < 0:
+                raise ValueError(f"negative size {size}")
+            out[str(f["key"])] = (size, digest.lower() if algo == "md5" else None)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a Zenodo record ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -223,6 +255,8 @@ def done_parts(root: Path, speaker: int) -> set[str]:
     try:
         parts = json.loads((root / f"s{speaker}" / DONE).read_text())["parts"]
     except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(parts, dict):  # a marker we did not write: nothing is known to be done
         return set()
     return {p for p in parts if (root / f"s{speaker}" / p).is_dir()}
 
@@ -274,6 +308,13 @@ def fetch_grid(
         need = tuple(s for s in d.speakers if d.kind in missing[s])
         if need:
             summary.plan.append(replace(d, speakers=need))
+    dl_dir = root / ".downloads"
+    if summary.plan and not dry_run:  # before any download: a file in the way would stop the run at its end
+        _check_folders(root, summary.plan)
+        try:
+            dl_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LipsyncError(f"cannot create {dl_dir}: {e.strerror or e}") from None
     if summary.plan and source == "zenodo" and api_url:
         cache = None if dry_run else root / ".zenodo-record.json"
         meta = zenodo_files(api_url, cache, timeout=min(timeout, 10.0))
@@ -286,8 +327,6 @@ def fetch_grid(
         say(f"GRID {_names(speakers)}: already complete in {root}")
         return summary
 
-    dl_dir = root / ".downloads"
-    dl_dir.mkdir(parents=True, exist_ok=True)
     cancel = threading.Event()
     bars = _Bars(summary.plan, dl_dir, quiet)
     errors: list[str] = []
@@ -339,6 +378,18 @@ def fetch_grid(
         raise LipsyncError(errors[0] + more)
     say(f"GRID {_names(speakers)} ready in {root} ({decimal(summary.bytes)} downloaded)")
     return summary
+
+
+def _check_folders(root: Path, plan: list[Download]) -> None:
+    """Every folder the fetch writes into is a folder, or can become one: a file (or a dangling link) on the way,
+    such as `sN/video` or the data folder itself, is a LipsyncError naming it."""
+    wanted = {root / ".downloads"} | {root / f"s{s}" / d.kind for d in plan for s in d.speakers}
+    for folder in sorted(wanted):
+        for p in (folder, *folder.parents):
+            if p.is_dir():
+                break
+            if p.exists() or p.is_symlink():
+                raise LipsyncError(f"{p} is in the way: a folder is needed there (GRID goes into {root})")
 
 
 def _install(archive: Path, d: Download, root: Path, source: str) -> dict[int, int]:

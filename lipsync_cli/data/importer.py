@@ -7,14 +7,17 @@ training clips whose edges never fall inside a word. A segment is kept only when
 of its frames and no second face competes with it; everything else is dropped with a reason. Two streaming passes
 per source: face tracking on every frame and voice activity on the audio, then the kept segments are re-encoded
 (25 fps H.264 + AAC, media.VideoWriter) with a provenance JSON beside each (source file, sha256, start/end seconds,
-face fraction). Inputs are only read; outputs are written atomically (video first, then its JSON), and a source
-whose sha256 already appears in a JSON there is skipped, so an interrupted import can simply be run again.
+face fraction). Inputs are only read; outputs are written atomically, every segment's JSON before any of the
+source's videos, so no video is ever there without its provenance (prep and the eval hold-out read it). A source is
+imported once each JSON naming its sha256 has its video: it is then skipped, and an interrupted import (JSONs
+without videos) is simply done again when rerun.
 A source's audio is held in memory while it is cut (48 kHz float32: ~0.7 GB per hour of recording).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -57,6 +60,11 @@ class ImportSummary:
     @property
     def seconds(self) -> float:
         return sum(s.end - s.start for s in self.kept)
+
+    @property
+    def all_failed(self) -> bool:
+        """No source could be read at all: the run imported nothing (the CLI exits 1 after the table)."""
+        return bool(self.failed) and not (self.kept or self.dropped or self.skipped)
 
 
 def find_videos(path: Path, exclude: Path | None = None) -> list[Path]:
@@ -137,14 +145,20 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-")[:40] or "clip"
 
 
-def _imported_hashes(video_dir: Path) -> set[str]:
-    hashes = set()
+def _segment_jsons(video_dir: Path) -> dict[str, list[Path]]:
+    """The segment JSONs in `video_dir`, by their source's sha256."""
+    by_source: dict[str, list[Path]] = {}
     for p in video_dir.glob("*.json") if video_dir.is_dir() else []:
         try:
-            hashes.add(json.loads(p.read_text())["sha256"])
+            by_source.setdefault(json.loads(p.read_text())["sha256"], []).append(p)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return hashes
+    return by_source
+
+
+def _complete(jsons: list[Path]) -> bool:
+    """Whether a source's import finished: the videos come after all of its JSONs, so each JSON has its video."""
+    return all(p.with_suffix(".mp4").is_file() for p in jsons)
 
 
 def import_source(
@@ -198,8 +212,7 @@ def import_source(
         segments.append(seg)
     keep = [s for s in segments if s.id]
     if keep:
-        _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
-        for seg in keep:  # the JSON marks a segment done, so it comes after its video
+        for seg in keep:  # all JSONs before any video: a video is never without its provenance (see _complete)
             i0, i1 = round(seg.start * FPS), round(seg.end * FPS)
             write_json(out_dir / f"{seg.id}.json", {
                 "source": str(video.resolve()), "sha256": digest, "start": seg.start, "end": seg.end,
@@ -207,6 +220,11 @@ def import_source(
                 "corpus": corpus, "speaker": speaker, "source_fps": info.fps,
                 "source_size": [info.width, info.height], "imported": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })  # fmt: skip
+        _write_segments(video, info, x, keep, out_dir, crf, ffmpeg)
+        for seg in keep:  # the frames ran out before a segment's end (a probe's count is an estimate): drop it
+            if not (out_dir / f"{seg.id}.mp4").is_file():
+                (out_dir / f"{seg.id}.json").unlink(missing_ok=True)
+                seg.id, seg.reason = None, "the video ended before the segment"
     return segments
 
 
@@ -263,8 +281,10 @@ def import_videos(
     sources = find_videos(path, exclude=Path(raw_root) / name)
     if not sources:
         raise LipsyncError(f"no video files under {path}")
+    _check_writable(out_dir)
     summary = ImportSummary(out_dir=out_dir)
-    done = _imported_hashes(out_dir)
+    earlier = _segment_jsons(out_dir)
+    done = {digest for digest, jsons in earlier.items() if _complete(jsons)}
     tracker = None
     try:
         for video in sources:
@@ -273,13 +293,16 @@ def import_videos(
                 if digest in done:
                     summary.skipped.append((video, "already imported"))
                     continue
+                for p in earlier.get(digest, []):  # an interrupted import's JSONs without videos: this run redoes it
+                    if not p.with_suffix(".mp4").is_file():
+                        p.unlink()
                 tracker = tracker or face.FaceTracker()
                 segments = import_source(
                     video, out_dir, tracker, corpus=name, speaker=speaker, digest=digest, min_s=min_s,
                     max_s=max_s, min_face=min_face, crf=crf, ffmpeg=ffmpeg,
                 )  # fmt: skip
             except (LipsyncError, OSError) as e:
-                summary.failed.append((video, str(e)))
+                summary.failed.append((video, _reason(e)))
                 continue
             done.add(digest)
             summary.kept += [s for s in segments if s.id]
@@ -292,10 +315,31 @@ def import_videos(
     return summary
 
 
+def _check_writable(folder: Path) -> None:
+    """`folder` exists or can be made, and can be written: found before any face tracking, not as the same
+    failure after every source's (a data dir that is a file, `<speaker>/video` a file, a read-only disk)."""
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise LipsyncError(f"cannot write to {folder}: {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise LipsyncError(f"cannot write to {folder}: {p} is not writable")
+
+
+def _reason(e: Exception) -> str:
+    """A failure's words for the table: an OSError's message and file, without its [Errno N]."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
+
+
 def _write_meta(speaker_dir: Path) -> None:
     """`meta.json` with the speaker's total seconds, which `lipsync data list` shows as hours."""
     total = 0.0
     for p in (speaker_dir / "video").glob("*.json"):
+        if not p.with_suffix(".mp4").is_file():  # its video not written yet
+            continue
         try:
             seg = json.loads(p.read_text())
             total += float(seg["end"]) - float(seg["start"])

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import queue
 import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -45,7 +46,8 @@ from lipsync_cli.audio import match_loudness, mel_spectrogram, mfcc, speech_loud
 from lipsync_cli.data.grid import read_align, sentence
 from lipsync_cli.data.shard import FEAT_RATE, FORMAT, FPS, HOP, SR, TARGET_DB
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.files import VIDEO_EXT, atomic, write_json
+from lipsync_cli.files import VIDEO_EXT, atomic, remove_temps_of, write_json
+from lipsync_cli.settings import PREP_SIZES
 
 SILENCE_WORDS = frozenset({"sil", "sp"})
 FRAME_BUDGET = 512 << 20  # decoded frames kept for the crop pass up to this many bytes; longer clips decode twice
@@ -391,6 +393,9 @@ _tracker: face.FaceTracker | None = None
 def _init_worker() -> None:
     """Each worker process builds its own tracker once (mediapipe graphs are not shareable across processes)."""
     global _tracker
+    # Ctrl-C reaches the whole process group: the parent alone acts on it (_stop_workers), so that a worker does not
+    # die mid-queue with a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     progress.set_quiet(True)  # a worker's log lines would tear the parent's progress bar
     cv2.setNumThreads(1)  # parallelism comes from the processes
     _tracker = face.FaceTracker(detect_every=1 << 30)  # detection only on loss: prep needs no face counts
@@ -398,6 +403,24 @@ def _init_worker() -> None:
 
 def _work(clip: Clip, out: Path, size: int, kw: dict) -> dict[str, float]:
     return prep_clip(clip, out, size, _tracker, **kw)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, folders: set[Path]) -> None:
+    """Stop `pool` now: queued clips cancelled, the running ones' workers killed, and the temp shards they were
+    writing (in `folders`) removed. shutdown(cancel_futures=True) alone lets every running clip finish, and the
+    `with` block's exit used to wait for the whole queue."""
+    procs = list((pool._processes or {}).values())  # the workers: no public handle on them before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()  # SIGTERM: a worker dies at once (no handler), its ffmpegs on their broken pipes
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    pids = {p.pid for p in procs}
+    for folder in folders:
+        remove_temps_of(folder, pids)  # a killed worker runs no `finally`: its half-written shard is ours to remove
 
 
 def prep(
@@ -416,6 +439,8 @@ def prep(
     Done clips (shard exists and parses) are skipped; a clip that fails is recorded with its reason and the rest
     go on. `workers` processes share the clips (1: in this process).
     """
+    if size not in PREP_SIZES:
+        raise LipsyncError(f"prep size {size}: use one of {', '.join(map(str, PREP_SIZES))}")
     t_start = time.perf_counter()
     clips = find_clips(raw_root, sources)
     if not clips:
@@ -464,16 +489,17 @@ def prep(
                 tracker.close()
         elif todo:
             ctx = multiprocessing.get_context("spawn")  # no fork: mediapipe and ffmpeg pipes do not survive it
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker) as pool:
+            pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker)
+            try:  # no `with`: its exit waits for the running clips
                 jobs = {pool.submit(_work, c, path[c.key], size, kw): c for c in todo}
-                try:
-                    for job in as_completed(jobs):
-                        e = job.exception()
-                        done(jobs[job], None if e else job.result(), e)
-                        advance(1)
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+                for job in as_completed(jobs):
+                    e = job.exception()
+                    done(jobs[job], None if e else job.result(), e)
+                    advance(1)
+            except BaseException:  # Ctrl-C, SIGTERM's SystemExit, a bug: stop at once, not after the queue
+                _stop_workers(pool, {path[c.key].parent for c in todo})
+                raise
+            pool.shutdown()
     summary.manifest = out_root / "manifest.json"
     write_manifest(out_root, size)
     summary.wall = time.perf_counter() - t_start
