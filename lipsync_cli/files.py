@@ -46,28 +46,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ours(folder: str | Path) -> list[tuple[os.DirEntry, int, bool]]:
+    """The entries of `folder` named as temp_name names them: (entry, the pid in its name, is a folder)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    found = []
+    for e in entries:
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        m = (_STALE_DIR if is_dir else _STALE_FILE).fullmatch(e.name)
+        if m is not None:
+            found.append((e, int(m.group(1)), is_dir))
+    return found
+
+
+def _remove(e: os.DirEntry, folder: bool) -> int:
+    try:
+        shutil.rmtree(e.path, ignore_errors=True) if folder else os.unlink(e.path)
+        return 1
+    except OSError:
+        return 0
+
+
 def sweep_stale(folder: str | Path, min_age_s: float = 60.0) -> int:
     """Delete what a killed run left in `folder`: only names we make (temp_name), only when the process that made
     them is gone and they are older than `min_age_s` (a pid from another host or container sharing the folder could
     look dead: the age keeps a live run's fresh files safe). Returns how many entries were removed."""
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    now = time.time()
-    for e in entries:
+    removed, now = 0, time.time()
+    for e, pid, is_dir in _ours(folder):
+        if pid == os.getpid() or _alive(pid):
+            continue
         try:
-            folder = e.is_dir(follow_symlinks=False)
-            m = (_STALE_DIR if folder else _STALE_FILE).fullmatch(e.name)
-            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-                continue
             if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
                 continue
-            shutil.rmtree(e.path, ignore_errors=True) if folder else os.unlink(e.path)
-            removed += 1
         except OSError:
-            pass
+            continue
+        removed += _remove(e, is_dir)
     return removed
 
 
@@ -79,20 +97,7 @@ def exists_error(path: Path) -> LipsyncError:
 def remove_temps_of(folder: str | Path, pids: set[int]) -> int:
     """Delete the temp files (temp_name) that the processes `pids` left in `folder`: children this process has just
     killed, so no age or liveness rule is needed. Returns how many were removed."""
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    for e in entries:
-        m = _STALE_FILE.fullmatch(e.name)
-        if m is not None and int(m.group(1)) in pids:
-            try:
-                os.unlink(e.path)
-                removed += 1
-            except OSError:
-                pass
-    return removed
+    return sum(_remove(e, False) for e, pid, is_dir in _ours(folder) if pid in pids and not is_dir)
 
 
 class atomic:  # noqa: N801 - used like open()
