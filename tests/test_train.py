@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,107 @@ def test_clear_errors(tiny_prep, tmp_path):
 
     result = CliRunner().invoke(app, ["train", "--model", TINY, "--manifest", str(tmp_path / "none.json")])
     assert isinstance(result.exception, LipsyncError) and "lipsync prep" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_prep, tmp_path_factory) -> Path:
+    """The output folder of a 2-step run of the tiny task: checkpoints/tiny/last.* to damage, copy by copy."""
+    out = tmp_path_factory.mktemp("ckpt")
+    progress.set_quiet(True)
+    train(TINY, tiny_prep, options(out, max_steps=2))
+    return out
+
+
+def _write(name: str, data: bytes | str):
+    return lambda ckpt: (ckpt / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def _edit_json(name: str, **changes):
+    def edit(ckpt: Path) -> None:
+        doc = json.loads((ckpt / name).read_text())
+        (ckpt / name).write_text(json.dumps({**doc, **changes}))
+
+    return edit
+
+
+def _truncate(name: str):
+    return lambda ckpt: (ckpt / name).write_bytes((ckpt / name).read_bytes()[:-100])
+
+
+def _reshape_first(name: str):
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = load_file(str(ckpt / name))
+        tensors[sorted(tensors)[0]] = torch.zeros(7)
+        save_file(tensors, str(ckpt / name))
+
+    return edit
+
+
+def _pickle(name: str):
+    return lambda ckpt: torch.save({"x": torch.zeros(3)}, ckpt / name)
+
+
+DAMAGES = {
+    "weights truncated": ("last.safetensors", _truncate("last.safetensors")),
+    "weights garbage": ("last.safetensors", _write("last.safetensors", b"garbage")),
+    "weights empty": ("last.safetensors", _write("last.safetensors", b"")),
+    "weights a pickle": ("last.safetensors", _pickle("last.safetensors")),
+    "weights missing": ("last.safetensors", lambda c: (c / "last.safetensors").unlink()),
+    "weights misshapen": ("last.safetensors", _reshape_first("last.safetensors")),
+    "state truncated": ("last.state.safetensors", _truncate("last.state.safetensors")),
+    "state a pickle": ("last.state.safetensors", _pickle("last.state.safetensors")),
+    "state misshapen": ("last.state.safetensors", _reshape_first("last.state.safetensors")),
+    "state json garbage": ("last.state.json", _write("last.state.json", "{not json")),
+    "state json a list": ("last.state.json", _write("last.state.json", "[1, 2]")),
+    "state json missing": ("last.state.json", lambda c: (c / "last.state.json").unlink()),
+    "rng a string": ("last.state.json", _edit_json("last.state.json", rng="abc")),
+    "rng garbage": ("last.state.json", _edit_json("last.state.json", rng=[{"torch": "!!!", "cuda": None}])),
+    "optimizer state empty": (
+        "last.state.safetensors",
+        _edit_json("last.state.json", optimizer={"state": {}, "param_groups": [{"params": [0, 1, 2, 3]}]}),
+    ),
+    "optimizer no groups": ("last.state.json", _edit_json("last.state.json", optimizer={"state": {}})),
+    "best a string": ("last.state.json", _edit_json("last.state.json", best="x")),
+    "config json a list": ("last.json", _write("last.json", "[]")),
+    "config json missing": ("last.json", lambda c: (c / "last.json").unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_from_a_damaged_checkpoint_is_a_user_error(damage, tiny_prep, tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
+    ckpt = tmp_path / "checkpoints" / "tiny"
+    name, spoil = DAMAGES[damage]
+    spoil(ckpt)
+    with pytest.raises(LipsyncError, match=rf"checkpoint {ckpt / name} is (damaged \(.+\)|missing): start over"):
+        train(TINY, tiny_prep, options(tmp_path, max_steps=3, resume=True))
+
+
+def test_a_damaged_model_checkpoint_does_not_load(tmp_path):
+    """models.load (--checkpoint elsewhere): garbage, pickled or cut weights and a bad config are one clear error."""
+    from lipsync_cli import models
+
+    def damaged(weights: bytes | None = None, config: str | None = None) -> Path:
+        path = tmp_path / "sync.safetensors"
+        shutil.copy(models.WEIGHTS / "sync.safetensors", path)
+        shutil.copy(models.WEIGHTS / "sync.json", path.with_suffix(".json"))
+        if weights is not None:
+            path.write_bytes(weights)
+        if config is not None:
+            path.with_suffix(".json").write_text(config)
+        return path
+
+    good = (models.WEIGHTS / "sync.safetensors").read_bytes()
+    torch.save({"x": torch.zeros(3)}, tmp_path / "pickle.pt")
+    sync_config = json.loads((models.WEIGHTS / "sync.json").read_text())
+    for weights, config, why in [
+        (b"garbage", None, "not a readable safetensors file"),
+        (good[: len(good) // 2], None, "not a readable safetensors file"),
+        ((tmp_path / "pickle.pt").read_bytes(), None, "a pickle"),
+        (None, "[]", "a JSON list, not an object"),
+        (None, json.dumps({**sync_config, "dim": "x"}), "sync setting dim must be a whole number, got 'x'"),
+    ]:
+        with pytest.raises(LipsyncError, match=rf"does not load: {why}"):
+            models.load(damaged(weights, config))

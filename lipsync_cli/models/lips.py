@@ -21,7 +21,7 @@ vocal-tract length, additive noise, frequency masks) so that the model holds on 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import clip_key, eval_spans
 from lipsync_cli.models.lips_infer import N_MELS, ROWS, features, normalise, speaker_stats
+from lipsync_cli.models.task import make_config
 
 
 @dataclass
@@ -55,8 +56,7 @@ class Config:
 
 
 def config_from(d: dict) -> Config:
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
+    return make_config(Config, d, "lips")
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from lipsync_cli.data.corpus import training_data
 from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
 from lipsync_cli.models.sync import MOUTH as SYNC_MOUTH
+from lipsync_cli.models.task import make_config
 
 BOX = (0.125, 0.25, 0.875, 1.0)  # x0, y0, x1, y1 of the aligned crop: lips (y 0.33-0.56), chin (~0.75), jaw line
 HOLE = (0.2, 0.29, 0.8, 0.93)  # the painted region, same units: lips and chin with room to open
@@ -59,8 +60,7 @@ class Config:
 
 
 def config_from(d: dict) -> Config:
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+    return make_config(Config, d, "render")
 
 
 # ----------------------------------------------------------------------------- geometry and inputs

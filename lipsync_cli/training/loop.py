@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import torch
 from rich.markup import escape
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
@@ -226,15 +224,18 @@ def _resume(run: _Run) -> None:
     """Weights, optimiser, scaler, this process's RNG states and the position from last.* and last.state.*."""
     ckpt, d = run.ckpt_dir, run.d
     doc = state.load_state(ckpt / "last.state.safetensors", run.optimizer, run.scaler)
-    weights = json.loads((ckpt / "last.json").read_text()).get("meta", {})
-    if weights.get("step") != doc["step"]:
+    with state.damaged(ckpt / "last.json"):
+        weights = models.read_json_object(ckpt / "last.json").get("meta", {})
+    if not isinstance(weights, dict) or weights.get("step") != doc["step"]:
         raise LipsyncError(f"checkpoint {ckpt}/last.* is torn (weights and state disagree): use --fresh")
-    unwrap(run.net).load_state_dict(load_file(str(ckpt / "last.safetensors"), device=str(d.device)))
+    with state.damaged(ckpt / "last.safetensors"):
+        unwrap(run.net).load_state_dict(models.read_tensors(ckpt / "last.safetensors", d.device))
     run.step, run.best, run.best_step, run.samples = doc["step"], doc["best"], doc["best_step"], doc["samples"]
-    if doc["geometry"] != run.geometry or doc["seed"] != run.opts.seed:
+    if doc.get("geometry") != run.geometry or doc["seed"] != run.opts.seed:
         progress.log("[yellow]note[/]: resuming with a different batch/processes/data: data order is not exact")
     if d.rank < len(doc["rng"]):
-        state.set_rng_state(doc["rng"][d.rank], run.gen, d.device)
+        with state.damaged(ckpt / "last.state.json"):
+            state.set_rng_state(doc["rng"][d.rank], run.gen, d.device)
     progress.log(f"resumed {escape(run.name)} at step {run.step}")
 
 
