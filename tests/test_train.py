@@ -287,3 +287,22 @@ def test_a_damaged_model_checkpoint_does_not_load(tmp_path):
     ]:
         with pytest.raises(LipsyncError, match=rf"does not load: {why}"):
             models.load(damaged(weights, config))
+
+
+def not_a_task(manifest, overrides):
+    return {"model": "no"}
+
+
+@pytest.mark.parametrize("spoil", ["missing", "garbage"])
+def test_an_unreadable_shard_is_a_user_error(spoil, tiny_prep, tmp_path):
+    shutil.copytree(tiny_prep.parent, tmp_path / "prep")
+    manifest = tmp_path / "prep" / "manifest.json"
+    shard = manifest.parent / json.loads(manifest.read_text())["clips"][0]["path"]
+    shard.unlink() if spoil == "missing" else shard.write_bytes(b"garbage")
+    with pytest.raises(LipsyncError, match=rf"cannot read shard {shard} \(.+\): run `lipsync prep` again"):
+        train(TINY, manifest, options(tmp_path / "out"))
+
+
+def test_a_factory_must_return_a_task(tiny_prep, tmp_path):
+    with pytest.raises(LipsyncError, match="the task factory returned dict, not a Task"):
+        train("test_train:not_a_task", tiny_prep, options(tmp_path))

@@ -28,12 +28,18 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli.data.corpus import training_data
-from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.data.dataset import (
+    balance_speakers,
+    clip_key,
+    eval_spans,
+    open_shard,
+    split_clips,
+    trainable_frames,
+)
 from lipsync_cli.models.sync import MOUTH as SYNC_MOUTH
 from lipsync_cli.models.task import make_config
 
@@ -261,7 +267,7 @@ class RenderWindows(Dataset):
         speaker_of: list[str] = []
         n = 0
         for k, c in enumerate(clips):
-            with safe_open(str(root / c["path"]), framework="numpy") as f:
+            with open_shard(root / c["path"]) as f:
                 crops = f.get_tensor("crops")
                 size = crops.shape[1]
                 lips = f.get_tensor("lips").reshape(len(crops), 40, 2).astype(np.float64)

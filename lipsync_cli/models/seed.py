@@ -54,11 +54,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.data.dataset import clip_key, eval_spans, open_shard, split_clips, trainable_frames
 from lipsync_cli.face import MOUTH_BOX
 from lipsync_cli.models.task import Task, make_config, unwrap
 
@@ -234,7 +233,7 @@ class SeedDataset(Dataset):
         self.c, self.group, self.random_refs = c, group, random_refs
         self.mouths, self.mfcc, self.index, self.pool = [], [], [], []
         for k, clip in enumerate(clips):
-            with safe_open(str(root / clip["path"]), framework="numpy") as f:
+            with open_shard(root / clip["path"]) as f:
                 found = f.get_tensor("found")
                 ok = trainable_frames(found, spans.get(clip_key(clip)))
                 self.mouths.append(mouth_patch(f.get_tensor("crops")))

@@ -35,13 +35,12 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
-from lipsync_cli.data.dataset import balance_speakers, split_clips
+from lipsync_cli.data.dataset import balance_speakers, open_shard, split_clips
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.models.task import Task, make_config, unwrap
 
@@ -407,7 +406,7 @@ class SyncWindows(Dataset):
         self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
         self.videos, self.mels, self.index = [], [], []
         for c in clips:
-            with safe_open(str(root / c["path"]), framework="numpy") as f:
+            with open_shard(root / c["path"]) as f:
                 video, mel = shard_video(f, cfg), f.get_tensor("mel")
                 found, silence = f.get_tensor("found"), f.get_tensor("silence")
             ci = len(self.videos)

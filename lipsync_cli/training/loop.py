@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from lipsync_cli import models, progress
 from lipsync_cli.errors import LipsyncError, require
+from lipsync_cli.files import check_name
 from lipsync_cli.models.task import Task, unwrap
 from lipsync_cli.training import distributed, state
 from lipsync_cli.training.distributed import Dist
@@ -187,7 +188,10 @@ def _setup(
         task = factory(manifest, dict(opts.overrides))
     except ValueError as e:  # the task's own complaint about its data or settings
         raise LipsyncError(f"cannot set up the task: {str(e).splitlines()[0]}") from None
+    if not isinstance(task, Task):  # a callable that takes (manifest, overrides) yet makes something else
+        raise LipsyncError(f"the task factory returned {type(task).__name__}, not a Task (models/task.py)")
     name, batch = opts.name or task.name, opts.batch_size or task.batch_size
+    check_name("the task's name", name)  # it becomes checkpoints/<name>/: a factory's own name is checked too
     _check_sizes(task, manifest, batch, opts.accumulate, d.world)
     check_checkpoints(opts.out_dir / "checkpoints" / name, opts)
 
