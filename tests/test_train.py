@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +130,9 @@ def test_two_cpu_processes_agree(tiny_prep, tmp_path):
     """`lipsync train --procs 2`: torchrun, gloo DDP; both ranks end equal, and equal to one process of batch 2B."""
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("hidden = 24\n\n[train]\nwarmup_steps = 2\nlog_every = 2\nval_every = 3\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "ddp")}
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "ddp"),
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
     args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "4"]
     args += ["--max-steps", "6", "--config", str(cfg)]
     run = subprocess.run(
@@ -135,6 +140,7 @@ def test_two_cpu_processes_agree(tiny_prep, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done tiny: step 6" in run.stderr
+    assert not list((tmp_path / "tmp").glob("torchelastic_*"))  # torchrun's log folder is removed
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "tiny" / "last.json").read_text())
     assert meta["hidden"] == 24 and meta["meta"]["world"] == 2 and meta["meta"]["rank_max_abs_diff"] == 0.0
 
@@ -306,3 +312,77 @@ def test_an_unreadable_shard_is_a_user_error(spoil, tiny_prep, tmp_path):
 def test_a_factory_must_return_a_task(tiny_prep, tmp_path):
     with pytest.raises(LipsyncError, match="the task factory returned dict, not a Task"):
         train("test_train:not_a_task", tiny_prep, options(tmp_path))
+
+
+def _processes_under(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc: torchrun's workers are children of children)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    under, todo = set(), [pid]
+    while todo:
+        above = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == above]
+        under.update(kids)
+        todo.extend(kids)
+    return under
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped: only its parent has not collected it yet
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_every_process_of_train_procs(sig, tiny_prep, tmp_path):
+    """SIGTERM / SIGINT to `lipsync train --procs 2` stops torchrun and both workers (none keeps training and
+    rewriting last.*), and torchrun's log folder goes with them."""
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "out"),
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "4"]
+    args += ["--max-steps", "100000", "--save-every", "1", "--val-every", "100000"]
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a worker left behind would hold a pipe open forever
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lipsync_cli.cli", *args], env=env, stderr=err)
+    last = tmp_path / "out" / "checkpoints" / "tiny" / "last.json"
+    under: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the workers train: they save every step
+        assert last.is_file(), log.read_text()
+        under = _processes_under(proc.pid)
+        assert len(under) >= 3, under  # torchrun and its two workers
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, under)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in under if _alive(p)], log.read_text()
+        assert code == (143 if sig == signal.SIGTERM else 130)
+        assert not list((tmp_path / "tmp").glob("torchelastic_*"))  # torchrun's log folder went with it
+    finally:
+        for pid in [proc.pid, *under]:  # a failed run must not leave workers training
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_user_error_under_train_procs_is_one_line(tiny_prep, tmp_path):
+    """The workers' user error reaches the user once: no torchrun traceback, no second `error:` line, exit 1."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path)}
+    args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "100000"]
+    run = subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", *args, "--max-steps", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: the train split has"), run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

@@ -66,8 +66,11 @@ def start(model: str, manifest: Path, opts: TrainOptions, procs: int | None = No
         return train(model, manifest, opts)
     check(manifest, opts, opts.name or (model if ":" not in model else None))
     progress.log(f"starting {nproc} {'GPU' if opts.gpus else 'CPU'} processes under torchrun")
-    if code := distributed.launch(nproc):
-        raise LipsyncError(f"training failed in a process (exit code {code}): see its message above")
+    code = distributed.launch(nproc)
+    if code in (1, 3, 130, 143):  # a user error, a bug, Ctrl-C, SIGTERM: the process printed its own line
+        raise SystemExit(code)
+    if code:  # killed without a word (SIGKILL, SIGABRT, ...)
+        raise RuntimeError(f"a training process ended with exit code {code} and no message")
     return None
 
 
