@@ -31,6 +31,13 @@ _STALE_FILE = re.compile(rf"\..+\.{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}(?:\.tmp(?:\.\w+
 _STALE_DIR = re.compile(rf"{TEMP_TAG}-(\d+)-[0-9a-f]{{8}}-\w+")
 
 
+def check_name(label: str, value: str) -> None:
+    """A user-given name that becomes a folder (a corpus, a speaker, a training run): letters, digits, '-' and '_'
+    only, so that it can never climb out of its parent ('..', '/') or hide ('.x')."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
+        raise LipsyncError(f"{label} {value!r}: use letters, digits, '-' and '_' (it becomes a folder name)")
+
+
 def temp_name(stem: str = "", suffix: str = "") -> str:
     """A fresh temp name that says which process made it (see sweep_stale)."""
     return f"{stem}{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"

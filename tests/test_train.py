@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +130,9 @@ def test_two_cpu_processes_agree(tiny_prep, tmp_path):
     """`lipsync train --procs 2`: torchrun, gloo DDP; both ranks end equal, and equal to one process of batch 2B."""
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("hidden = 24\n\n[train]\nwarmup_steps = 2\nlog_every = 2\nval_every = 3\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "ddp")}
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "ddp"),
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
     args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "4"]
     args += ["--max-steps", "6", "--config", str(cfg)]
     run = subprocess.run(
@@ -134,6 +140,7 @@ def test_two_cpu_processes_agree(tiny_prep, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done tiny: step 6" in run.stderr
+    assert not list((tmp_path / "tmp").glob("torchelastic_*"))  # torchrun's log folder is removed
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "tiny" / "last.json").read_text())
     assert meta["hidden"] == 24 and meta["meta"]["world"] == 2 and meta["meta"]["rank_max_abs_diff"] == 0.0
 
@@ -182,3 +189,200 @@ def test_clear_errors(tiny_prep, tmp_path):
 
     result = CliRunner().invoke(app, ["train", "--model", TINY, "--manifest", str(tmp_path / "none.json")])
     assert isinstance(result.exception, LipsyncError) and "lipsync prep" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_prep, tmp_path_factory) -> Path:
+    """The output folder of a 2-step run of the tiny task: checkpoints/tiny/last.* to damage, copy by copy."""
+    out = tmp_path_factory.mktemp("ckpt")
+    progress.set_quiet(True)
+    train(TINY, tiny_prep, options(out, max_steps=2))
+    return out
+
+
+def _write(name: str, data: bytes | str):
+    return lambda ckpt: (ckpt / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def _edit_json(name: str, **changes):
+    def edit(ckpt: Path) -> None:
+        doc = json.loads((ckpt / name).read_text())
+        (ckpt / name).write_text(json.dumps({**doc, **changes}))
+
+    return edit
+
+
+def _truncate(name: str):
+    return lambda ckpt: (ckpt / name).write_bytes((ckpt / name).read_bytes()[:-100])
+
+
+def _reshape_first(name: str):
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = load_file(str(ckpt / name))
+        tensors[sorted(tensors)[0]] = torch.zeros(7)
+        save_file(tensors, str(ckpt / name))
+
+    return edit
+
+
+def _pickle(name: str):
+    return lambda ckpt: torch.save({"x": torch.zeros(3)}, ckpt / name)
+
+
+DAMAGES = {
+    "weights truncated": ("last.safetensors", _truncate("last.safetensors")),
+    "weights garbage": ("last.safetensors", _write("last.safetensors", b"garbage")),
+    "weights empty": ("last.safetensors", _write("last.safetensors", b"")),
+    "weights a pickle": ("last.safetensors", _pickle("last.safetensors")),
+    "weights missing": ("last.safetensors", lambda c: (c / "last.safetensors").unlink()),
+    "weights misshapen": ("last.safetensors", _reshape_first("last.safetensors")),
+    "state truncated": ("last.state.safetensors", _truncate("last.state.safetensors")),
+    "state a pickle": ("last.state.safetensors", _pickle("last.state.safetensors")),
+    "state misshapen": ("last.state.safetensors", _reshape_first("last.state.safetensors")),
+    "state json garbage": ("last.state.json", _write("last.state.json", "{not json")),
+    "state json a list": ("last.state.json", _write("last.state.json", "[1, 2]")),
+    "state json missing": ("last.state.json", lambda c: (c / "last.state.json").unlink()),
+    "rng a string": ("last.state.json", _edit_json("last.state.json", rng="abc")),
+    "rng garbage": ("last.state.json", _edit_json("last.state.json", rng=[{"torch": "!!!", "cuda": None}])),
+    "optimizer state empty": (
+        "last.state.safetensors",
+        _edit_json("last.state.json", optimizer={"state": {}, "param_groups": [{"params": [0, 1, 2, 3]}]}),
+    ),
+    "optimizer no groups": ("last.state.json", _edit_json("last.state.json", optimizer={"state": {}})),
+    "best a string": ("last.state.json", _edit_json("last.state.json", best="x")),
+    "config json a list": ("last.json", _write("last.json", "[]")),
+    "config json missing": ("last.json", lambda c: (c / "last.json").unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_from_a_damaged_checkpoint_is_a_user_error(damage, tiny_prep, tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
+    ckpt = tmp_path / "checkpoints" / "tiny"
+    name, spoil = DAMAGES[damage]
+    spoil(ckpt)
+    with pytest.raises(LipsyncError, match=rf"checkpoint {ckpt / name} is (damaged \(.+\)|missing): start over"):
+        train(TINY, tiny_prep, options(tmp_path, max_steps=3, resume=True))
+
+
+def test_a_damaged_model_checkpoint_does_not_load(tmp_path):
+    """models.load (--checkpoint elsewhere): garbage, pickled or cut weights and a bad config are one clear error."""
+    from lipsync_cli import models
+
+    def damaged(weights: bytes | None = None, config: str | None = None) -> Path:
+        path = tmp_path / "sync.safetensors"
+        shutil.copy(models.WEIGHTS / "sync.safetensors", path)
+        shutil.copy(models.WEIGHTS / "sync.json", path.with_suffix(".json"))
+        if weights is not None:
+            path.write_bytes(weights)
+        if config is not None:
+            path.with_suffix(".json").write_text(config)
+        return path
+
+    good = (models.WEIGHTS / "sync.safetensors").read_bytes()
+    torch.save({"x": torch.zeros(3)}, tmp_path / "pickle.pt")
+    sync_config = json.loads((models.WEIGHTS / "sync.json").read_text())
+    for weights, config, why in [
+        (b"garbage", None, "not a readable safetensors file"),
+        (good[: len(good) // 2], None, "not a readable safetensors file"),
+        ((tmp_path / "pickle.pt").read_bytes(), None, "a pickle"),
+        (None, "[]", "a JSON list, not an object"),
+        (None, json.dumps({**sync_config, "dim": "x"}), "sync setting dim must be a whole number, got 'x'"),
+    ]:
+        with pytest.raises(LipsyncError, match=rf"does not load: {why}"):
+            models.load(damaged(weights, config))
+
+
+def not_a_task(manifest, overrides):
+    return {"model": "no"}
+
+
+@pytest.mark.parametrize("spoil", ["missing", "garbage"])
+def test_an_unreadable_shard_is_a_user_error(spoil, tiny_prep, tmp_path):
+    shutil.copytree(tiny_prep.parent, tmp_path / "prep")
+    manifest = tmp_path / "prep" / "manifest.json"
+    shard = manifest.parent / json.loads(manifest.read_text())["clips"][0]["path"]
+    shard.unlink() if spoil == "missing" else shard.write_bytes(b"garbage")
+    with pytest.raises(LipsyncError, match=rf"cannot read shard {shard} \(.+\): run `lipsync prep` again"):
+        train(TINY, manifest, options(tmp_path / "out"))
+
+
+def test_a_factory_must_return_a_task(tiny_prep, tmp_path):
+    with pytest.raises(LipsyncError, match="the task factory returned dict, not a Task"):
+        train("test_train:not_a_task", tiny_prep, options(tmp_path))
+
+
+def _processes_under(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc: torchrun's workers are children of children)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    under, todo = set(), [pid]
+    while todo:
+        above = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == above]
+        under.update(kids)
+        todo.extend(kids)
+    return under
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped: only its parent has not collected it yet
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_every_process_of_train_procs(sig, tiny_prep, tmp_path):
+    """SIGTERM / SIGINT to `lipsync train --procs 2` stops torchrun and both workers (none keeps training and
+    rewriting last.*), and torchrun's log folder goes with them."""
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path / "out"),
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "4"]
+    args += ["--max-steps", "100000", "--save-every", "1", "--val-every", "100000"]
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a worker left behind would hold a pipe open forever
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lipsync_cli.cli", *args], env=env, stderr=err)
+    last = tmp_path / "out" / "checkpoints" / "tiny" / "last.json"
+    under: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the workers train: they save every step
+        assert last.is_file(), log.read_text()
+        under = _processes_under(proc.pid)
+        assert len(under) >= 3, under  # torchrun and its two workers
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, under)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in under if _alive(p)], log.read_text()
+        assert code == (143 if sig == signal.SIGTERM else 130)
+        assert not list((tmp_path / "tmp").glob("torchelastic_*"))  # torchrun's log folder went with it
+    finally:
+        for pid in [proc.pid, *under]:  # a failed run must not leave workers training
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_user_error_under_train_procs_is_one_line(tiny_prep, tmp_path):
+    """The workers' user error reaches the user once: no torchrun traceback, no second `error:` line, exit 1."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "LIPSYNC_OUTPUT_DIR": str(tmp_path)}
+    args = ["train", "--model", TINY, "--manifest", str(tiny_prep), "--procs", "2", "--batch-size", "100000"]
+    run = subprocess.run(
+        [sys.executable, "-m", "lipsync_cli.cli", *args, "--max-steps", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: the train split has"), run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

@@ -9,17 +9,60 @@ use from DataLoader worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
+
+from lipsync_cli.errors import LipsyncError, reason
 
 HOLD_OUT = 0.4  # eval reconstruct: fraction of a media clip re-created (the end); the rest is the reference
 MAX_CLIP_S = 8.0  # eval: seconds of each video analysed (training leaves the re-created span out: eval_spans)
 FRAME_KEYS = ("crops", "lips", "mouth", "found", "silence", "word_index")
+
+
+@contextlib.contextmanager
+def open_shard(path: Path, framework: str = "numpy") -> Iterator:
+    """safe_open of a prepped shard. One that is missing, cut short, not safetensors or lacks a tensor is a user error
+    naming the file (the manifest and its shards were copied or edited apart), not a bug report."""
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            yield f
+    except (OSError, SafetensorError) as e:
+        raise LipsyncError(f"cannot read shard {path} ({reason(e)}): run `lipsync prep` again") from None
+
+
+def read_manifest(manifest: str | Path) -> dict:
+    """A prep manifest.json, checked for the shape training reads (an object with a list of clips, each naming its
+    shard, and a table of splits): anything else is one user error naming the file rather than a KeyError later."""
+    try:
+        meta = json.loads(Path(manifest).read_text())
+        _check_manifest(meta)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = reason(e)
+        raise LipsyncError(f"manifest {manifest} is not a prep manifest ({why}): run `lipsync prep` again") from None
+    return meta
+
+
+def _check_manifest(meta: object) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    clips, splits = meta.get("clips"), meta.get("splits")
+    if not isinstance(clips, list) or not isinstance(splits, dict):
+        raise ValueError("it needs a list of 'clips' and a table of 'splits'")
+    for c in clips:
+        if not isinstance(c, dict) or not all(isinstance(c.get(k), str) for k in ("path", "corpus", "speaker", "id")):
+            raise ValueError(f"clip {c!r} lacks its path, corpus, speaker or id")
+    for scheme, parts in splits.items():
+        if scheme.endswith("_note") or parts is None:  # prep's "speaker": None with a note when it cannot split
+            continue
+        if not isinstance(parts, dict) or not all(isinstance(v, list) for v in parts.values()):
+            raise ValueError(f"split {scheme!r} is not a table of lists of clips")
 
 
 def clip_key(c: dict) -> str:
@@ -33,7 +76,7 @@ def split_clips(manifest: str | Path, split: str, scheme: str = "utterance") -> 
     "disjoint" validates and tests on whole held-out speakers and trains on the other speakers' utterance-train
     sentences only (the eval's test sentences stay unseen); with no speaker split (one or two speakers) it is the
     utterance split."""
-    meta = json.loads(Path(manifest).read_text())
+    meta = read_manifest(manifest)
     if scheme == "disjoint":
         utt, spk = meta["splits"]["utterance"], meta["splits"].get("speaker")
         if spk is None:
@@ -61,7 +104,7 @@ def eval_spans(clips: list[dict], root: Path) -> dict[str, tuple[float, float]]:
     for c in clips:
         if c["corpus"] == "grid":
             continue
-        with safe_open(str(root / c["path"]), framework="numpy") as f:
+        with open_shard(root / c["path"]) as f:
             imp = json.loads(f.metadata().get("provenance") or "{}").get("import")
         if imp:
             prov[clip_key(c)] = (imp["source"], float(imp["start"]), float(imp["end"]))
@@ -124,7 +167,7 @@ class WindowDataset(Dataset):
         stride = stride or window
         self.index: list[tuple[int, int]] = []  # (clip, start frame)
         for k, c in enumerate(self.clips):
-            with safe_open(str(self.root / c["path"]), framework="numpy") as f:
+            with open_shard(self.root / c["path"]) as f:
                 found = f.get_tensor("found") if require_face else np.ones(c["frames"], bool)
             bad = np.concatenate([[0], np.cumsum(~found)])
             for s in range(0, c["frames"] - window + 1, stride):
@@ -137,7 +180,7 @@ class WindowDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, s = self.index[i]
         n = self.window
-        with safe_open(str(self.root / self.clips[k]["path"]), framework="pt") as f:
+        with open_shard(self.root / self.clips[k]["path"], "pt") as f:
             item = {key: f.get_slice(key)[s : s + n] for key in FRAME_KEYS}
             r0 = int(f.get_slice("mel_index")[s : s + 1][0])
             item["mel"] = f.get_slice("mel")[r0 : r0 + n * self.rows].float()

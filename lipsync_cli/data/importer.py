@@ -31,7 +31,7 @@ from rich.table import Table
 from lipsync_cli import audio, face, media
 from lipsync_cli.data.prep import sha256
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.files import VIDEO_EXT, write_json
+from lipsync_cli.files import VIDEO_EXT, check_name, write_json
 
 FPS = 25
 SR = 48000  # segment audio keeps full bandwidth; voice activity runs on a 16 kHz copy
@@ -272,8 +272,7 @@ def import_videos(
 ) -> ImportSummary:
     """Import a video file, or every video under a folder, as corpus `name` (one speaker: `speaker` or `name`)."""
     for label, value in (("--name", name), ("--speaker", speaker or name)):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
-            raise LipsyncError(f"{label} {value!r}: use letters, digits, '-' and '_' (it becomes a folder name)")
+        check_name(label, value)
     if min_s <= 0 or max_s < min_s:
         raise LipsyncError(f"segment lengths must satisfy 0 < min <= max, got {min_s}, {max_s}")
     speaker = speaker or name

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from lipsync_cli.errors import LipsyncError
+from lipsync_cli.errors import LipsyncError, reason
 from lipsync_cli.files import atomic, write_json
 
 if TYPE_CHECKING:  # torch is imported where a model is built: `from lipsync_cli.models import lipmap` needs none
@@ -50,19 +50,43 @@ def save(model: torch.nn.Module, config: dict, path: str | Path, meta: dict | No
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from `<stem>.json` and load `<stem>.safetensors` into it (strict), in eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path).with_suffix(".safetensors")
     cfg_path = path.with_suffix(".json")
     if not path.is_file() or not cfg_path.is_file():
         raise LipsyncError(f"no checkpoint at {path} (needs {path.name} and {cfg_path.name})")
     try:
-        config = json.loads(cfg_path.read_text())
+        config = read_json_object(cfg_path)
+        if "model" not in config:
+            raise ValueError(f"{cfg_path.name} names no model")
         model = module(config["model"]).build(config)
-        model.load_state_dict(load_file(str(path), device=str(device)))
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise LipsyncError(f"checkpoint {path} does not load: {str(e).splitlines()[0]}") from e
+        model.load_state_dict(read_tensors(path, device))
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape or key mismatch
+        raise LipsyncError(f"checkpoint {path} does not load: {reason(e)}") from None
     return model.to(device).eval(), config
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a checkpoint's config, its state); ValueError when it does not."""
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a ValueError saying what is wrong when it is not one. Nothing is ever
+    unpickled: a torch.save file in its place is named as such and refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive or a bare pickle
+            raise ValueError("a pickle (torch.save?), not safetensors: it is never unpickled") from None
+        raise ValueError(f"not a readable safetensors file: {reason(e)}") from None
 
 
 def default(name: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict] | None:

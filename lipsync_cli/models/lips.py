@@ -20,21 +20,20 @@ vocal-tract length, additive noise, frequency masks) so that the model holds on 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
-from lipsync_cli.data.dataset import clip_key, eval_spans
+from lipsync_cli.data.dataset import clip_key, eval_spans, open_shard, read_manifest
 from lipsync_cli.models.lips_infer import N_MELS, ROWS, features, normalise, speaker_stats
+from lipsync_cli.models.task import make_config
 
 
 @dataclass
@@ -55,8 +54,7 @@ class Config:
 
 
 def config_from(d: dict) -> Config:
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
+    return make_config(Config, d, "lips")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -122,7 +120,7 @@ def build(config: dict) -> LipsModel:
 
 def load_clip(root: Path, c: dict) -> dict:
     """What training reads of one shard: log-mel rows, lips (T, 80) in crop units, found, inter-ocular px."""
-    with safe_open(str(root / c["path"]), framework="numpy") as f:
+    with open_shard(root / c["path"]) as f:
         size = int(f.metadata()["size"])
         lips = f.get_tensor("lips").reshape(-1, 80) / size
         found = f.get_tensor("found") & np.isfinite(lips).all(1)
@@ -180,7 +178,7 @@ def prepare(manifest: str | Path, cfg: Config) -> tuple[list[dict], list[dict], 
     """(train, val, test clips, speaker stats). Train: the utterance split's train clips minus the speaker split's
     held-out speakers (voices never heard, for val/test) and minus every frame `lipsync eval` re-creates."""
     root = Path(manifest).parent
-    meta = json.loads(Path(manifest).read_text())
+    meta = read_manifest(manifest)
     by_key = {clip_key(c): c for c in meta["clips"]}
     utt = meta["splits"]["utterance"]
     held = {s for v in (meta["splits"].get("speaker_held_out") or {}).values() for s in v}

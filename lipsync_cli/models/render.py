@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli.data.corpus import training_data
-from lipsync_cli.data.dataset import balance_speakers, clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.data.dataset import (
+    balance_speakers,
+    clip_key,
+    eval_spans,
+    open_shard,
+    split_clips,
+    trainable_frames,
+)
 from lipsync_cli.models.sync import MOUTH as SYNC_MOUTH
+from lipsync_cli.models.task import make_config
 
 BOX = (0.125, 0.25, 0.875, 1.0)  # x0, y0, x1, y1 of the aligned crop: lips (y 0.33-0.56), chin (~0.75), jaw line
 HOLE = (0.2, 0.29, 0.8, 0.93)  # the painted region, same units: lips and chin with room to open
@@ -59,8 +66,7 @@ class Config:
 
 
 def config_from(d: dict) -> Config:
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+    return make_config(Config, d, "render")
 
 
 # ----------------------------------------------------------------------------- geometry and inputs
@@ -261,7 +267,7 @@ class RenderWindows(Dataset):
         speaker_of: list[str] = []
         n = 0
         for k, c in enumerate(clips):
-            with safe_open(str(root / c["path"]), framework="numpy") as f:
+            with open_shard(root / c["path"]) as f:
                 crops = f.get_tensor("crops")
                 size = crops.shape[1]
                 lips = f.get_tensor("lips").reshape(len(crops), 40, 2).astype(np.float64)

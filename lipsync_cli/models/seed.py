@@ -47,20 +47,19 @@ Where the spec is silent, these are the choices (each the plain one):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from lipsync_cli.data.dataset import clip_key, eval_spans, split_clips, trainable_frames
+from lipsync_cli.data.dataset import clip_key, eval_spans, open_shard, split_clips, trainable_frames
 from lipsync_cli.face import MOUTH_BOX
-from lipsync_cli.models.task import Task, unwrap
+from lipsync_cli.models.task import Task, make_config, unwrap
 
 IMG = 32
 MIN_GAP = 5  # frames between the target and any reference mouth in training
@@ -187,9 +186,7 @@ class Seed(nn.Module):
 
 
 def build(config: dict) -> Seed:
-    known = {f.name for f in fields(Config)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
-    return Seed(Config(**kw))
+    return Seed(make_config(Config, config, "seed"))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -236,7 +233,7 @@ class SeedDataset(Dataset):
         self.c, self.group, self.random_refs = c, group, random_refs
         self.mouths, self.mfcc, self.index, self.pool = [], [], [], []
         for k, clip in enumerate(clips):
-            with safe_open(str(root / clip["path"]), framework="numpy") as f:
+            with open_shard(root / clip["path"]) as f:
                 found = f.get_tensor("found")
                 ok = trainable_frames(found, spans.get(clip_key(clip)))
                 self.mouths.append(mouth_patch(f.get_tensor("crops")))
@@ -342,9 +339,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
     overrides = dict(overrides or {})
     limit = overrides.pop("limit_clips", None)
     group = int(overrides.pop("group", 8))
-    c = Config(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if k in Config.__annotations__}
-    )
+    c = make_config(Config, overrides, "seed")
     train_set = SeedDataset(manifest, "train", c, group, random_refs=True, limit=limit)
     if not len(train_set):
         from lipsync_cli.errors import LipsyncError

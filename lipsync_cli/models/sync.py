@@ -35,15 +35,14 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
 from lipsync_cli import face
 from lipsync_cli.data.corpus import training_data
-from lipsync_cli.data.dataset import balance_speakers, split_clips
+from lipsync_cli.data.dataset import balance_speakers, open_shard, split_clips
 from lipsync_cli.errors import LipsyncError
-from lipsync_cli.models.task import Task, unwrap
+from lipsync_cli.models.task import Task, make_config, unwrap
 
 FRAMES, ROWS = 5, 20  # 0.2 s: 5 frames at 25 fps, 20 mel rows at 100 Hz
 MOUTH = (0.125, 0.28, 0.875, 0.78)  # x0, y0, x1, y1 of the aligned crop: lips (x 0.31-0.70, y 0.33-0.56) and jaw
@@ -80,9 +79,7 @@ class Config:
 
 def build(config: dict) -> SyncNet:
     """The model described by a checkpoint's config (unknown keys, such as training metadata, are ignored)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names})
-    return SyncNet(cfg)
+    return SyncNet(make_config(Config, config, "sync"))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -409,7 +406,7 @@ class SyncWindows(Dataset):
         self.k, self.clips = cfg.max_shift, clips  # clips: their manifest entries; `clip` in items indexes them
         self.videos, self.mels, self.index = [], [], []
         for c in clips:
-            with safe_open(str(root / c["path"]), framework="numpy") as f:
+            with open_shard(root / c["path"]) as f:
                 video, mel = shard_video(f, cfg), f.get_tensor("mel")
                 found, silence = f.get_tensor("found"), f.get_tensor("silence")
             ci = len(self.videos)
@@ -646,7 +643,7 @@ def make_task(manifest: str | Path, overrides: dict | None = None) -> Task:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise LipsyncError(f"unknown sync setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()})
+    cfg = make_config(Config, overrides, "sync")
     if not 0 <= cfg.near_shifts <= cfg.max_shift - MIN_SHIFT:
         raise LipsyncError(f"near_shifts must be 0..{cfg.max_shift - MIN_SHIFT}")
     if cfg.shifts_per_step < 1:

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 Batch = dict[str, torch.Tensor]
+C = TypeVar("C")
 
 
 @dataclass
@@ -48,3 +51,37 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+def make_config(cls: type[C], values: dict, what: str) -> C:
+    """A model's Config dataclass from a dict (a checkpoint's JSON, the user's overrides). Keys it does not know
+    (training metadata) are left out and lists become tuples; a value of another kind than the field's default is a
+    ValueError naming the setting: a string where a width belongs would otherwise fail deep inside the model."""
+    kw = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        value, default = values[f.name], f.default
+        if default is not dataclasses.MISSING and not _same_kind(value, default):
+            raise ValueError(f"{what} setting {f.name} must be {_kind(default)}, got {value!r}")
+        kw[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kw)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to a config
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple):
+        return isinstance(value, list | tuple) and (not default or all(_same_kind(v, default[0]) for v in value))
+    return isinstance(value, type(default))
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {_kind(default[0]).removeprefix('a ')}s" if default else "a list"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(type(default), type(default).__name__)

@@ -10,13 +10,17 @@ and saves while the others wait at the next collective.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -24,7 +28,32 @@ import torch.distributed as dist
 from torch import nn
 
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import temp_name
 from lipsync_cli.training.options import TrainOptions
+
+# torchrun's own process, run quietly: a worker that fails has printed its one `error:` line, so torchrun's summary
+# (a ChildFailedError traceback, "Sending process closing signal" warnings) is noise unless LIPSYNC_DEBUG asks for
+# it; its exit code is the first failed worker's (128 + N for a worker killed by signal N), or 128 + N when torchrun
+# itself was stopped by signal N.
+_TORCHRUN = """
+import logging, os, sys
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+debug = bool(os.environ.get("LIPSYNC_DEBUG"))
+if not debug:
+    logging.disable(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    if debug:
+        print(e, file=sys.stderr)
+    code = e.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code)
+except SignalException as e:
+    sys.exit(128 + int(e.sigval))
+"""
+STOP_GRACE_S = 15.0  # how long torchrun may take to stop its workers after Ctrl-C / SIGTERM before they are killed
 
 
 def launch(nproc: int, argv: list[str] | None = None) -> int:
@@ -32,10 +61,65 @@ def launch(nproc: int, argv: list[str] | None = None) -> int:
 
     Each process runs `python -m lipsync_cli.cli <argv>` (default: this process's own arguments) and finds its rank
     in torchrun's environment. For several machines, start torchrun yourself (--nnodes, --rdzv-endpoint, ...).
+    torchrun runs in its own session, so that only we signal it: on Ctrl-C or SIGTERM here it is told to stop and
+    given STOP_GRACE_S, then it and every process under it is killed (none is left training behind us). Its log
+    folder is a temporary one of ours, removed whatever the outcome.
     """
     argv = sys.argv[1:] if argv is None else argv
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "lipsync_cli.cli", *argv])
+    # torchrun sets 1 for its workers anyway and prints a banner saying so when it is unset
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with tempfile.TemporaryDirectory(prefix=temp_name() + "-", ignore_cleanup_errors=True) as logs:
+        cmd = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", f"--log-dir={logs}"]
+        proc = subprocess.Popen([*cmd, "-m", "lipsync_cli.cli", *argv], env=env, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException as e:  # Ctrl-C (KeyboardInterrupt), SIGTERM (SystemExit from the CLI's handler), ...
+            _stop(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+            raise
+
+
+def _stop(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Stop torchrun and its workers. torchrun passes `sig` on to them and waits; its workers sit in sessions of
+    their own, out of reach of a group signal, so they are noted first and killed if still there at the end."""
+    workers = _descendants(proc.pid)
+    try:
+        proc.send_signal(sig)
+        proc.wait(STOP_GRACE_S)
+    except BaseException:  # it did not stop in time, or a second Ctrl-C: no more waiting
+        proc.kill()
+        proc.wait()
+    for pid, started in workers:
+        if _started(pid) == started:  # still that process, not a new one that reuses its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (field 22 of /proc/PID/stat, in clock ticks since boot); None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process under `pid`, from /proc (empty where there is none, e.g. not Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        if (started := _started(child)) is not None:
+            found.append((child, started))
+        todo.extend(children.get(child, []))
+    return found
 
 
 def launched() -> bool:

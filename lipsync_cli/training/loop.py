@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import time
@@ -20,12 +19,12 @@ from pathlib import Path
 
 import torch
 from rich.markup import escape
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from lipsync_cli import models, progress
 from lipsync_cli.errors import LipsyncError, require
+from lipsync_cli.files import check_name
 from lipsync_cli.models.task import Task, unwrap
 from lipsync_cli.training import distributed, state
 from lipsync_cli.training.distributed import Dist
@@ -67,8 +66,11 @@ def start(model: str, manifest: Path, opts: TrainOptions, procs: int | None = No
         return train(model, manifest, opts)
     check(manifest, opts, opts.name or (model if ":" not in model else None))
     progress.log(f"starting {nproc} {'GPU' if opts.gpus else 'CPU'} processes under torchrun")
-    if code := distributed.launch(nproc):
-        raise LipsyncError(f"training failed in a process (exit code {code}): see its message above")
+    code = distributed.launch(nproc)
+    if code in (1, 3, 130, 143):  # a user error, a bug, Ctrl-C, SIGTERM: the process printed its own line
+        raise SystemExit(code)
+    if code:  # killed without a word (SIGKILL, SIGABRT, ...)
+        raise RuntimeError(f"a training process ended with exit code {code} and no message")
     return None
 
 
@@ -189,7 +191,10 @@ def _setup(
         task = factory(manifest, dict(opts.overrides))
     except ValueError as e:  # the task's own complaint about its data or settings
         raise LipsyncError(f"cannot set up the task: {str(e).splitlines()[0]}") from None
+    if not isinstance(task, Task):  # a callable that takes (manifest, overrides) yet makes something else
+        raise LipsyncError(f"the task factory returned {type(task).__name__}, not a Task (models/task.py)")
     name, batch = opts.name or task.name, opts.batch_size or task.batch_size
+    check_name("the task's name", name)  # it becomes checkpoints/<name>/: a factory's own name is checked too
     _check_sizes(task, manifest, batch, opts.accumulate, d.world)
     check_checkpoints(opts.out_dir / "checkpoints" / name, opts)
 
@@ -226,15 +231,18 @@ def _resume(run: _Run) -> None:
     """Weights, optimiser, scaler, this process's RNG states and the position from last.* and last.state.*."""
     ckpt, d = run.ckpt_dir, run.d
     doc = state.load_state(ckpt / "last.state.safetensors", run.optimizer, run.scaler)
-    weights = json.loads((ckpt / "last.json").read_text()).get("meta", {})
-    if weights.get("step") != doc["step"]:
+    with state.damaged(ckpt / "last.json"):
+        weights = models.read_json_object(ckpt / "last.json").get("meta", {})
+    if not isinstance(weights, dict) or weights.get("step") != doc["step"]:
         raise LipsyncError(f"checkpoint {ckpt}/last.* is torn (weights and state disagree): use --fresh")
-    unwrap(run.net).load_state_dict(load_file(str(ckpt / "last.safetensors"), device=str(d.device)))
+    with state.damaged(ckpt / "last.safetensors"):
+        unwrap(run.net).load_state_dict(models.read_tensors(ckpt / "last.safetensors", d.device))
     run.step, run.best, run.best_step, run.samples = doc["step"], doc["best"], doc["best_step"], doc["samples"]
-    if doc["geometry"] != run.geometry or doc["seed"] != run.opts.seed:
+    if doc.get("geometry") != run.geometry or doc["seed"] != run.opts.seed:
         progress.log("[yellow]note[/]: resuming with a different batch/processes/data: data order is not exact")
     if d.rank < len(doc["rng"]):
-        state.set_rng_state(doc["rng"][d.rank], run.gen, d.device)
+        with state.damaged(ckpt / "last.state.json"):
+            state.set_rng_state(doc["rng"][d.rank], run.gen, d.device)
     progress.log(f"resumed {escape(run.name)} at step {run.step}")
 
 

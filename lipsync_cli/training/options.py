@@ -12,17 +12,22 @@ Settings reach the loop only through a TrainOptions; the CLI layers its sources 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import math
 import os
 import sys
 import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from lipsync_cli.data.dataset import read_manifest
 from lipsync_cli.errors import LipsyncError
+from lipsync_cli.files import check_name
 from lipsync_cli.models.task import Task
 
 
@@ -67,6 +72,15 @@ class TrainOptions:
 # keys a --config file may set under its [train] table (everything else there is a model override)
 TRAINER_KEYS = tuple(f for f in TrainOptions.__dataclass_fields__ if f not in ("overrides", "resume", "fresh"))
 PRECISIONS = {"32": "32", "fp32": "32", "bf16": "bf16", "16": "16", "fp16": "16", "auto": "auto"}
+_HINTS = typing.get_type_hints(TrainOptions)
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", Path: "a path",
+               dict: "a table"}  # fmt: skip
+# the bounds a number must keep (None: unset is fine): whole numbers from their least value, floats finite and
+# above 0 (or from 0 where 0 means "none")
+AT_LEAST = {"batch_size": 1, "accumulate": 1, "max_steps": 1, "schedule_steps": 1, "val_every": 1, "save_every": 1,
+            "log_every": 1, "val_batches": 1, "warmup_steps": 0, "workers": 0, "gpus": 0, "seed": 0}  # fmt: skip
+POSITIVE = ("max_minutes", "lr", "dist_timeout_min")
+NON_NEGATIVE = ("weight_decay", "grad_clip", "min_lr_ratio")
 
 
 def read_config(path: str | Path) -> tuple[dict, dict]:
@@ -85,9 +99,30 @@ def read_config(path: str | Path) -> tuple[dict, dict]:
         raise LipsyncError(
             f"config {path}: unknown [train] key(s) {', '.join(unknown)}; known: {', '.join(TRAINER_KEYS)}"
         )
+    check_kinds(trainer, f"config {path} [train]")
     if "out_dir" in trainer:
         trainer["out_dir"] = Path(trainer["out_dir"])
     return doc, trainer
+
+
+def check_kinds(values: dict, where: str) -> None:
+    """Each of `values` (TrainOptions fields) is of its field's kind: a config file or the Python API can hand over
+    anything, and a string where a number belongs would otherwise fail mid-run as a bug."""
+    for key, value in values.items():
+        kinds = typing.get_args(_HINTS[key]) or (_HINTS[key],)
+        if not _fits(value, kinds):
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds if k is not type(None))
+            raise LipsyncError(f"{where}: {key} must be {names}, got {value!r}")
+
+
+def _fits(value: object, kinds: tuple) -> bool:
+    if isinstance(value, bool):  # bool is an int to Python, not to a setting
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    if isinstance(value, str) and Path in kinds:
+        return True
+    return any(isinstance(value, k) for k in kinds)
 
 
 def merge(
@@ -123,11 +158,23 @@ def resolve(model: str) -> Callable[[Path, dict], Task]:
         sys.path.insert(0, os.getcwd())  # like `python -m`: the user's own module next to where they stand
     try:
         factory = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError) as e:  # ValueError: an empty module name (":")
         raise LipsyncError(f"cannot load task factory {model!r}: {e}") from None
-    if not callable(factory):
-        raise LipsyncError(f"task factory {model!r} is not callable")
+    if not callable(factory) or not _takes_two(factory):
+        raise LipsyncError(f"{model!r} is not a task factory: make_task(manifest, overrides) -> Task")
     return factory
+
+
+def _takes_two(fn: Callable) -> bool:
+    """Whether `fn` can be called as fn(manifest, overrides) (os:system or json:loads cannot); True when Python
+    cannot tell (some builtins have no signature): the loop then checks that what it returns is a Task."""
+    try:
+        inspect.signature(fn).bind(Path(), {})
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read
+        pass
+    return True
 
 
 def check(manifest: str | Path, opts: TrainOptions, name: str | None = None) -> None:
@@ -135,8 +182,13 @@ def check(manifest: str | Path, opts: TrainOptions, name: str | None = None) -> 
 
     With the run's `name` (known up front for the built-in models) the checkpoint folder is checked too.
     """
+    check_kinds({k: getattr(opts, k) for k in _HINTS}, "train options")
+    check_values(opts)
+    if opts.name is not None:
+        check_name("--name", opts.name)
     if not Path(manifest).is_file():
         raise LipsyncError(f"no prepped data at {manifest}: run `lipsync prep` first (or pass --manifest)")
+    read_manifest(manifest)  # its shape, before any process starts
     if str(opts.precision) not in PRECISIONS:
         raise LipsyncError(f"precision must be 32, bf16, 16 or auto, not {opts.precision!r}")
     gpus = opts.gpus
@@ -149,11 +201,26 @@ def check(manifest: str | Path, opts: TrainOptions, name: str | None = None) -> 
         raise LipsyncError("precision 16 needs a CUDA GPU (fp16 with loss scaling); on CPU use bf16 or 32")
     if opts.max_steps is None and opts.max_minutes is None:
         raise LipsyncError("give max_steps or max_minutes: when to stop")
-    for key in ("accumulate", "val_every", "save_every", "log_every"):
-        if getattr(opts, key) < 1:
-            raise LipsyncError(f"{key} must be >= 1, got {getattr(opts, key)}")
     if name is not None:
         check_checkpoints(opts.out_dir / "checkpoints" / name, opts)
+
+
+def check_values(opts: TrainOptions) -> None:
+    """Numbers within their bounds: nan or a negative learning rate trains nothing useful, a nan --max-minutes never
+    stops, a negative count has no meaning."""
+    for key, least in AT_LEAST.items():
+        value = getattr(opts, key)
+        if value is not None and value < least:
+            raise LipsyncError(f"{key} must be at least {least}, got {value}")
+    for key in (*POSITIVE, *NON_NEGATIVE):
+        value = getattr(opts, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and key in POSITIVE):
+            bound = "above 0" if key in POSITIVE else "at least 0"
+            raise LipsyncError(f"{key} must be a finite number {bound}, got {value}")
+    if opts.min_lr_ratio > 1:
+        raise LipsyncError(f"min_lr_ratio must be at most 1, got {opts.min_lr_ratio}")
 
 
 def check_checkpoints(ckpt_dir: Path, opts: TrainOptions) -> None:

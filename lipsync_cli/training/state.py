@@ -8,14 +8,17 @@ RNG states and the run's position (JSON). The data order is a pure function of t
 from __future__ import annotations
 
 import base64
-import json
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from lipsync_cli import models
+from lipsync_cli.errors import LipsyncError, reason
 from lipsync_cli.files import atomic, write_json
 
 
@@ -77,13 +80,68 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, scaler, doc: dict) 
 
 
 def load_state(path: Path, optimizer: torch.optim.Optimizer, scaler) -> dict:
-    """Load what `save_state` wrote into `optimizer` and `scaler`; the JSON document."""
-    doc = json.loads(path.with_suffix(".json").read_text())
-    tensors = load_file(str(path.with_suffix(".safetensors")))  # load_state_dict puts each where its param is
+    """Load what `save_state` wrote into `optimizer` and `scaler`; the JSON document. A file that is missing, not
+    what save_state writes or does not fit this run's model is a LipsyncError naming it (see `damaged`)."""
+    json_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    with damaged(json_path):
+        doc = models.read_json_object(json_path)
+        check_doc(doc)
+    with damaged(tensor_path):
+        tensors = models.read_tensors(tensor_path)  # load_state_dict puts each where its param is
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {int(i): dict(s) for i, s in doc["optimizer"]["state"].items()}
-    for key, v in tensors.items():
-        _, i, k = key.split(".", 2)
-        state[int(i)][k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
-    scaler.load_state_dict(doc["scaler"])
+    with damaged(tensor_path):
+        for key, v in tensors.items():
+            i, k = _tensor_place(key, state, params)
+            if v.dim() and v.shape != params[i].shape:  # AdamW's moments are shaped like their parameter
+                raise ValueError(f"{key} has shape {tuple(v.shape)}, its parameter {tuple(params[i].shape)}")
+            state[i][k] = v
+    with damaged(json_path):
+        optimizer.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
+        scaler.load_state_dict(doc["scaler"])
     return doc
+
+
+def _tensor_place(key: str, state: dict, params: list) -> tuple[int, str]:
+    """(parameter index, state name) of an "optimizer.<i>.<name>" tensor, which the JSON's state must list."""
+    parts = key.split(".", 2)
+    if len(parts) != 3 or parts[0] != "optimizer" or not parts[1].isdigit():
+        raise ValueError(f"unexpected tensor {key!r}")
+    i = int(parts[1])
+    if i >= len(params) or i not in state:
+        raise ValueError(f"tensor {key!r} belongs to no parameter of this model")
+    return i, parts[2]
+
+
+def check_doc(doc: dict) -> None:
+    """The JSON fields a resume reads have the kinds save_state wrote (ValueError naming the first that does not):
+    a hand-edited or foreign file must not fail later, mid-run, as a bug."""
+    kinds = {"step": int, "samples": int, "seed": int, "best": (int, float, type(None)),
+             "best_step": (int, type(None)), "rng": list, "optimizer": dict, "scaler": dict}  # fmt: skip
+    for key, kind in kinds.items():
+        if key not in doc:
+            raise ValueError(f"no {key!r}")
+        if isinstance(doc[key], bool) or not isinstance(doc[key], kind):
+            raise ValueError(f"{key!r} is {doc[key]!r}")
+    if doc["step"] < 0 or doc["samples"] < 0:
+        raise ValueError(f"step {doc['step']}, samples {doc['samples']}")
+    opt = doc["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise ValueError("'optimizer' lacks its state or param_groups")
+    if not all(isinstance(s, dict) and i.isdigit() for i, s in opt["state"].items()):
+        raise ValueError("'optimizer' state is not one table per parameter index")
+    if not all(isinstance(r, dict) for r in doc["rng"]):
+        raise ValueError("'rng' is not one table per process")
+
+
+@contextlib.contextmanager
+def damaged(path: Path) -> Iterator[None]:
+    """Reading or applying a checkpoint file: what goes wrong becomes one user error naming the file (the file is
+    the problem: a truncated copy, a hand edit, another model's checkpoint), never a bug report."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise LipsyncError(f"checkpoint {path} is missing: start over with --fresh instead of --resume") from None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+        advice = "start over with --fresh instead of --resume"
+        raise LipsyncError(f"checkpoint {path} is damaged ({reason(e)}): {advice}") from None
