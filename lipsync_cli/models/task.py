@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -71,17 +72,28 @@ def make_config(cls: type[C], values: dict, what: str) -> C:
 def _same_kind(value: Any, default: Any) -> bool:
     if default is None:
         return True
-    if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to a config
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
     if isinstance(default, tuple):
         return isinstance(value, list | tuple) and (not default or all(_same_kind(v, default[0]) for v in value))
-    return isinstance(value, type(default))
+    return fits(value, (type(default),))
+
+
+def fits(value: object, kinds: tuple) -> bool:
+    """Whether a setting's `value` (from JSON, TOML or the Python API) is of one of `kinds`: a bool is no number
+    (Python counts it an int, a config does not), a whole number is a float too, and text a Path."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    if isinstance(value, str) and Path in kinds:
+        return True
+    return any(isinstance(value, k) for k in kinds)
+
+
+KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", Path: "a path",
+              dict: "a table"}  # fmt: skip
 
 
 def _kind(default: Any) -> str:
     if isinstance(default, tuple):
         return f"a list of {_kind(default[0]).removeprefix('a ')}s" if default else "a list"
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-    return names.get(type(default), type(default).__name__)
+    return KIND_NAMES.get(type(default), type(default).__name__)

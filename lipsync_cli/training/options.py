@@ -28,7 +28,7 @@ import torch
 from lipsync_cli.data.dataset import read_manifest
 from lipsync_cli.errors import LipsyncError
 from lipsync_cli.files import check_name
-from lipsync_cli.models.task import Task
+from lipsync_cli.models.task import KIND_NAMES, Task, fits
 
 
 @dataclass
@@ -73,8 +73,6 @@ class TrainOptions:
 TRAINER_KEYS = tuple(f for f in TrainOptions.__dataclass_fields__ if f not in ("overrides", "resume", "fresh"))
 PRECISIONS = {"32": "32", "fp32": "32", "bf16": "bf16", "16": "16", "fp16": "16", "auto": "auto"}
 _HINTS = typing.get_type_hints(TrainOptions)
-_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", Path: "a path",
-               dict: "a table"}  # fmt: skip
 # the bounds a number must keep (None: unset is fine): whole numbers from their least value, floats finite and
 # above 0 (or from 0 where 0 means "none")
 AT_LEAST = {"batch_size": 1, "accumulate": 1, "max_steps": 1, "schedule_steps": 1, "val_every": 1, "save_every": 1,
@@ -110,19 +108,9 @@ def check_kinds(values: dict, where: str) -> None:
     anything, and a string where a number belongs would otherwise fail mid-run as a bug."""
     for key, value in values.items():
         kinds = typing.get_args(_HINTS[key]) or (_HINTS[key],)
-        if not _fits(value, kinds):
-            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds if k is not type(None))
+        if not fits(value, kinds):
+            names = " or ".join(KIND_NAMES.get(k, k.__name__) for k in kinds if k is not type(None))
             raise LipsyncError(f"{where}: {key} must be {names}, got {value!r}")
-
-
-def _fits(value: object, kinds: tuple) -> bool:
-    if isinstance(value, bool):  # bool is an int to Python, not to a setting
-        return bool in kinds
-    if isinstance(value, int) and float in kinds:
-        return True
-    if isinstance(value, str) and Path in kinds:
-        return True
-    return any(isinstance(value, k) for k in kinds)
 
 
 def merge(
